@@ -1,0 +1,1 @@
+"""Compression: distillation, INT8 quantisation, export to model packages."""

@@ -1,0 +1,1 @@
+"""Engines: ONNX Runtime sessions and TensorRT plans behind one interface (torch-free)."""

@@ -1,0 +1,1 @@
+"""Torch-free dataset formats, the synthetic grounding generator, metrics and evaluation."""

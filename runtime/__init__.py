@@ -1,0 +1,1 @@
+"""The torch-free runtime: pre/post-processing, tokenisation, predictor, sources, CLI."""
