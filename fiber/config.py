@@ -1,0 +1,307 @@
+"""Model configuration: frozen dataclasses and a small registry of named variants.
+
+A ``ModelConfig`` fully describes a FIBER backbone (Swin image encoder + BERT/RoBERTa text encoder
+with fusion in the top ``K`` layers of both sides) plus the head placeholder. Configs round-trip
+through ``to_dict`` / ``from_dict`` (the form stored in checkpoints' ``config.json``); unknown keys
+are errors, never silently ignored.
+
+Fused-layer rule (generalised from the official code, see tests/data/golden/PROVENANCE.md):
+image fused blocks are the last ``K`` blocks of stages 3+4 counted backwards from the end of stage 4;
+text fused layers are the last ``K`` text layers; pair ``k`` (0-based) couples the ``k``-th fused
+image block with text layer ``L - K + k``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    img_size: int = 224                       # square input side S in pixels
+    patch_size: int = 4                       # patch-embedding stride / kernel
+    in_chans: int = 3                         # RGB
+    embed_dim: int = 96                       # stage-1 width C; stage s has C * 2**s
+    depths: tuple[int, ...] = (2, 2, 6, 2)    # blocks per stage (exactly 4 stages)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int | None = None            # None = official coarse rule int(img_size / 32)
+    mlp_ratio: float = 4.0                    # MLP hidden = mlp_ratio * C
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.1               # stochastic depth, linear over all blocks
+    patch_norm: bool = True                   # LayerNorm after the patch-embedding conv
+
+    @property
+    def window(self) -> int:
+        """The named window, or the official coarse rule ``int(img_size / 32)``."""
+        return self.window_size if self.window_size is not None else int(self.img_size / 32)
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**s for s in range(len(self.depths)))
+
+    @property
+    def stage_resolutions(self) -> tuple[int, ...]:
+        """Token-grid side per stage (square inputs only)."""
+        base = self.img_size // self.patch_size
+        return tuple(base // 2**s for s in range(len(self.depths)))
+
+    def stage_window(self, stage: int) -> tuple[int, int]:
+        """(window, shift) of a stage's shifted blocks: the standard rule ``if min(res) <= window:
+        window = min(res), shift = 0``; otherwise shift = window // 2."""
+        res = self.stage_resolutions[stage]
+        if res <= self.window:
+            return res, 0
+        return self.window, self.window // 2
+
+    def validate(self) -> None:
+        _check(len(self.depths) == 4 and len(self.num_heads) == 4,
+               f"swin: depths and num_heads need 4 stages, got {self.depths} / {self.num_heads}")
+        _check(self.img_size % (self.patch_size * 8) == 0,
+               f"swin: img_size {self.img_size} must be a multiple of patch_size*8 = {self.patch_size * 8}")
+        _check(self.window >= 1, f"swin: window size must be >= 1, got {self.window}")
+        for s, (dim, heads) in enumerate(zip(self.stage_dims, self.num_heads)):
+            _check(dim % heads == 0, f"swin: stage {s + 1} dim {dim} not divisible by {heads} heads")
+            win, _ = self.stage_window(s)
+            res = self.stage_resolutions[s]
+            _check(res % win == 0,
+                   f"swin: stage {s + 1} grid {res}x{res} is not a multiple of window {win}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 256                    # D
+    num_layers: int = 4                       # L
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 128
+    type_vocab_size: int = 2                  # only row 0 is used (single segment)
+    pad_token_id: int = 0
+    layer_norm_eps: float = 1e-12
+    position_style: str = "bert"              # "bert": 0..T-1; "roberta": pad + cumsum(non-pad)
+    dropout: float = 0.1                      # hidden and attention-probability dropout
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence whose position ids fit the table (RoBERTa ids start at pad + 1)."""
+        offset = self.pad_token_id + 1 if self.position_style == "roberta" else 0
+        return self.max_position_embeddings - offset
+
+    def validate(self) -> None:
+        _check(self.position_style in ("bert", "roberta"),
+               f"text: position_style must be 'bert' or 'roberta', got {self.position_style!r}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"text: hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
+        _check(0 <= self.pad_token_id < self.vocab_size,
+               f"text: pad_token_id {self.pad_token_id} outside vocab of {self.vocab_size}")
+        _check(self.type_vocab_size >= 1, "text: type_vocab_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    num_fused_layers: int = 4                 # K fused layers per side (official FIBER-B: 6)
+    i2t_prenorm: bool = True                  # norm_i2t_i on the i2t query (coarse / fine v3: True, v2: False)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Placeholder for the grounding head (owned by the head engineer; extend as needed)."""
+    fpn_channels: int = 256                   # FPN / head width (official 256)
+    num_convs: int = 6                        # head tower depth (official DyHead: 6)
+    anchor_scale: float = 8.0                 # anchor side = anchor_scale * stride
+    prior_prob: float = 0.01                  # initial foreground probability of the logits
+    proj_dim: int = 256                       # token / region projection width
+    use_p6: bool = False                      # extra stride-64 FPN level (official: P6 + P7)
+    gn_groups: int = 16                       # GroupNorm groups in the head tower (official 16)
+    queue_size: int = 1024                    # ITC feature queue length (official 4096)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    max_text_len: int = 64                    # largest text bucket (tokens incl. specials)
+    image_mean: tuple[float, ...] = IMAGENET_MEAN  # RGB, applied to pixel / 255 outside the model
+    image_std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.swin.validate()
+        self.text.validate()
+        k = self.fusion.num_fused_layers
+        d34 = self.swin.depths[2] + self.swin.depths[3]
+        _check(0 <= k <= d34, f"{self.name}: num_fused_layers {k} exceeds stage-3+4 depth {d34}")
+        _check(k <= self.text.num_layers,
+               f"{self.name}: num_fused_layers {k} exceeds {self.text.num_layers} text layers")
+        _check(self.max_text_len <= self.text.max_length,
+               f"{self.name}: max_text_len {self.max_text_len} exceeds the {self.text.max_length} "
+               f"positions of the text encoder")
+
+    # -- fused-layer layout -------------------------------------------------------------
+    @property
+    def first_fused_text_layer(self) -> int:
+        """Index of the first fused text layer; layers below it form the text prefix."""
+        return self.text.num_layers - self.fusion.num_fused_layers
+
+    def fused_image_blocks(self) -> list[tuple[int, int]]:
+        """(stage, block) of the K fused image blocks in pair order (stage is 2 or 3, 0-based)."""
+        d3, d4 = self.swin.depths[2], self.swin.depths[3]
+        blocks = [(2, b) for b in range(d3)] + [(3, b) for b in range(d4)]
+        k = self.fusion.num_fused_layers
+        return blocks[len(blocks) - k:] if k else []
+
+    def pairs(self) -> list[tuple[int, int, int]]:
+        """(stage, block, text_layer) for each fused pair k = 0..K-1."""
+        first = self.first_fused_text_layer
+        return [(s, b, first + k) for k, (s, b) in enumerate(self.fused_image_blocks())]
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of ``to_dict``; raises ValueError naming any unknown or malformed key."""
+        return _from_dict(cls, d, "model")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+_NESTED = {"swin": SwinConfig, "text": TextConfig, "fusion": FusionConfig, "head": HeadConfig}
+
+
+def _from_dict(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config '{where}' must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key '{where}.{unknown[0]}' in config "
+                         f"(known: {', '.join(fields)})")
+    kwargs = {}
+    for key, value in d.items():
+        if cls is ModelConfig and key in _NESTED:
+            kwargs[key] = _from_dict(_NESTED[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"config '{where}': {e}") from None
+
+
+# -- registry ---------------------------------------------------------------------------
+_REGISTRY: dict[str, ModelConfig] = {}
+
+
+def register_config(cfg: ModelConfig, overwrite: bool = False) -> ModelConfig:
+    """Add a named config to the registry; re-registering a name needs ``overwrite``."""
+    if cfg.name in _REGISTRY and not overwrite and _REGISTRY[cfg.name] != cfg:
+        raise ValueError(f"config '{cfg.name}' is already registered")
+    _REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+def get_config(name: str) -> ModelConfig:
+    """The registered config called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown config '{name}'; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_configs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_ROBERTA_BASE = TextConfig(vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12,
+                           intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                           pad_token_id=1, layer_norm_eps=1e-5, position_style="roberta")
+# The BERT WordPiece tokenizer of fiber/assets/tokenizer.json (MiniLM-L6's): vocab 30522, pad 0.
+_BERT_VOCAB = dict(vocab_size=30522, pad_token_id=0, type_vocab_size=2, layer_norm_eps=1e-12,
+                   position_style="bert")
+
+# Official FIBER-B: Swin-B at 384 px (window int(384/32) = 12) + RoBERTa-base, 6 fused layers.
+register_config(ModelConfig(
+    name="fiber-b",
+    swin=SwinConfig(img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                    window_size=None, drop_path_rate=0.1),
+    text=_ROBERTA_BASE,
+    fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=True),
+    head=HeadConfig(fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, queue_size=4096),
+    max_text_len=256,  # official fine-grained MAX_QUERY_LEN
+))
+
+# The golden-parity config (tests/data/golden/PROVENANCE.md §1): FIBER-B's fusion topology shrunk.
+register_config(ModelConfig(
+    name="fiber-golden",
+    swin=SwinConfig(img_size=128, embed_dim=12, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
+                    window_size=None, drop_path_rate=0.1),
+    text=TextConfig(vocab_size=1000, hidden_size=32, num_layers=12, num_heads=4,
+                    intermediate_size=128, max_position_embeddings=64, type_vocab_size=1,
+                    pad_token_id=1, layer_norm_eps=1e-5, position_style="roberta"),
+    fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=True),
+    head=HeadConfig(fpn_channels=32, num_convs=1, proj_dim=32),
+    max_text_len=32,
+))
+
+# The deployable student: 256 px, ~7 M parameters besides word embeddings. With 4 text layers and
+# K = 4 every text layer is fused, so the text prefix (text.onnx) is the embeddings only.
+register_config(ModelConfig(
+    name="fiber-nano",
+    swin=SwinConfig(img_size=256, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8),
+                    window_size=8, drop_path_rate=0.1),
+    text=TextConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                    max_position_embeddings=128, **_BERT_VOCAB),
+    fusion=FusionConfig(num_fused_layers=4, i2t_prenorm=True),
+    head=HeadConfig(fpn_channels=64, num_convs=2, proj_dim=64),
+    max_text_len=64,
+))
+
+# The teacher: same input and tokenizer; text tower shaped like MiniLM-L6 (fiber.text_init).
+register_config(ModelConfig(
+    name="fiber-t",
+    swin=SwinConfig(img_size=256, embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
+                    window_size=8, drop_path_rate=0.1),
+    text=TextConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                    max_position_embeddings=512, **_BERT_VOCAB),
+    fusion=FusionConfig(num_fused_layers=4, i2t_prenorm=True),
+    head=HeadConfig(fpn_channels=128, num_convs=4, proj_dim=128),
+    max_text_len=64,
+))
+
+# Unit tests: 64 px, grids 16/8/4/2, window 2 (stage 3 shifted with masks, stage 4 one window).
+# K = 3 puts one fused block in stage 3 and leaves one plain text layer as the prefix.
+register_config(ModelConfig(
+    name="fiber-tiny-test",
+    swin=SwinConfig(img_size=64, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                    window_size=2, drop_path_rate=0.1),
+    text=TextConfig(hidden_size=16, num_layers=4, num_heads=2, intermediate_size=32,
+                    max_position_embeddings=32, **_BERT_VOCAB),
+    fusion=FusionConfig(num_fused_layers=3, i2t_prenorm=True),
+    head=HeadConfig(fpn_channels=16, num_convs=1, proj_dim=16),
+    max_text_len=32,
+))

@@ -1,0 +1,257 @@
+"""Swin Transformer image tower with FIBER's image->text (i2t) fusion in the top blocks.
+
+Parameter names follow the official coarse checkpoint (``vit_model.*``, fiber.md §6) under the
+prefix ``backbone.image.``; the per-stage output norms use the fine-grained names ``norm1..norm3``
+(stages 2-4; ``norm3`` is the final norm, the coarse ``vit_model.norm``). Buffers
+(``relative_position_index``, ``attn_mask``) are non-persistent.
+
+Tokens are ``[B, H*W, C]``, row-major over the grid. Windows are row-major, tokens within a window
+row-major, as in the official code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fiber.config import SwinConfig
+from fiber.layers import DropPath, Mlp, attend, init_linear_and_norm, merge_heads, split_heads
+
+SHIFT_MASK_VALUE = -100.0  # the official shifted-window mask value (not -inf)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B * nW, window*window, C] (windows row-major)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """[B * nW, window*window, C] -> [B, H, W, C]."""
+    c = windows.shape[-1]
+    x = windows.reshape(-1, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """int64 [N, N], N = window**2: row of ``relative_position_bias_table`` for each token pair."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)                                   # [2, N]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [N, N, 2]
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tensor:
+    """float32 [nW, N, N]: 0 within a region, -100 across regions of the cyclically shifted grid."""
+    img = torch.zeros(1, resolution, resolution, 1)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for region, (hs, ws) in enumerate((hs, ws) for hs in bounds for ws in bounds):
+        img[:, hs, ws, :] = region
+    ids = window_partition(img, window).squeeze(-1)              # [nW, N]
+    diff = ids[:, None, :] - ids[:, :, None]
+    return torch.where(diff != 0, SHIFT_MASK_VALUE, 0.0)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + optional LayerNorm: [B, 3, S, S] -> [B, (S/p)^2, C]."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(image).flatten(2).transpose(1, 2))
+
+
+class PatchMerging(nn.Module):
+    """2x2 merge: [B, H*W, C] -> [B, H/2*W/2, 2C]; official sub-grid order, no-bias reduction."""
+
+    def __init__(self, resolution: int, dim: int):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, c = self.resolution, x.shape[-1]
+        x = x.reshape(-1, r, r, c)
+        # (even row, even col), (odd row, even col), (even row, odd col), (odd row, odd col)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.reshape(-1, (r // 2) ** 2, 4 * c)))
+
+
+class WindowAttention(nn.Module):
+    """Window self-attention with relative position bias, plus the optional i2t cross-attention.
+
+    The i2t modules (``qkv_i2t``, ``qkv_text_i2t``, ``proj_i2t``, ``norm_i2t_i``, ``alpha_i2t``) keep
+    the official names. i2t is per token (every image token attends to all text tokens of its
+    example), so ``cross_attend`` runs on un-windowed tokens: identical to the official
+    per-window version, without repeating the text keys over the windows.
+    """
+
+    def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool,
+                 text_dim: int | None = None, i2t_prenorm: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window = window
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.fused = text_dim is not None
+        if self.fused:
+            self.qkv_i2t = nn.Linear(dim, dim, bias=qkv_bias)
+            self.qkv_text_i2t = nn.Linear(text_dim, 2 * dim, bias=qkv_bias)
+            self.proj_i2t = nn.Linear(dim, dim)
+            self.norm_i2t_i = nn.LayerNorm(dim) if i2t_prenorm else None
+            self.alpha_i2t = nn.Parameter(torch.zeros(1))
+
+    def position_bias(self) -> torch.Tensor:
+        """[heads, N, N] relative position bias."""
+        n = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B*nW, N, C] windows; mask: [nW, N, N] (0 / -100) or None. Returns [B*nW, N, C]."""
+        n, c = x.shape[1], x.shape[2]
+        bias = self.position_bias()                                # [heads, N, N]
+        nw = 1
+        if mask is not None:                                       # shifted block
+            nw = mask.shape[0]
+            bias = bias + mask[:, None]                            # [nW, heads, N, N]
+        # [B, nW, N, 3, heads, d] -> [3, B, nW, heads, N, d]; the bias broadcasts over B
+        qkv = self.qkv(x).reshape(-1, nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        out = attend(q, k, v, bias).permute(0, 1, 3, 2, 4)           # [B, nW, N, heads, d]
+        return self.proj(out.reshape(-1, n, c))
+
+    def cross_attend(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """i2t: image tokens x [B, L, C] attend to text [B, T, D_text] with additive key mask
+        [B, 1, 1, T]. Returns ``alpha_i2t * proj_i2t(attention)``, [B, L, C]."""
+        c = x.shape[-1]
+        q = self.norm_i2t_i(x) if self.norm_i2t_i is not None else x
+        q = split_heads(self.qkv_i2t(q), self.num_heads)                # [B, h, L, d]
+        kv = self.qkv_text_i2t(text).unflatten(-1, (2, c))              # first C = K, last C = V
+        k = split_heads(kv[:, :, 0], self.num_heads)                    # [B, h, T, d]
+        v = split_heads(kv[:, :, 1], self.num_heads)
+        return self.alpha_i2t * self.proj_i2t(merge_heads(attend(q, k, v, text_mask)))
+
+
+class SwinBlock(nn.Module):
+    """(Shifted-)window attention block; fused blocks also take text (i2t before the residual)."""
+
+    def __init__(self, dim: int, resolution: int, num_heads: int, window: int, shift: int,
+                 mlp_ratio: float, qkv_bias: bool, drop_path: float,
+                 text_dim: int | None = None, i2t_prenorm: bool = True):
+        super().__init__()
+        self.resolution, self.window, self.shift = resolution, window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, text_dim, i2t_prenorm)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        mask = shifted_window_mask(resolution, window, shift) if shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    @property
+    def fused(self) -> bool:
+        return self.attn.fused
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, H*W, C]; text: [B, T, D_text] and text_mask [B, 1, 1, T] (additive) for i2t, or
+        None for the unimodal path. Returns [B, H*W, C]."""
+        r, c = self.resolution, x.shape[-1]
+        h = self.norm1(x).reshape(-1, r, r, c)
+        if self.shift:
+            h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        h = self.attn(window_partition(h, self.window), self.attn_mask)
+        h = window_reverse(h, self.window, r, r)
+        if self.shift:
+            h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
+        h = h.reshape(-1, r * r, c)
+        if text is not None and self.fused:
+            h = h + self.attn.cross_attend(h, text, text_mask)
+        x = x + self.drop_path(h)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """One stage (official ``BasicLayer``): ``blocks`` then optional ``downsample``."""
+
+    def __init__(self, blocks: list[SwinBlock], downsample: PatchMerging | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class SwinTransformer(nn.Module):
+    """Four-stage Swin with per-stage output norms ``norm1..norm3`` (stages 2-4).
+
+    ``fused_blocks``: (stage, block) pairs (0-based) that get i2t modules of width ``text_dim``.
+    """
+
+    def __init__(self, cfg: SwinConfig, text_dim: int | None = None,
+                 fused_blocks: tuple[tuple[int, int], ...] = (), i2t_prenorm: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
+        n = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear 0 .. rate
+        self.layers = nn.ModuleList()
+        for s, depth in enumerate(cfg.depths):
+            dim, res = cfg.stage_dims[s], cfg.stage_resolutions[s]
+            window, shift = cfg.stage_window(s)
+            blocks = [SwinBlock(dim, res, cfg.num_heads[s], window, shift if b % 2 else 0,
+                                cfg.mlp_ratio, cfg.qkv_bias, rates[sum(cfg.depths[:s]) + b],
+                                text_dim if (s, b) in fused_blocks else None, i2t_prenorm)
+                      for b in range(depth)]
+            down = PatchMerging(res, dim) if s < len(cfg.depths) - 1 else None
+            self.layers.append(SwinStage(blocks, down))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d) for d in cfg.stage_dims[1:])
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_linear_and_norm(self)
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02, a=-0.04, b=0.04)
+                if m.fused:
+                    nn.init.zeros_(m.alpha_i2t)
+
+    def stage_norm(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """The output norm of a stage (identity for stage 1)."""
+        return (self.norm1, self.norm2, self.norm3)[stage - 1](x) if stage else x
+
+    def to_map(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Tokens [B, H*W, C] of ``stage`` -> map [B, C, H, W]."""
+        r = self.cfg.stage_resolutions[stage]
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], r, r)
+
+    def check_image(self, image: torch.Tensor) -> None:
+        s, c = self.cfg.img_size, self.cfg.in_chans
+        if torch.jit.is_tracing():  # shapes are fixed by the example input; keep the trace clean
+            return
+        if image.ndim != 4 or tuple(image.shape[1:]) != (c, s, s):
+            raise ValueError(f"image must be [B, {c}, {s}, {s}], got {list(image.shape)}")
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Unimodal path: image [B, 3, S, S] float32 -> 4 maps [B, C_s, S/(4*2^s), ...] with the
+        stage-2..4 norms applied (no text, i2t skipped)."""
+        self.check_image(image)
+        x = self.patch_embed(image)
+        maps = []
+        for s, stage in enumerate(self.layers):
+            for block in stage.blocks:
+                x = block(x)
+            maps.append(self.to_map(self.stage_norm(s, x), s))
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return maps
+
+
+def build_swin(cfg: SwinConfig, text_dim: int | None = None,
+               fused_blocks: tuple[tuple[int, int], ...] = (), i2t_prenorm: bool = True) -> SwinTransformer:
+    return SwinTransformer(cfg, text_dim, fused_blocks, i2t_prenorm)
