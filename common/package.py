@@ -108,3 +108,13 @@ def package_digest(manifest: dict[str, Any]) -> str:
         h.update(name.encode())
         h.update(manifest["files"][name]["sha256"].encode())
     return h.hexdigest()
+
+
+# Optional reference data inside a package (added by the engines work): reference/<graph>.npz holds
+# one set of the graph's inputs and the expected outputs, keyed by tensor name; listed in "files".
+REFERENCE_DIR = "reference"
+
+
+def reference_file(graph: str) -> str:
+    """Relative path of the reference inputs/outputs of ``graph`` ("text" or "detector")."""
+    return f"{REFERENCE_DIR}/{graph}.npz"

@@ -1,1 +1,115 @@
-"""Engines: ONNX Runtime sessions and TensorRT plans behind one interface (torch-free)."""
+"""Engines: ONNX Runtime / OpenVINO sessions and TensorRT plans behind one interface (torch-free).
+
+    import engines
+    with engines.load("models/fiber-nano-int8") as e:               # a package: ONNX Runtime (CPU)
+        hidden = e.encode_text(input_ids, attention_mask)            # [B, T, D] float32
+        out = e.detect(image, hidden, attention_mask)                # boxes, token_logits, centerness
+    engines.load("runs/engines/fiber-nano-int8")                     # an engine folder: TensorRT
+
+``load(path, backend="auto", **opts)``: ``path`` is a model package (manifest.json) or an engine
+folder (engine.json + plans, built by ``python -m engines.build``). Backends: "auto" (TensorRT for
+an engine folder, ONNX Runtime for a package), "onnxruntime", "openvino", "tensorrt",
+"tensorrt-rtx". ``opts`` are the fields of OrtOptions / OpenVinoOptions / TrtOptions; an unknown
+option is an error. Every failure is an EngineError subclass (engines.errors) with one clear message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from common import package as pkg
+from engines.errors import (
+    BackendUnavailable, BuildError, CudaError, EngineError, EngineMismatch, InputError, PackageInvalid,
+)
+from engines.manifest import ENGINE_JSON, TensorSpec, read_package
+
+__all__ = [
+    "load", "Engine", "PackageEngines", "TensorSpec", "BACKENDS", "EngineError", "BackendUnavailable",
+    "BuildError", "CudaError", "EngineMismatch", "InputError", "PackageInvalid",
+]
+
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "tensorrt-rtx")
+_ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}
+
+
+class Engine(Protocol):
+    """One graph of a package on one backend: numpy in, numpy out (device buffers stay inside)."""
+
+    backend: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class PackageEngines:
+    """The text and detector engines of one package, its manifest and (TensorRT) the engine manifest."""
+
+    text: Engine
+    detector: Engine
+    manifest: dict[str, Any]
+    package: Path
+    backend: str
+    engine_manifest: dict[str, Any] | None = field(default=None)
+
+    def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [B, T] ids and mask (1 = real token) -> text_hidden float32 [B, T, D]."""
+        out = self.text.run({pkg.INPUT_IDS: input_ids, pkg.ATTENTION_MASK: attention_mask})
+        return out[pkg.TEXT_HIDDEN]
+
+    def detect(self, image: np.ndarray, text_hidden: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """image float32 [B, 3, S, S] (normalised, letterboxed top-left), text_hidden [B, T, D], mask int64 [B, T]
+        -> boxes [B, N, 4] (xyxy, network-input pixels), token_logits [B, N, T], centerness [B, N] (logits)."""
+        return self.detector.run({pkg.IMAGE: image, pkg.TEXT_HIDDEN: text_hidden, pkg.ATTENTION_MASK: attention_mask})
+
+    def close(self) -> None:
+        for engine in (self.text, self.detector):
+            engine.close()
+
+    def __enter__(self) -> "PackageEngines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | Path, backend: str = "auto", **opts: Any) -> PackageEngines:
+    """Open a package (ONNX Runtime / OpenVINO) or an engine folder (TensorRT), fully validated."""
+    path = Path(path)
+    backend = _ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise EngineError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    if (path / ENGINE_JSON).is_file():
+        return _load_engine_dir(path, backend, opts)
+    if not (path / pkg.MANIFEST).is_file():
+        raise EngineError(f"{path}: neither a model package ({pkg.MANIFEST}) nor an engine folder ({ENGINE_JSON})")
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        raise EngineError(f"{path} is a model package; build a {backend} engine from it first: "
+                          f"python -m engines.build --package {path} --backend {backend} --out ENGINE_DIR")
+    return _load_package(path, "onnxruntime" if backend == "auto" else backend, opts)
+
+
+def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
+    from engines import ort
+
+    cls = ort.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
+    options = ort.make_options(cls, opts, backend)
+    manifest = read_package(path, verify=options.verify)
+    text, detector = ort.open_package(path, manifest, backend, options)
+    return PackageEngines(text, detector, manifest, path, backend)
+
+
+def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
+    from engines import ort, trt
+
+    if backend in ("onnxruntime", "openvino"):
+        raise EngineError(f"{path} is a TensorRT engine folder; load its package for {backend}")
+    options = ort.make_options(trt.TrtOptions, opts, "tensorrt")
+    package, manifest, engine, text, detector = trt.open_engine_dir(path, backend, options)
+    return PackageEngines(text, detector, manifest, package, engine["backend"], engine)

@@ -1,0 +1,263 @@
+"""Engines that run a package's ONNX files directly: ONNX Runtime (default) and OpenVINO (optional).
+
+ONNX Runtime: the CPU execution provider by default, CUDA / TensorRT providers when installed and
+asked for; thread counts and graph optimisation level; on the CPU provider the optimised model is
+cached (key: the source file's sha256, the ORT version, the level and the CPU architecture) and
+reused on the next load. When the manifest names ``graphs.detector.cpu_file`` (the package's CPU
+INT8 variant), the CPU provider runs that file for the detector.
+
+OpenVINO reads the same ONNX files (the Q/DQ INT8 ``detector.onnx`` too, with int8 kernels).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from common import package as pkg
+from common.atomic import atomic_write_json
+from engines.errors import BackendUnavailable, EngineError
+from engines.manifest import TensorSpec, graph_file, graph_specs, validate_inputs
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fiber-edge"
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    device: str = "cpu"                  # execution provider: "cpu" | "cuda" | "tensorrt"
+    intra_op_threads: int = 0            # threads inside an op; 0 = onnxruntime's default
+    inter_op_threads: int = 0            # threads across ops; 0 = onnxruntime's default
+    graph_optimization: str = "all"      # "disable" | "basic" | "extended" | "all"
+    cache_dir: str | None = None         # optimised-model cache: None = ~/.cache/fiber-edge/ort, "" = off
+    use_cpu_file: bool | None = None     # run graphs.detector.cpu_file: None = when named and device "cpu"
+    verify: bool = True                  # check every package file's sha256 on load
+
+    def __post_init__(self):
+        _choice("device", self.device, _PROVIDERS)
+        _choice("graph_optimization", self.graph_optimization, _LEVELS)
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    device: str = "CPU"                  # OpenVINO device name
+    threads: int = 0                     # INFERENCE_NUM_THREADS; 0 = OpenVINO's default
+    precision_hint: str | None = "f32"   # INFERENCE_PRECISION_HINT: "f32" | "bf16" | "f16" | None (device
+                                         # default: bf16 on AMX CPUs, which changes FP32 results by ~1e-2)
+    cache_dir: str | None = None         # compiled-model cache: None = ~/.cache/fiber-edge/openvino, "" = off
+    use_cpu_file: bool = False           # default: the same (Q/DQ) detector.onnx that TensorRT builds
+    verify: bool = True                  # check every package file's sha256 on load
+
+    def __post_init__(self):
+        if self.precision_hint is not None:
+            _choice("precision_hint", self.precision_hint, ("f32", "bf16", "f16"))
+
+
+def _choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise EngineError(f"option {name}={value!r} is not one of {sorted(allowed)}")
+
+
+def make_options(cls, opts: Mapping[str, Any], backend: str):
+    """``cls(**opts)`` with one clear EngineError for an unknown option name."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise EngineError(f"unknown option(s) {unknown} for backend {backend!r}; known: {known}")
+    return cls(**opts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_session_io(path: Path, which: str, specs: list[TensorSpec], actual: list[tuple[str, str, int]]) -> None:
+    """The file's own inputs/outputs (name, dtype, rank) must be the manifest's."""
+    want = {s.name: (s.dtype.name, len(s.shape)) for s in specs}
+    got = {name: (dtype, rank) for name, dtype, rank in actual}
+    if want != got:
+        raise EngineError(f"{path}: {which} are {got} (name: (dtype, rank)) but the manifest says {want}")
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+class OrtEngine:
+    """One ONNX file in an onnxruntime.InferenceSession. ``run`` takes and returns numpy arrays."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 opts: OrtOptions = OrtOptions(), sha256: str | None = None):
+        import onnxruntime as ort
+
+        self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
+        providers = _PROVIDERS[opts.device]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendUnavailable(f"onnxruntime {ort.__version__} has no {missing[0]} (device={opts.device!r});"
+                                     f" install onnxruntime-gpu with CUDA/TensorRT, or use device='cpu'")
+        self.cached_model: Path | None = None
+        self._session = self._open(ort, providers, sha256)
+        if self._session.get_providers()[0] != providers[0]:
+            raise BackendUnavailable(f"{self.path}: onnxruntime fell back from {providers[0]} to "
+                                     f"{self._session.get_providers()[0]}")
+        io = [(i.name, _ORT_DTYPES.get(i.type, i.type), len(i.shape)) for i in self._session.get_inputs()]
+        _check_session_io(self.path, "inputs", inputs, io)
+        io = [(o.name, _ORT_DTYPES.get(o.type, o.type), len(o.shape)) for o in self._session.get_outputs()]
+        _check_session_io(self.path, "outputs", outputs, io)
+
+    def _session_options(self, ort, level: str):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.opts.intra_op_threads
+        so.inter_op_num_threads = self.opts.inter_op_threads
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        return so
+
+    def _open(self, ort, providers: list[str], sha256: str | None):
+        cache = self._cache_paths(ort, sha256)
+        try:
+            if not cache:
+                so = self._session_options(ort, self.opts.graph_optimization)
+                return ort.InferenceSession(str(self.path), so, providers=providers)
+            if not _cache_valid(*cache):
+                self._write_cache(ort, *cache)
+            self.cached_model = cache[0]
+            so = self._session_options(ort, self.opts.graph_optimization)  # "all": + layout passes, per CPU
+            return ort.InferenceSession(str(cache[0]), so, providers=providers)
+        except EngineError:
+            raise
+        except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise EngineError(f"{self.path}: onnxruntime cannot load it: {_first_line(e)}") from None
+
+    def _cache_paths(self, ort, sha256: str | None) -> tuple[Path, Path] | None:
+        """(cached model, sidecar json), or None when caching does not apply (off, not CPU, no optimisation)."""
+        if self.opts.cache_dir == "" or self.opts.device != "cpu" or self.opts.graph_optimization == "disable":
+            return None
+        root = Path(self.opts.cache_dir) if self.opts.cache_dir else default_cache_dir() / "ort"
+        sha256 = sha256 or pkg.sha256_file(self.path)
+        key = f"{sha256[:32]}-ort{ort.__version__}-{_cache_level(self.opts.graph_optimization)}-{platform.machine()}"
+        return root / f"{key}.onnx", root / f"{key}.json"
+
+    def _write_cache(self, ort, model: Path, sidecar: Path) -> None:
+        """Optimise up to "extended" (portable across CPUs; "all" adds CPU-specific layouts at load)."""
+        model.parent.mkdir(parents=True, exist_ok=True)
+        tmp = model.with_name(f".{model.name}.{os.getpid()}.tmp")
+        so = self._session_options(ort, _cache_level(self.opts.graph_optimization))
+        so.optimized_model_filepath = str(tmp)
+        try:
+            ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+            os.replace(tmp, model)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        atomic_write_json(sidecar, {"source": str(self.path), "sha256": pkg.sha256_file(model)})
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = validate_inputs(self.inputs, inputs, where=self.path.name)
+        names = [s.name for s in self.outputs]
+        try:
+            values = self._session.run(names, feeds)
+        except Exception as e:
+            raise EngineError(f"{self.path.name}: onnxruntime failed: {_first_line(e)}") from None
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _cache_level(level: str) -> str:
+    return "extended" if level == "all" else level
+
+
+def _cache_valid(model: Path, sidecar: Path) -> bool:
+    """A cached model is reused only when it is complete and unmodified (sha256 in its sidecar)."""
+    if not (model.is_file() and sidecar.is_file()):
+        return False
+    try:
+        return json.loads(sidecar.read_text()).get("sha256") == pkg.sha256_file(model)
+    except (OSError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+class OpenVinoEngine:
+    """One ONNX file compiled by OpenVINO (``openvino`` package). Same interface as OrtEngine."""
+
+    backend = "openvino"
+
+    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 opts: OpenVinoOptions = OpenVinoOptions()):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BackendUnavailable("OpenVINO is not installed: pip install openvino") from None
+        self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
+        core = ov.Core()
+        if opts.cache_dir != "":
+            cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir() / "openvino"
+            core.set_property({"CACHE_DIR": str(cache)})
+        config: dict[str, Any] = {}
+        if opts.threads:
+            config["INFERENCE_NUM_THREADS"] = opts.threads
+        if opts.precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = opts.precision_hint
+        try:
+            self._compiled = core.compile_model(core.read_model(str(self.path)), opts.device, config)
+        except Exception as e:
+            raise EngineError(f"{self.path}: OpenVINO cannot load it: {_first_line(e)}") from None
+        self._request = self._compiled.create_infer_request()
+        self._ports = {o.get_any_name(): o for o in self._compiled.outputs}
+        missing = [s.name for s in outputs if s.name not in self._ports]
+        if missing:
+            raise EngineError(f"{self.path}: outputs {missing} of the manifest are not in the file")
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = validate_inputs(self.inputs, inputs, where=self.path.name)
+        try:
+            result = self._request.infer(feeds)
+        except Exception as e:
+            raise EngineError(f"{self.path.name}: OpenVINO failed: {_first_line(e)}") from None
+        return {s.name: np.array(result[self._ports[s.name]], copy=True) for s in self.outputs}
+
+    def close(self) -> None:
+        self._request = self._compiled = None
+
+
+# ----------------------------------------------------------------------------- packages
+
+def open_package(package: Path, manifest: Mapping[str, Any], backend: str, opts: OrtOptions | OpenVinoOptions):
+    """(text engine, detector engine) for a verified package, on "onnxruntime" or "openvino"."""
+    use_cpu = opts.use_cpu_file if opts.use_cpu_file is not None else opts.device == "cpu"
+    engines = []
+    for graph in ("text", "detector"):
+        path = graph_file(package, manifest, graph, cpu=use_cpu)
+        specs = graph_specs(manifest, graph)
+        if backend == "openvino":
+            engines.append(OpenVinoEngine(path, *specs, opts))
+        else:
+            engines.append(OrtEngine(path, *specs, opts, sha256=manifest["files"][path.name]["sha256"]))
+    return tuple(engines)

@@ -1,0 +1,291 @@
+"""engines/ on this CPU: ONNX Runtime and OpenVINO against reference outputs, validation, refusals,
+the ORT model cache, the FP16 rewrite (checked on ORT), the CUDA wrapper's errors and the GPU-check
+logic. Packages: the toy FP32/INT8 packages (tests/toy_package.py) plus whatever models/ ships.
+
+Reference outputs: a package's reference/<graph>.npz. For the toy packages they are computed by
+numpy code written independently of the ONNX graphs; a shipped package without reference/ is
+compared with OpenVINO instead (a second, independent ONNX implementation).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import engines
+from common import package as pkg
+from engines import cuda, gpu_check
+from engines.build import FP16_CLAMP, to_fp16
+from engines.manifest import load_reference
+from toy_package import (
+    PACKAGE_IDS, REPO, ToyConfig, assert_close, config_of, copy_package, make_toy_packages, package_path,
+    random_inputs, reference_detector, reference_text, rewrite_file,
+)
+
+TOL = {"fp32": 1e-4, "int8": 1e-3}   # relative to 1 + max |reference|
+CPU_FILE_TOL = 0.05                  # a differently quantised CPU file vs the Q/DQ reference
+
+
+@pytest.fixture(scope="session")
+def toys(tmp_path_factory):
+    return make_toy_packages(tmp_path_factory.mktemp("toys"))
+
+
+@pytest.fixture(params=PACKAGE_IDS)
+def package(request, toys):
+    return package_path(request.param, toys)
+
+
+def _references(package, e: engines.PackageEngines) -> dict[str, dict[str, np.ndarray]]:
+    refs = {g: load_reference(package, e.manifest, g) for g in ("text", "detector")}
+    if all(refs.values()):
+        return refs
+    with engines.load(package, "openvino", cache_dir="") as ov:  # no reference/ shipped
+        x = random_inputs(ToyConfig(size=ov.manifest["input"]["size"][0]), tokens=16)
+        text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS] % 20000, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
+        hidden = ov.encode_text(**text_in)
+        det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
+        return {"text": {**text_in, pkg.TEXT_HIDDEN: hidden}, "detector": {**det_in, **ov.detector.run(det_in)}}
+
+
+def _check_against_reference(e: engines.PackageEngines, refs, tol: dict[str, float]) -> None:
+    for graph in ("text", "detector"):
+        engine = getattr(e, graph)
+        out = engine.run({s.name: refs[graph][s.name] for s in engine.inputs})
+        assert sorted(out) == sorted(s.name for s in engine.outputs)
+        for name, value in out.items():
+            assert value.dtype == np.float32
+            assert_close(value, refs[graph][name], tol[graph], f"{e.backend} {graph}.{name}")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_matches_reference(package, backend, tmp_path):
+    with engines.load(package, backend, cache_dir=str(tmp_path), use_cpu_file=False) as e:
+        assert e.backend == backend and e.text.backend == backend
+        assert e.detector.path.name == e.manifest["graphs"]["detector"]["file"]
+        tol = TOL[e.manifest["precision"]]
+        _check_against_reference(e, _references(package, e), {"text": tol, "detector": tol})
+
+
+def test_cpu_file_is_used_on_the_cpu(package, tmp_path):
+    with engines.load(package, cache_dir=str(tmp_path)) as e:
+        cpu_file = e.manifest["graphs"]["detector"].get("cpu_file")
+        assert e.detector.path.name == (cpu_file or e.manifest["graphs"]["detector"]["file"])
+        tol = TOL[e.manifest["precision"]]
+        detector_tol = CPU_FILE_TOL if cpu_file else tol
+        _check_against_reference(e, _references(package, e), {"text": tol, "detector": detector_tol})
+
+
+@pytest.mark.parametrize("package_id", ["toy", "toy-int8"])
+@pytest.mark.parametrize("batch,tokens", [(2, 32), (1, 5)])
+def test_dynamic_batch_and_tokens(toys, package_id, batch, tokens):
+    cfg = config_of(toys[package_id])
+    x = random_inputs(cfg, batch=batch, tokens=tokens)
+    with engines.load(toys[package_id], cache_dir="", use_cpu_file=False) as e:
+        hidden = e.encode_text(x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK])
+        assert_close(hidden, reference_text(cfg, x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK]), 1e-4, "text_hidden")
+        out = e.detect(x[pkg.IMAGE], hidden, x[pkg.ATTENTION_MASK])
+    ref = reference_detector(cfg, x[pkg.IMAGE], hidden, x[pkg.ATTENTION_MASK])
+    n = (cfg.size // cfg.stride) ** 2
+    assert out[pkg.BOXES].shape == (batch, n, 4) and out[pkg.TOKEN_LOGITS].shape == (batch, n, tokens)
+    for name in ref:
+        assert_close(out[name], ref[name], 1e-4, name)
+
+
+def test_batched_equals_one_by_one(toys):
+    # The Q/DQ file (static scales). The toy's CPU file does not pass this: dynamic quantisation
+    # takes one activation scale over the whole batch, so a frame's result depends on its batch.
+    x = random_inputs(config_of(toys["toy-int8"]), batch=3, tokens=16)
+    with engines.load(toys["toy-int8"], cache_dir="", use_cpu_file=False) as e:
+        hidden = e.encode_text(x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK])
+        batched = e.detect(x[pkg.IMAGE], hidden, x[pkg.ATTENTION_MASK])
+        for i in range(3):
+            single = e.detect(x[pkg.IMAGE][i:i + 1], hidden[i:i + 1], x[pkg.ATTENTION_MASK][i:i + 1])
+            for name, value in single.items():
+                np.testing.assert_allclose(value[0], batched[name][i], rtol=1e-5, atol=1e-5)
+
+
+def _bad_inputs(x, hidden):
+    mask = x[pkg.ATTENTION_MASK]
+    good = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: mask}
+    return {
+        "missing": ({pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden}, "missing ['attention_mask']"),
+        "unexpected": ({**good, "extra": mask}, "unexpected ['extra']"),
+        "dtype": ({**good, pkg.ATTENTION_MASK: mask.astype(np.int32)}, "dtype int32, expected int64"),
+        "rank": ({**good, pkg.IMAGE: x[pkg.IMAGE][0]}, "expected rank 4"),
+        "size": ({**good, pkg.IMAGE: x[pkg.IMAGE][:, :, :16]}, "'image' has shape (1, 3, 16, 32)"),
+        "tokens": ({**good, pkg.ATTENTION_MASK: mask[:, :8]}, "dimension 'tokens' is 16"),
+        "type": ({**good, pkg.IMAGE: x[pkg.IMAGE].tolist()}, "is a list, expected a numpy array"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "dtype", "rank", "size", "tokens", "type"])
+def test_bad_inputs_are_refused(toys, case):
+    x = random_inputs(config_of(toys["toy"]), tokens=16)
+    with engines.load(toys["toy"], cache_dir="") as e:
+        hidden = e.encode_text(x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK])
+        inputs, message = _bad_inputs(x, hidden)[case]
+        with pytest.raises(engines.InputError, match="detector.onnx") as err:
+            e.detector.run(inputs)
+    assert message in str(err.value)
+
+
+def test_tampered_package_file_is_refused(toys, tmp_path):
+    bad = copy_package(toys["toy"], tmp_path / "tampered")
+    data = bytearray((bad / "detector.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "detector.onnx").write_bytes(bytes(data))
+    with pytest.raises(engines.PackageInvalid, match=r"detector.onnx: sha256 .* does not match the manifest"):
+        engines.load(bad)
+
+
+def test_newer_package_format_is_refused(toys, tmp_path):
+    bad = copy_package(toys["toy"], tmp_path / "newer")
+    manifest = json.loads((bad / pkg.MANIFEST).read_text())
+    manifest["format_version"] = pkg.FORMAT_VERSION + 1
+    (bad / pkg.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(engines.PackageInvalid, match="format_version 2 is newer"):
+        engines.load(bad)
+
+
+def test_corrupt_onnx_gives_a_clear_error(toys, tmp_path):
+    bad = copy_package(toys["toy"], tmp_path / "corrupt")
+    rewrite_file(bad, "text.onnx", b"this is not an onnx model")
+    with pytest.raises(engines.EngineError, match="text.onnx: onnxruntime cannot load it"):
+        engines.load(bad, cache_dir="")
+
+
+def test_ort_cache_is_reused_and_checked(toys, tmp_path):
+    ref = load_reference(toys["toy"], pkg.load_package_manifest(toys["toy"]), "text")
+    feeds = {k: ref[k] for k in (pkg.INPUT_IDS, pkg.ATTENTION_MASK)}
+    with engines.load(toys["toy"], cache_dir=str(tmp_path)) as e:
+        cached = e.text.cached_model
+    assert cached.parent == tmp_path and cached.is_file()
+    mtime = cached.stat().st_mtime_ns
+    with engines.load(toys["toy"], cache_dir=str(tmp_path)) as e:
+        assert e.text.cached_model == cached and cached.stat().st_mtime_ns == mtime  # reused, not rewritten
+    cached.write_bytes(b"garbage")                                                   # a broken cache entry
+    with engines.load(toys["toy"], cache_dir=str(tmp_path)) as e:
+        assert_close(e.text.run(feeds)[pkg.TEXT_HIDDEN], ref[pkg.TEXT_HIDDEN], 1e-4, "text_hidden")
+    assert cached.read_bytes() != b"garbage"
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda toys, tmp: engines.load(tmp), "neither a model package"),
+    (lambda toys, tmp: engines.load(toys["toy"], "tensorflow"), "backend 'tensorflow' is not one of"),
+    (lambda toys, tmp: engines.load(toys["toy"], threads=2), "unknown option(s) ['threads'] for backend 'onnxruntime'"),
+    (lambda toys, tmp: engines.load(toys["toy"], graph_optimization="max"), "graph_optimization='max' is not one of"),
+    (lambda toys, tmp: engines.load(toys["toy"], "tensorrt"), "build a tensorrt engine from it first"),
+])
+def test_load_errors_are_clear(toys, tmp_path, call, message):
+    with pytest.raises(engines.EngineError) as err:
+        call(toys, tmp_path)
+    assert message in str(err.value)
+
+
+# ----------------------------------------------------------------------------- FP16 rewrite
+
+def _producers(model):
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+@pytest.mark.parametrize("graph", ["text", "detector"])
+def test_fp16_rewrite_keeps_norms_fp32_and_matches(toys, graph):
+    import onnxruntime as ort
+
+    package = toys["toy"]
+    model16 = to_fp16(onnx.load(package / f"{graph}.onnx"))
+    onnx.checker.check_model(model16, full_check=True)
+    producers = _producers(model16)
+    inits = {i.name: i for i in model16.graph.initializer}
+    kept = [n for n in model16.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert kept
+    for node in kept:   # every float input is an fp32 initializer or a Cast to float32
+        for x in node.input:
+            src = producers.get(x)
+            assert (x in inits and inits[x].data_type == onnx.TensorProto.FLOAT) or (
+                src is not None and src.op_type == "Cast" and src.attribute[0].i == onnx.TensorProto.FLOAT), x
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in inits.values()) >= 3
+    if graph == "detector":  # the float32-min mask fill is clamped into FP16 range, not -inf
+        assert onnx.numpy_helper.to_array(inits["mask_min__fp16"]) == -FP16_CLAMP
+    ref = load_reference(package, pkg.load_package_manifest(package), graph)
+    session = ort.InferenceSession(model16.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {i.name: ref[i.name] for i in session.get_inputs()})
+    for o, value in zip(session.get_outputs(), out):
+        assert value.dtype == np.float32
+        assert_close(value, ref[o.name], 2e-3, f"fp16 {graph}.{o.name}")
+
+
+# ----------------------------------------------------------------------------- CUDA wrapper
+
+class _FakeRuntime:
+    """cuda.bindings.runtime as it answers on a machine without a driver."""
+
+    class cudaError_t:
+        cudaSuccess = 0
+
+    class _Err(int):
+        name = "cudaErrorInsufficientDriver"
+
+    def __getattr__(self, name):
+        if name == "cudaGetErrorString":
+            return lambda err: (0, b"CUDA driver version is insufficient for CUDA runtime version")
+        return lambda *args: (self._Err(35), None)
+
+
+def test_cuda_errors_name_the_call(monkeypatch):
+    monkeypatch.setattr(cuda, "_rt", _FakeRuntime())
+    expected = r"cudaMalloc failed with cudaErrorInsufficientDriver \(35\).*no CUDA driver"
+    with pytest.raises(engines.CudaError, match=expected):
+        cuda.DeviceBuffer(1024)
+    assert cuda.available() is False
+    monkeypatch.setattr(cuda, "_rt", None)
+    with pytest.raises(engines.CudaError, match="cuda-python is not installed: pip install cuda-python"):
+        cuda.Stream()
+
+
+def test_cuda_on_this_machine():
+    if cuda.available():
+        info = cuda.device_info()
+        assert info.name and info.compute_capability >= (5, 0) and info.sm.count(".") == 1
+    else:
+        with pytest.raises(engines.CudaError, match="failed with|no CUDA driver|not installed"):
+            cuda.device_info()
+
+
+@pytest.mark.gpu
+def test_cuda_round_trip():
+    if not cuda.available():
+        pytest.skip("needs a CUDA GPU (none here)")
+    x = np.arange(1000, dtype=np.float32)
+    with cuda.Stream() as s, cuda.DeviceBuffer(x.nbytes) as d, cuda.HostBuffer(x.nbytes) as h:
+        cuda.copy_to_device(d, x, s)
+        y = h.view(x.shape, x.dtype)
+        cuda.copy_to_host(y, d, s)
+        s.synchronize()
+        np.testing.assert_array_equal(y, x)
+    assert d.closed and h.closed and s.closed
+
+
+# ----------------------------------------------------------------------------- GPU-check logic
+
+def test_gpu_check_compare_runs_on_two_cpu_backends(toys):
+    with engines.load(toys["toy"], cache_dir="") as a, engines.load(toys["toy"], "openvino", cache_dir="") as b:
+        result = gpu_check.compare(a, b, iters=2)
+    assert sorted(result["diffs"]) == ["16", "32", "64"]
+    for diffs in result["diffs"].values():
+        assert set(diffs) == {"text.text_hidden", "detector.boxes", "detector.token_logits", "detector.centerness"}
+        assert max(diffs.values()) < 1e-3
+    assert set(result["ms"]["detector"]) == {"onnxruntime", "openvino"}
+
+
+def test_engines_import_neither_torch_nor_fiber():
+    code = ("import sys, engines, engines.build, engines.ort, engines.trt, engines.cuda, engines.gpu_check; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'fiber')]; print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
