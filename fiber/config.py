@@ -274,7 +274,8 @@ register_config(ModelConfig(
     name="fiber-nano",
     swin=SwinConfig(img_size=256, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8),
                     window_size=8, drop_path_rate=0.1),
-    text=TextConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+    # 6 text layers, the top 4 fused: the 2 plain ones form text.onnx (run once per prompt).
+    text=TextConfig(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=1024,
                     max_position_embeddings=128, **_BERT_VOCAB),
     fusion=FusionConfig(num_fused_layers=4, i2t_prenorm=True),
     head=HeadConfig(fpn_channels=64, num_convs=2, proj_dim=64),
