@@ -195,21 +195,23 @@ def profiles_for(specs: list[TensorSpec], buckets: tuple[int, ...]) -> list[dict
     for bucket in sorted(buckets):
         shapes = {}
         for s in specs:
-            lows, highs = [], []
-            for dim in s.shape:
-                if isinstance(dim, int):
-                    lows.append(dim), highs.append(dim)
-                elif dim == "tokens":
-                    lows.append(lo), highs.append(bucket)
-                elif dim == "batch":
-                    lows.append(1), highs.append(1)
-                else:
-                    raise BuildError(f"input {s.name!r} has dynamic dimension {dim!r}; only 'batch' and "
-                                     f"'tokens' can be bounded by the build")
+            ranges = [_dim_range(s.name, dim, lo, bucket) for dim in s.shape]
+            lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
             shapes[s.name] = {"min": lows, "opt": highs, "max": highs}
         profiles.append({"tokens": [lo, bucket] if bucket else None, "shapes": shapes})
         lo = bucket + 1
     return profiles
+
+
+def _dim_range(name: str, dim: int | str, lo: int, bucket: int) -> tuple[int, int]:
+    if isinstance(dim, int):
+        return dim, dim
+    if dim == "tokens":
+        return lo, bucket
+    if dim == "batch":
+        return 1, 1
+    raise BuildError(f"input {name!r} has dynamic dimension {dim!r}; only 'batch' and 'tokens' can be bounded "
+                     f"by the build")
 
 
 def _configure(rt: TensorRT, builder, cfg: BuildConfig, profiles, timing_cache):
@@ -258,6 +260,10 @@ def graph_precision(requested: str, quant: str | None, package: str, path: Path)
 
 def _check_request(requested: str, quants: Mapping[str, str | None], package: str,
                    device: cuda.DeviceInfo | None, targets: tuple[str, ...] | None, rt: TensorRT) -> None:
+    """Refuse a request the package or the target hardware cannot serve (before anything is built)."""
+    other = sorted({q for q in quants.values() if q not in (None, "int8", "fp8")})
+    if other:
+        raise BuildError(f"package {package} has {', '.join(other).upper()} Q/DQ; engines.build supports INT8 and FP8")
     if requested in ("int8", "fp8") and requested not in quants.values():
         example = " (e.g. models/fiber-nano-int8)" if requested == "int8" else ""
         raise BuildError(f"--precision {requested}: package {package} has no {requested.upper()} Q/DQ nodes; "
@@ -296,8 +302,14 @@ def _device(rt: TensorRT, cfg: BuildConfig) -> cuda.DeviceInfo | None:
         return None
 
 
-def default_out(cfg: BuildConfig, manifest: Mapping[str, Any], backend: str) -> Path:
-    return Path("runs") / "engines" / f"{manifest.get('name', Path(cfg.package).name)}-{backend}-{cfg.precision}"
+def overall_precision(precisions: Mapping[str, str]) -> str:
+    """One word for engine.json and folder names: int8 if any graph is int8, else the widest float type."""
+    values = set(precisions.values())
+    return "int8" if "int8" in values else max(values, key=["fp8", "fp16", "fp32"].index)
+
+
+def default_out(package: Path, manifest: Mapping[str, Any], backend: str, precision: str) -> Path:
+    return Path("runs") / "engines" / f"{manifest.get('name', package.name)}-{backend}-{precision}"
 
 
 def build_engines(cfg: BuildConfig) -> Path:
@@ -308,23 +320,24 @@ def build_engines(cfg: BuildConfig) -> Path:
     manifest = read_package(package)
     rt = _backend(cfg.backend)
     device = _device(rt, cfg)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, manifest, rt.backend)
-    if out.exists() and not cfg.overwrite:
-        raise BuildError(f"--out {out} already exists; pass --overwrite to replace it")
     buckets = tuple(cfg.buckets or manifest["text"].get("buckets") or pkg.DEFAULT_BUCKETS)
-    timing_cache = _timing_cache(rt, cfg)
     started = time.time()
-    graphs, results = {}, {}
     builder = rt.trt.Builder(rt.logger)
+    graphs, precisions, results = {}, {}, {}
     for graph in ("text", "detector"):
         path = graph_file(package, manifest, graph)
-        network, parser = _parse(rt, builder, path, None)
+        network, parser = _parse(rt, builder, path, None)  # the parser owns the weights: keep it alive
         graphs[graph] = (path, network, parser, quantization_of(rt, network))
-    quants = {g: v[3] for g, v in graphs.items()}
-    _check_request(cfg.precision, quants, str(package), device, cfg.target_cc, rt)
+    _check_request(cfg.precision, {g: v[3] for g, v in graphs.items()}, str(package), device, cfg.target_cc, rt)
+    for graph, (path, _, _, quant) in graphs.items():
+        precisions[graph] = graph_precision(cfg.precision, quant, str(package), path)
+    out = Path(cfg.out) if cfg.out else default_out(package, manifest, rt.backend, overall_precision(precisions))
+    if out.exists() and not cfg.overwrite:
+        raise BuildError(f"--out {out} already exists; pass --overwrite to replace it")
+    timing_cache = _timing_cache(rt, cfg)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         for graph, (path, network, parser, quant) in graphs.items():
-            precision = graph_precision(cfg.precision, quant, str(package), path)
+            precision = precisions[graph]
             if precision == "fp16":
                 network, parser = _parse(rt, builder, path, _fp16_bytes(path, cfg))
             specs = graph_specs(manifest, graph)
@@ -383,7 +396,7 @@ def _graph_record(graph, plan: bytes, precision, specs, profiles, config, rt: Te
 
 def _engine_record(cfg, rt, device, targets, manifest, package, out, buckets, results, started) -> dict[str, Any]:
     precisions = {g: r["precision"] for g, r in results.items()}
-    overall = "int8" if "int8" in precisions.values() else max(precisions.values(), key=["fp32", "fp16", "fp8"].index)
+    overall = overall_precision(precisions)
     return {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
         "backend": rt.backend, "tensorrt": {"module": rt.trt.__name__, "version": rt.version},
