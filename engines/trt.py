@@ -102,7 +102,7 @@ class TensorRT:
         for i, cc in enumerate(targets):
             value = getattr(self.trt.ComputeCapability, "SM" + cc.replace(".", ""), None)
             if value is None or not config.set_compute_capability(value, i):
-                known = [m[2:] for m in self.trt.ComputeCapability.__members__ if m.startswith("SM")]
+                known = [f"{m[2:-1]}.{m[-1]}" for m in self.trt.ComputeCapability.__members__ if m.startswith("SM")]
                 raise EngineError(f"--target-cc {cc}: not a TensorRT-RTX {self.version} target (known: {known})")
         return list(targets)
 
