@@ -224,3 +224,39 @@ def test_mlm_loss_matches_cross_entropy_and_handles_no_mask():
     assert torch.allclose(mlm_loss(logits, labels), expected)
     zero = mlm_loss(logits.requires_grad_(), torch.full((2, 5), -100))
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+# ----------------------------------------------------------------------------- DDP (2 gloo ranks)
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from fiber.heads.coarse import CoarseHeads
+    from fiber.losses import _mean_over_ranks
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        heads = CoarseHeads(text_dim=2, image_dim=2, vocab_size=4, queue_size=8)
+        feats = torch.full((3, 2), float(rank + 1))
+        heads.enqueue(feats, -feats)
+        mean = _mean_over_ranks(torch.tensor(float(2 + 4 * rank)))
+        save_file({"queue": heads.queue_contents()[0].contiguous(), "mean": mean.reshape(1)},
+                  f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_queue_gathers_and_normaliser_averages_across_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = load_file(tmp_path / f"rank{rank}.safetensors")
+        # every rank holds both ranks' features, rank 0's first
+        assert torch.equal(got["queue"], torch.tensor([[1.0] * 3 + [2.0] * 3] * 2))
+        assert got["mean"].item() == 4.0            # mean of 2 and 6
