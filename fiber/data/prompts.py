@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from runtime.postprocess import parse_phrases
+
 SEPARATOR = ". "
 # fiber.md section 3: (one negative, one positive, full, drop positive). The released FIBER config
 # says 0.2 for the last value, but the code asserts it is 0 (as in GLIP's configs).
@@ -51,20 +53,12 @@ def build_detection_prompt(class_names: Sequence[str]) -> tuple[str, list[Span]]
 
 
 def parse_prompt(prompt: str) -> list[Span]:
-    """Split a user prompt on '.' into phrase spans, whitespace trimmed, empty pieces ignored:
-    ``"person. red mug.. dog."`` -> spans of "person", "red mug", "dog"."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt {prompt!r} is empty")
-    spans, start = [], 0
-    for piece in prompt.split("."):
-        stripped = piece.strip()
-        if stripped:
-            s = start + piece.index(stripped)
-            spans.append((s, s + len(stripped)))
-        start += len(piece) + 1
-    if not spans:
-        raise ValueError(f"prompt {prompt!r} has no phrases, only separators")
-    return spans
+    """Spans of the names in a ``". "``-separated prompt: ``"person. red mug.. dog."`` -> spans
+    of "person", "red mug", "dog". The runtime's parser (runtime.postprocess.parse_phrases) is
+    the one definition, so training, evaluation and serving split prompts identically."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt {prompt!r} is not a string")
+    return [tuple(spans[0]) for spans in parse_phrases(prompt)]
 
 
 def _num_negatives(rng: np.random.Generator, control_prob: Sequence[float], full: int) -> int:
