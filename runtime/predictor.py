@@ -1,0 +1,298 @@
+"""The predictor: one image + a prompt -> Detections, on any backend, with a prompt cache.
+
+    from runtime.predictor import Detector
+    with Detector("models/fiber-nano-int8") as det:          # a package: ONNX Runtime (CPU)
+        dets = det.detect("street.jpg", "person. red mug")    # Detections, boxes xyxy source pixels
+        det.last_timing                                        # StageTimes(pre, text, network, post) ms
+
+``text.onnx`` runs only when the prompt (or its phrase spans) changes: the encoded prompt and its
+``text_hidden`` [1, T, D] are kept in a small LRU keyed by (prompt, spans). ``detector.onnx``
+runs every call. Pre- and post-processing are runtime.preprocess / runtime.postprocess (the C
+extension). Torch-free. A Detector is not thread-safe: one per thread.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+import engines
+from common import package as pkg
+from engines.manifest import ENGINE_JSON
+from runtime.postprocess import postprocess
+from runtime.preprocess import Preprocessor, letterbox, to_rgb_uint8
+from runtime.sources import read_image
+from runtime.tokenize import EncodedPrompt, PromptTokenizer
+from runtime.types import Detections, LetterboxInfo
+
+PhraseSpans = Sequence[Sequence[Sequence[int]]]  # per phrase, [start, end) char spans of the prompt
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Wall-clock milliseconds of one ``detect`` call, per stage.
+
+    pre: image decode (paths only) + letterbox; text: tokenise + text.onnx (0-ish on a cache
+    hit); network: detector.onnx; post: scores, top-k, NMS, box decode.
+    """
+
+    pre: float = 0.0
+    text: float = 0.0
+    network: float = 0.0
+    post: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.pre + self.text + self.network + self.post
+
+    def to_json(self, digits: int = 3) -> dict[str, float]:
+        """``{"pre", "text", "network", "post", "total"}`` in ms."""
+        d = {"pre": self.pre, "text": self.text, "network": self.network, "post": self.post,
+             "total": self.total}
+        return {k: round(v, digits) for k, v in d.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """A letterboxed network input from ``Detector.preprocess`` (own buffer; any thread)."""
+
+    tensor: np.ndarray    # float32 [1, 3, S, S], normalised, letterboxed top-left
+    info: LetterboxInfo   # where the source image landed (for mapping boxes back)
+    pre_ms: float         # what making it cost (decode of a path included)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What ``build_detector`` needs; None means "the package manifest's value"."""
+
+    package: str                       # model package folder, or an engine folder (TensorRT)
+    backend: str = "auto"              # auto | onnxruntime (ort) | openvino | tensorrt | tensorrt-rtx
+    threads: int | None = None         # CPU threads of the backend (ORT intra-op / OpenVINO); None = its default
+    threshold: float | None = None     # phrase score threshold in [0, 1]
+    max_detections: int | None = None  # at most this many detections per image
+    nms_iou: float | None = None       # per-phrase NMS IoU threshold
+    pre_nms_top_k: int | None = None   # candidates kept per phrase before NMS
+    prompt_cache_size: int = 8         # encoded prompts (+ text_hidden) kept, least recently used out
+    use_native: bool = True            # C extension for pre/post (False: the numpy references)
+    verify: bool = True                # check the package files' sha256 on load
+
+
+def build_detector(cfg: DetectorConfig) -> Detector:
+    return Detector(cfg.package, backend=cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
+                    max_detections=cfg.max_detections, nms_iou=cfg.nms_iou,
+                    pre_nms_top_k=cfg.pre_nms_top_k, prompt_cache_size=cfg.prompt_cache_size,
+                    use_native=cfg.use_native, verify=cfg.verify)
+
+
+@dataclass
+class _CachedPrompt:
+    encoded: EncodedPrompt
+    text_hidden: np.ndarray  # float32 [1, T, D]
+
+
+@dataclass
+class _PostParams:
+    threshold: float
+    nms_iou: float
+    pre_nms_top_k: int
+    max_detections: int
+
+
+def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
+    """engines.load options: the thread count goes to whichever CPU backend will run."""
+    opts: dict[str, Any] = {"verify": verify}
+    if threads is None:
+        return opts
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    is_engine_dir = (path / ENGINE_JSON).is_file()
+    if backend == "openvino":
+        opts["threads"] = threads
+    elif backend in ("auto", "ort", "onnxruntime") and not is_engine_dir:
+        opts["intra_op_threads"] = threads
+    return opts  # TensorRT: the GPU does the work; threads do not apply
+
+
+def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
+                 max_detections) -> _PostParams:
+    raw = manifest.get("postprocess") or {}
+
+    def pick(value, key, default):
+        return raw.get(key, default) if value is None else value
+
+    p = _PostParams(float(pick(threshold, "threshold", 0.05)), float(pick(nms_iou, "nms_iou", 0.6)),
+                    int(pick(pre_nms_top_k, "pre_nms_top_k", 1000)),
+                    int(pick(max_detections, "max_detections", 100)))
+    if not 0.0 <= p.threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {p.threshold}")
+    if not 0.0 <= p.nms_iou <= 1.0:
+        raise ValueError(f"nms_iou must be in [0, 1], got {p.nms_iou}")
+    if p.max_detections < 1 or p.pre_nms_top_k < 1:
+        raise ValueError(f"max_detections and pre_nms_top_k must be >= 1, got "
+                         f"{p.max_detections}, {p.pre_nms_top_k}")
+    return p
+
+
+def _tokenizer(package: Path, manifest: Mapping[str, Any]) -> PromptTokenizer:
+    text = manifest["text"]
+    try:
+        return PromptTokenizer(package / text.get("tokenizer", pkg.TOKENIZER),
+                               buckets=text.get("buckets", pkg.DEFAULT_BUCKETS),
+                               lowercase=bool(text.get("lowercase", False)), pad_id=text.get("pad_id"))
+    except (ValueError, TypeError) as e:
+        raise engines.PackageInvalid(f"{package}: {e}") from None
+
+
+class Detector:
+    """Open-vocabulary detection with a model package (or TensorRT engine folder).
+
+    package_or_engine: a package folder, an engine folder, or already loaded
+    ``engines.PackageEngines`` (the Detector then owns and closes it). backend: see
+    ``engines.load``. threads: CPU threads for ONNX Runtime / OpenVINO. threshold, nms_iou,
+    pre_nms_top_k, max_detections: override the manifest's ``postprocess`` section.
+    Raises engines.EngineError (package/engine/backend unusable) or ValueError (bad settings).
+    """
+
+    def __init__(self, package_or_engine: str | Path | engines.PackageEngines, backend: str = "auto",
+                 threads: int | None = None, threshold: float | None = None,
+                 max_detections: int | None = None, nms_iou: float | None = None,
+                 pre_nms_top_k: int | None = None, prompt_cache_size: int = 8,
+                 use_native: bool = True, verify: bool = True):
+        if prompt_cache_size < 1:
+            raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
+        if isinstance(package_or_engine, engines.PackageEngines):
+            self.engines = package_or_engine
+        else:
+            path = Path(package_or_engine)
+            self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify))
+        try:
+            self.manifest = self.engines.manifest
+            self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k, max_detections)
+            self.tokenizer = _tokenizer(self.engines.package, self.manifest)
+            self.preprocessor = Preprocessor.from_manifest(self.manifest, use_native=use_native)
+        except BaseException:
+            self.engines.close()
+            raise
+        self.use_native = use_native
+        self.prompt_cache_size = prompt_cache_size
+        self._cache: OrderedDict[tuple, _CachedPrompt] = OrderedDict()
+        self.text_runs = 0                         # text.onnx runs so far (cache misses)
+        self.last_timing = StageTimes()
+        self.last_prompt: EncodedPrompt | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def backend(self) -> str:
+        return self.engines.backend
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.engines.package.name))
+
+    @property
+    def input_size(self) -> int:
+        """S: the square network input is S x S."""
+        return self.preprocessor.size
+
+    # ------------------------------------------------------------------ prompts
+
+    def prepare(self, prompt: str, phrases: PhraseSpans | None = None) -> EncodedPrompt:
+        """Tokenise ``prompt`` and run text.onnx unless cached; the encoded prompt.
+
+        phrases: per phrase, a list of [start, end) character spans of ``prompt``; default its
+        ``". "``-separated names. ValueError for an empty prompt, one of only separators, or bad
+        spans; a prompt over the token limit is truncated with a UserWarning (first time only).
+        """
+        return self._cached(prompt, phrases).encoded
+
+    def _cached(self, prompt: str, phrases: PhraseSpans | None) -> _CachedPrompt:
+        key = (prompt, None if phrases is None else _spans_key(phrases))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        encoded = self.tokenizer.encode(prompt, phrases)
+        hidden = self.engines.encode_text(encoded.input_ids, encoded.attention_mask)
+        self.text_runs += 1
+        entry = _CachedPrompt(encoded, hidden)
+        self._cache[key] = entry
+        while len(self._cache) > self.prompt_cache_size:
+            self._cache.popitem(last=False)
+        return entry
+
+    # ------------------------------------------------------------------ detection
+
+    def preprocess(self, image: Any, bgr: bool = False) -> PreparedImage:
+        """Letterbox ``image`` (as ``detect`` takes it) into a new buffer; safe in another thread.
+
+        Lets a reader thread prepare frame k+1 while the network runs on frame k; pass the
+        result to ``detect`` in place of the image.
+        """
+        t0 = time.perf_counter()
+        if isinstance(image, (str, Path)):
+            image, bgr = read_image(image), False
+        native_ok = (isinstance(image, np.ndarray) and image.dtype == np.uint8
+                     and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))))
+        if not native_ok:
+            image, bgr = to_rgb_uint8(image, bgr), False
+        p = self.preprocessor
+        tensor = np.empty_like(p.buffer)
+        info = letterbox(image, tensor[0], p.mean, p.std, bgr, self.use_native)
+        return PreparedImage(tensor, info, (time.perf_counter() - t0) * 1e3)
+
+    def detect(self, image: Any, prompt: str, phrases: PhraseSpans | None = None,
+               bgr: bool = False) -> Detections:
+        """Detect the prompt's phrases in ``image``; best first, boxes xyxy in source pixels.
+
+        image: uint8 RGB [H, W, 3] array (any array/PIL mode runtime.preprocess.to_rgb_uint8
+        takes; ``bgr`` for OpenCV frames), a PIL image, an image file path (decoded with
+        Pillow) or a PreparedImage. The result's ``phrases`` are the prompt's phrase texts.
+        Per-stage times are in ``self.last_timing``. Raises ValueError/OSError for a bad image
+        or prompt.
+        """
+        t0 = time.perf_counter()
+        entry = self._cached(prompt, phrases)
+        t1 = time.perf_counter()
+        if isinstance(image, PreparedImage):
+            buffer, info, pre_ms = image.tensor, image.info, image.pre_ms
+        else:
+            if isinstance(image, (str, Path)):
+                image, bgr = read_image(image), False
+            buffer, info = self.preprocessor(image, bgr=bgr)
+            pre_ms = (time.perf_counter() - t1) * 1e3
+        t2 = time.perf_counter()
+        out = self.engines.detect(buffer, entry.text_hidden, entry.encoded.attention_mask)
+        t3 = time.perf_counter()
+        p = self.post
+        dets = postprocess(out[pkg.BOXES][0], out[pkg.TOKEN_LOGITS][0], out[pkg.CENTERNESS][0],
+                           entry.encoded.phrase_map, info, threshold=p.threshold, nms_iou=p.nms_iou,
+                           pre_nms_top_k=p.pre_nms_top_k, max_detections=p.max_detections,
+                           use_native=self.use_native, phrases=entry.encoded.phrases)
+        t4 = time.perf_counter()
+        self.last_prompt = entry.encoded
+        self.last_timing = StageTimes(pre=pre_ms, text=(t1 - t0) * 1e3,
+                                      network=(t3 - t2) * 1e3, post=(t4 - t3) * 1e3)
+        return dets
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.engines.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _spans_key(phrases: PhraseSpans) -> tuple:
+    """A hashable copy of phrase spans (TypeError-free for JSON lists; validation is later)."""
+    try:
+        return tuple(tuple(tuple(span) for span in spans) for spans in phrases)
+    except TypeError:
+        raise ValueError(f"phrases must be a list of lists of [start, end] spans, got {phrases!r}") from None
