@@ -94,12 +94,12 @@ class _CachedPrompt:
     text_hidden: np.ndarray  # float32 [1, T, D]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _PostParams:
-    threshold: float
-    nms_iou: float
-    pre_nms_top_k: int
-    max_detections: int
+    threshold: float       # phrase score threshold
+    nms_iou: float         # per-phrase NMS IoU
+    pre_nms_top_k: int     # candidates per phrase before NMS
+    max_detections: int    # kept per image
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:

@@ -20,18 +20,29 @@ from PIL import Image
 import runtime.detect as detect
 from benchmarks import e2e_fps, soak
 from runtime.detect import get_args_parser, main
-from runtime.draw import phrase_color
+from runtime.draw import draw_detections, phrase_color
 from runtime.predictor import Detector
-from runtime.sources import Frame, LiveSource, SourceError, Source
-from toy_package import REPO, ToyConfig, write_toy_package
+from runtime.sources import Frame, LiveSource, Source, SourceError
+from runtime.types import Detections
+from toy_package import PACKAGE_IDS, REPO, make_toy_packages, package_path
 
 PROMPT = "person. red mug"
 RECORD_KEYS = {"image", "prompt", "phrases", "detections", "timing_ms"}
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_package(tmp_path_factory.mktemp("pkg") / "toy", ToyConfig())
+def toys(tmp_path_factory):
+    return make_toy_packages(tmp_path_factory.mktemp("toys"))
+
+
+@pytest.fixture(scope="module")
+def toy(toys):
+    return toys["toy"]
+
+
+@pytest.fixture(params=PACKAGE_IDS)
+def package(request, toys):
+    return package_path(request.param, toys)
 
 
 def _rgb(h, w, seed=0):
@@ -62,17 +73,17 @@ def check_record(rec, width, height):
 
 # ----------------------------------------------------------------------------- images
 
-def test_folder_of_images_one_line_each(toy, tmp_path, capsys):
+def test_folder_of_images_one_line_each(package, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     sizes = {"a.png": (40, 60), "b.jpg": (30, 20), "c.png": (16, 16)}
     for name, (h, w) in sizes.items():
         Image.fromarray(_rgb(h, w, len(name))).save(tmp_path / "in" / name)
-    rc, out, err = run_cli(["--package", toy, "--image", tmp_path / "in", "--prompt", PROMPT,
+    rc, out, err = run_cli(["--package", package, "--image", tmp_path / "in", "--prompt", PROMPT,
                             "--json", tmp_path / "out.jsonl", "--threshold", "0.3"], capsys)
     assert rc == 0, err
     records = read_jsonl(tmp_path / "out.jsonl")
     assert [r["image"].rsplit("/", 1)[1] for r in records] == sorted(sizes)
-    with Detector(toy, threshold=0.3) as det:
+    with Detector(package, threshold=0.3) as det:
         for rec in records:
             name = rec["image"].rsplit("/", 1)[1]
             check_record(rec, sizes[name][1], sizes[name][0])
@@ -373,6 +384,37 @@ print("clean")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("clean"), proc.stderr
+
+
+def test_without_opencv_images_work_and_videos_say_why(toy, tmp_path):
+    Image.fromarray(_rgb(8, 8)).save(tmp_path / "x.png")
+    video = _write_video(tmp_path / "clip.avi", frames=2)
+    code = f"""
+import sys
+sys.modules["cv2"] = None  # as if OpenCV were not installed
+from runtime.detect import get_args_parser, main
+args = ["--package", {str(toy)!r}, "--prompt", "cat", "--headless"]
+assert main(get_args_parser().parse_args(args + [{str(tmp_path / 'x.png')!r}, "--save", {str(tmp_path / 's')!r}])) == 0
+sys.exit(main(get_args_parser().parse_args(args + [{str(video)!r}])))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["fiber-detect: error: cameras, streams and videos need OpenCV: pip "
+                                        "install opencv-python-headless (or the system OpenCV on a Jetson)"]
+    assert (tmp_path / "s" / "x.png").is_file()  # drawn with Pillow
+
+
+@pytest.mark.parametrize("use_opencv", [True, False])
+@pytest.mark.parametrize("bgr", [False, True])
+def test_draw_uses_the_phrase_colour(use_opencv, bgr):
+    image = np.zeros((50, 80, 3), np.uint8)
+    dets = Detections(np.array([[10, 20, 60, 45]], np.float32), np.array([0.9], np.float32),
+                      np.array([1], np.int32), ("person", "red mug"))
+    drawn = draw_detections(image, dets, bgr=bgr, use_opencv=use_opencv)
+    want = np.array(phrase_color("red mug"))[::-1 if bgr else 1]
+    assert (drawn[22:46, 10] == want).all() and (drawn[22:46, 60] == want).all()  # left/right edges
+    assert (drawn[:, :8] == 0).all() and (image == 0).all()  # nothing else touched, input kept
+    assert phrase_color("red mug") == phrase_color("red mug") != phrase_color("person")
 
 
 # ----------------------------------------------------------------------------- benchmarks (short)
