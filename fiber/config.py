@@ -274,10 +274,12 @@ register_config(ModelConfig(
     name="fiber-nano",
     swin=SwinConfig(img_size=256, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8),
                     window_size=8, drop_path_rate=0.1),
-    # 6 text layers, the top 4 fused: the 2 plain ones form text.onnx (run once per prompt).
-    text=TextConfig(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=1024,
-                    max_position_embeddings=128, **_BERT_VOCAB),
-    fusion=FusionConfig(num_fused_layers=4, i2t_prenorm=True),
+    # Text tower shaped like the first 4 layers of MiniLM-L6 (384-d, 12 heads), so it can start
+    # from the pretrained MiniLM or from the fiber-t teacher; the top 3 layers are fused and the
+    # plain layer 0 forms text.onnx (run once per prompt).
+    text=TextConfig(hidden_size=384, num_layers=4, num_heads=12, intermediate_size=1536,
+                    max_position_embeddings=512, **_BERT_VOCAB),
+    fusion=FusionConfig(num_fused_layers=3, i2t_prenorm=True),
     head=HeadConfig(fpn_channels=64, num_convs=2, proj_dim=64),
     max_text_len=64,
 ))
