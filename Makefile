@@ -27,3 +27,38 @@ test-fast: setup
 
 clean:
 	rm -rf build runtime/*.so .pytest_cache
+
+# ---- the fiber-nano recipe (issue 3): data -> stage 1 (coarse) -> stage 2 (fine) -> evaluation.
+# Sized for ~60 min on a 2-core CPU with nothing else running (measured: coarse ~2 samples/s,
+# fine ~13 samples/s at batch 16; 2 threads). Each step is one plain command; a finished step
+# is not rerun (file targets). An interrupted training step: rerun its command with --resume.
+SYNTH_TRAIN ?= data/synth-train
+SYNTH_VAL ?= data/synth-val
+SYNTH_TRAIN_IMAGES ?= 5000
+SYNTH_VAL_IMAGES ?= 500
+NANO_RUN ?= runs/nano
+NANO_BATCH ?= 16
+NANO_COARSE_STEPS ?= 100
+NANO_FINE_STEPS ?= 1500
+
+.PHONY: data train-nano eval-nano
+
+data: $(SYNTH_TRAIN)/grounding.json $(SYNTH_VAL)/grounding.json
+
+$(SYNTH_TRAIN)/grounding.json:
+	$(PY) -m fiber.data.synth --out $(SYNTH_TRAIN) --images $(SYNTH_TRAIN_IMAGES) --seed 0
+
+$(SYNTH_VAL)/grounding.json:
+	$(PY) -m fiber.data.synth --out $(SYNTH_VAL) --images $(SYNTH_VAL_IMAGES) --seed 1
+
+$(NANO_RUN)/coarse/final/model.safetensors: | data
+	$(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+
+$(NANO_RUN)/fine/final/model.safetensors: $(NANO_RUN)/coarse/final/model.safetensors
+	$(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+
+train-nano: $(NANO_RUN)/fine/final/model.safetensors
+	$(MAKE) eval-nano
+
+eval-nano:
+	$(PY) -m train.evaluate --checkpoint $(NANO_RUN)/fine --data $(SYNTH_VAL) --json $(NANO_RUN)/eval.json

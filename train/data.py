@@ -1,0 +1,364 @@
+"""Torch datasets of both training stages over the ``fiber.data`` readers.
+
+- ``LetterboxCache``: every image decoded and letterboxed ONCE (``runtime.preprocess.letterbox``,
+  the serving code) and kept as uint8 ``[S, S, 3]`` (padding 0) + its ``LetterboxInfo``; samples
+  of the same image share one entry. ``batch(indices)`` normalises to float32 ``[B, 3, S, S]``
+  with the padding set to 0 *after* normalisation, as architecture.md says. The only difference
+  to serving is the rounding of the bilinear values to uint8 (< 0.5 grey levels, about 0.01 in
+  normalised units); 5,000 images at 256 px take ~1 GB.
+- ``PairDataset`` (stage 1): ``pairs.jsonl`` captions; batch = image, ``input_ids``,
+  ``attention_mask`` padded to the longest caption of the batch.
+- ``GroundingTrainDataset`` (stage 2): ``grounding.json`` entries (captions and referring
+  expressions) followed by ``detection.json`` images. Each sample has boxes xyxy in the
+  letterboxed network frame and a positive map ``[G, T]`` from the token offsets and the phrase
+  character spans (``runtime.postprocess.phrase_token_map``, via the tokenizer). Detection prompts are drawn by
+  ``fiber.data.prompts.sample_detection_prompt`` (positives + random negative names joined by
+  ". ") from an RNG seeded by the global numpy RNG, which the training loop seeds per micro-batch
+  chunk (``train.distributed.chunk_seed``): the same step gives the same prompts after a resume.
+
+No augmentation: a horizontal flip breaks left/right language and colours are what the text
+names. Captions are tokenised with ``fiber/assets/tokenizer.json`` through the runtime's
+``PromptTokenizer`` ([CLS] ... [SEP], lower-cased, truncated to ``cfg.max_text_len``).
+Missing or malformed files raise ``fiber.data.formats.DataFormatError`` naming the file.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from fiber.config import ModelConfig
+from fiber.data.evaluation import load_image_rgb
+from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset, Pair,
+                                load_detection, load_grounding, load_pairs)
+from fiber.data.prompts import build_detection_prompt, sample_detection_prompt
+from runtime.preprocess import letterbox
+from runtime.tokenize import EncodedPrompt, PromptTokenizer
+from runtime.types import LetterboxInfo
+
+TOKENIZER_PATH = Path(__file__).resolve().parents[1] / "fiber" / "assets" / "tokenizer.json"
+PAIRS_FILE, GROUNDING_FILE, DETECTION_FILE = "pairs.jsonl", "grounding.json", "detection.json"
+_UINT8_STD = (1.0 / 255.0,) * 3  # letterbox with mean 0 / this std returns the resized pixel values
+
+Progress = Callable[..., object]  # e.g. tqdm: progress(iterable, desc=..., total=...)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@functools.lru_cache(maxsize=4)
+def raw_tokenizer(path: str | Path = TOKENIZER_PATH) -> Tokenizer:
+    """The plain ``tokenizers.Tokenizer`` (vocabulary queries, token counts of class names)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for bad files
+        raise ValueError(f"{path}: not a usable tokenizer.json ({e})") from None
+
+
+def build_tokenizer(cfg: ModelConfig, buckets: Sequence[int] | None = None,
+                    path: str | Path = TOKENIZER_PATH) -> PromptTokenizer:
+    """The runtime tokenizer for ``cfg``: lower-cased, truncated to ``cfg.max_text_len``.
+
+    buckets: padded lengths (default ``(cfg.max_text_len,)``; collate trims to the batch's
+    longest). ValueError when the tokenizer's vocabulary is not the text encoder's.
+    """
+    vocab = raw_tokenizer(path).get_vocab_size()
+    if vocab != cfg.text.vocab_size:
+        raise ValueError(f"{path}: vocabulary of {vocab} tokens, but config '{cfg.name}' has a "
+                         f"{cfg.text.vocab_size}-token text encoder")
+    return PromptTokenizer(path, buckets=buckets or (cfg.max_text_len,), lowercase=True,
+                           pad_id=cfg.text.pad_token_id)
+
+
+def special_token_ids(path: str | Path = TOKENIZER_PATH) -> dict[str, int]:
+    """``{"pad", "unk", "cls", "sep", "mask"}`` ids of a BERT WordPiece tokenizer."""
+    tok = raw_tokenizer(path)
+    ids = {k: tok.token_to_id(t) for k, t in (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"),
+                                              ("sep", "[SEP]"), ("mask", "[MASK]"))}
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(f"{path}: no {missing} token(s); MLM needs a BERT WordPiece vocabulary")
+    return ids
+
+
+def token_count(text: str, path: str | Path = TOKENIZER_PATH) -> int:
+    """Tokens of ``text`` without the special tokens (lower-cased as the training prompts)."""
+    return len(raw_tokenizer(path).encode(text.lower(), add_special_tokens=False).ids)
+
+
+def pad_ids(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows of different lengths -> ``(input_ids, attention_mask)`` int64 ``[B, T]``,
+    T = the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.from_numpy(np.asarray(r, np.int64))
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- images
+
+
+class LetterboxCache:
+    """Images decoded and letterboxed once, kept as uint8 (see the module docstring).
+
+    ``add(path) -> index`` registers an image (deduplicated by path); ``load(progress)`` decodes
+    everything registered; ``batch(indices)`` -> float32 ``[B, 3, S, S]`` normalised.
+    """
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size = int(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.paths: list[Path] = []
+        self._index: dict[Path, int] = {}
+        self.pixels: np.ndarray | None = None        # uint8 [N, S, S, 3]
+        self.infos: list[LetterboxInfo] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def add(self, path: str | Path) -> int:
+        if self.pixels is not None:
+            raise RuntimeError("LetterboxCache: add() after load()")
+        path = Path(path)
+        if path not in self._index:
+            self._index[path] = len(self.paths)
+            self.paths.append(path)
+        return self._index[path]
+
+    def load(self, progress: Progress | None = None) -> None:
+        """Decode + letterbox every registered image (DataFormatError names a bad file)."""
+        pixels = np.zeros((len(self.paths), self.size, self.size, 3), np.uint8)
+        scratch = np.zeros((3, self.size, self.size), np.float32)
+        items = enumerate(self.paths)
+        if progress is not None:
+            items = progress(items, desc="images", total=len(self.paths))
+        infos = []
+        for i, path in items:
+            info = letterbox(load_image_rgb(path), scratch, (0.0, 0.0, 0.0), _UINT8_STD)
+            pixels[i] = np.clip(np.rint(scratch), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            infos.append(info)
+        self.pixels, self.infos = pixels, infos
+
+    def info(self, index: int) -> LetterboxInfo:
+        return self.infos[index]
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """float32 ``[B, 3, S, S]``: ``(pixel / 255 - mean) / std`` inside the image, 0 outside."""
+        if self.pixels is None:
+            raise RuntimeError("LetterboxCache: batch() before load()")
+        idx = np.asarray(indices, np.int64)
+        x = torch.from_numpy(self.pixels[idx]).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        for b, i in enumerate(idx.tolist()):
+            info = self.infos[i]
+            x[b, :, info.new_h:, :] = 0.0
+            x[b, :, :, info.new_w:] = 0.0
+        return x.contiguous()
+
+
+def build_cache(cfg: ModelConfig) -> LetterboxCache:
+    return LetterboxCache(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+class PairDataset:
+    """Image-caption pairs -> ``{"image": cache index, "input_ids": int64 [n]}`` samples."""
+
+    def __init__(self, pairs: Sequence[Pair], cache: LetterboxCache, tokenizer: PromptTokenizer):
+        self.cache, self.pad_id = cache, tokenizer.pad_id
+        self.images = [cache.add(p.image) for p in pairs]
+        self.ids = [_real_ids(tokenizer.encode(p.caption, [[(0, len(p.caption))]])) for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "input_ids": self.ids[i]}
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """-> ``image`` float32 [B, 3, S, S], ``input_ids`` / ``attention_mask`` int64 [B, T]."""
+        ids, mask = pad_ids([s["input_ids"] for s in samples], self.pad_id)
+        return {"image": self.cache.batch([s["image"] for s in samples]),
+                "input_ids": ids, "attention_mask": mask}
+
+
+def _real_ids(enc: EncodedPrompt) -> np.ndarray:
+    """The unpadded ids int64 [n] of an encoded prompt."""
+    return enc.input_ids[0, :enc.num_tokens]
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@dataclass(frozen=True, eq=False)
+class GroundingItem:
+    """One stage-2 sample before batching (n = its real token count)."""
+    image: int                  # LetterboxCache index
+    input_ids: np.ndarray       # int64 [n]
+    boxes: np.ndarray           # float32 [G, 4] xyxy network-input pixels
+    positive_map: np.ndarray    # float32 [G, n], 1 where the token names the box
+    prompt: str                 # the text (for debugging and tests)
+
+
+def _network_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
+    """Source-pixel xyxy -> letterboxed network pixels (top-left placement: just the scale)."""
+    out = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(info.scale)
+    hi = np.array([info.new_w, info.new_h, info.new_w, info.new_h], np.float32)
+    return np.clip(out, 0, hi)
+
+
+def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge identical boxes (OR of their token rows) and drop degenerate boxes or boxes whose
+    phrase lost all its tokens to truncation -> ``(boxes [G, 4], positive_map [G, n])``."""
+    merged: dict[tuple, np.ndarray] = {}
+    for box, row in zip(boxes, rows):
+        if box[2] - box[0] < 1e-3 or box[3] - box[1] < 1e-3 or not row.any():
+            continue
+        key = tuple(np.round(box, 3).tolist())
+        merged[key] = np.maximum(merged[key], row) if key in merged else row.copy()
+    if not merged:
+        return np.zeros((0, 4), np.float32), np.zeros((0, num_tokens), np.float32)
+    return (np.asarray(list(merged), np.float32),
+            np.stack(list(merged.values())).astype(np.float32))
+
+
+class GroundingTrainDataset:
+    """Grounding entries then detection images as ``GroundingItem`` samples (module docstring).
+
+    grounding / detection: loaded datasets (either may be None, not both).
+    max_negatives: cap on the random negative class names of a detection prompt.
+    """
+
+    def __init__(self, grounding: GroundingDataset | None, detection: DetectionDataset | None,
+                 cache: LetterboxCache, tokenizer: PromptTokenizer, max_text_len: int,
+                 max_negatives: int = 85):
+        if grounding is None and detection is None:
+            raise ValueError("stage-2 data needs grounding entries or detection images")
+        self.cache, self.tok, self.pad_id = cache, tokenizer, tokenizer.pad_id
+        self.max_text_len, self.max_negatives = max_text_len, max_negatives
+        self.grounding = list(grounding.samples) if grounding is not None else []
+        self.detection = list(detection.images) if detection is not None else []
+        self.names = dict(detection.categories) if detection is not None else {}
+        self.g_images = [cache.add(s.image) for s in self.grounding]
+        self.d_images = [cache.add(im.image) for im in self.detection]
+        self._name_tokens: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.grounding) + len(self.detection)
+
+    def __getitem__(self, i: int) -> GroundingItem:
+        if i < len(self.grounding):
+            return self._grounding_item(i)
+        return self._detection_item(i - len(self.grounding))
+
+    def _grounding_item(self, i: int) -> GroundingItem:
+        s, image = self.grounding[i], self.g_images[i]
+        enc = self.tok.encode(s.caption, [list(p.spans) for p in s.phrases])
+        n = enc.num_tokens
+        pmap = enc.phrase_map[:, :n]
+        info = self.cache.info(image)
+        boxes, rows = [], []
+        for p, phrase in enumerate(s.phrases):
+            for box in _network_boxes(phrase.boxes, info):
+                boxes.append(box)
+                rows.append(pmap[p])
+        b, pm = _targets(boxes, rows, n)
+        return GroundingItem(image, _real_ids(enc), b, pm, s.caption)
+
+    def _token_len(self, text: str) -> int:
+        if text not in self._name_tokens:
+            self._name_tokens[text] = token_count(text)
+        return self._name_tokens[text]
+
+    def _detection_item(self, i: int) -> GroundingItem:
+        im, image = self.detection[i], self.d_images[i]
+        # the loop seeds numpy's global RNG per micro-batch chunk; + i keeps samples apart
+        rng = np.random.default_rng([int(np.random.randint(2**31)), i])
+        present = [self.names[c] for c in im.category_ids.tolist()]
+        sampled = sample_detection_prompt(rng, present, list(self.names.values()),
+                                          max_negatives=self.max_negatives,
+                                          max_length=self.max_text_len - 2, length_fn=self._token_len)
+        names, prompt, spans = sampled.names, sampled.prompt, sampled.spans
+        if not names:  # an image without objects and a "no negative" draw: name every class
+            names = tuple(self.names.values())
+            prompt, spans = build_detection_prompt(names)
+        enc = self.tok.encode(prompt, [[s] for s in spans])
+        n = enc.num_tokens
+        pmap = enc.phrase_map[:, :n]
+        where = {name: p for p, name in enumerate(names)}
+        boxes, rows = [], []
+        for box, name in zip(_network_boxes(im.boxes, self.cache.info(image)), present):
+            if name in where:  # positives cut for length lose their boxes
+                boxes.append(box)
+                rows.append(pmap[where[name]])
+        b, pm = _targets(boxes, rows, n)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+
+    def collate(self, samples: list[GroundingItem]) -> dict:
+        """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
+        ``boxes`` [G_i, 4] float32 network pixels and ``positive_map`` [G_i, T] float32."""
+        ids, mask = pad_ids([s.input_ids for s in samples], self.pad_id)
+        width = ids.shape[1]
+        maps = []
+        for s in samples:
+            pm = np.zeros((len(s.boxes), width), np.float32)
+            pm[:, :s.positive_map.shape[1]] = s.positive_map
+            maps.append(torch.from_numpy(pm))
+        return {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
+                "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
+                "positive_map": maps}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _data_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFormatError(f"{path}: no such data folder")
+    return path
+
+
+@dataclass(frozen=True)
+class Stage2Options:
+    grounding: bool = True       # use DATA/grounding.json (captions + referring expressions)
+    detection: bool = True       # use DATA/detection.json (class-name prompts with negatives)
+    max_negatives: int = 85      # RANDOM_SAMPLE_NEG of the official O365 config
+
+
+def load_stage1(data_dir: str | Path, cfg: ModelConfig,
+                progress: Progress | None = None) -> PairDataset:
+    """``DATA/pairs.jsonl`` -> a ``PairDataset`` with its images decoded."""
+    root = _data_dir(data_dir)
+    pairs = load_pairs(root / PAIRS_FILE)
+    cache = build_cache(cfg)
+    data = PairDataset(pairs, cache, build_tokenizer(cfg))
+    cache.load(progress)
+    return data
+
+
+def load_stage2(data_dir: str | Path, cfg: ModelConfig, options: Stage2Options = Stage2Options(),
+                progress: Progress | None = None) -> GroundingTrainDataset:
+    """``DATA/grounding.json`` + ``DATA/detection.json`` -> a ``GroundingTrainDataset``."""
+    root = _data_dir(data_dir)
+    if not (options.grounding or options.detection):
+        raise ValueError("stage-2 data: both grounding and detection are switched off")
+    grounding = load_grounding(root / GROUNDING_FILE) if options.grounding else None
+    detection = load_detection(root / DETECTION_FILE) if options.detection else None
+    cache = build_cache(cfg)
+    data = GroundingTrainDataset(grounding, detection, cache, build_tokenizer(cfg),
+                                 cfg.max_text_len, options.max_negatives)
+    cache.load(progress)
+    return data

@@ -1,0 +1,72 @@
+"""Stage 2, fine-grained pre-training: grounding captions, referring expressions and detection
+prompts with the GLIP-style head.
+
+    python -m train.fine --config fiber-nano --data data/synth-train --init runs/nano/coarse \\
+        --out runs/nano/fine [--max-steps N] [--resume] [--text-lr-mult 0.1] [--late-fusion] ...
+
+``--init``: a coarse (or fine) run folder (its ``final/``), a checkpoint folder
+(``model.safetensors`` + ``config.json``, e.g. ``RUN/checkpoints/step-0000100``), or ``none``
+(fine only: from scratch, or ``--text-init minilm``). A checkpoint of another config is refused,
+one without every backbone tensor too; coarse-only heads are dropped with a one-line note.
+Reads ``DATA/grounding.json`` + ``DATA/detection.json``; writes the ``train.loop.fit`` run
+folder, ``RUN/final`` being what ``train.evaluate`` and ``compress`` read. Runs unchanged under
+``torchrun --nproc_per_node N -m train.fine ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.data import Stage2Options, load_stage2
+from train.loop import TrainConfig, fit, train_config_from_args
+from train.tasks import (FineOptions, FineTask, add_stage_args, is_main_process, load_init,
+                         model_config, progress_bar, run_cli)
+
+# fiber.md §3: AdamW, decay 0.01, warm-up from 1e-3, x0.1 at 67% and 89%, clip 1.0.
+DEFAULTS = TrainConfig(max_steps=2000, batch_size=16, lr=1e-4, weight_decay=0.01, warmup_frac=0.05,
+                       warmup_start=1e-3, schedule="multistep", milestones=(0.67, 0.89),
+                       clip_grad=1.0, ckpt_every=200, log_every=10)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("train.fine", description=__doc__.split("\n\n")[0])
+    add_stage_args(p, DEFAULTS)
+    p.add_argument("--init", required=True,
+                   help="coarse/fine run folder, checkpoint folder, or 'none' (fine only)")
+    p.add_argument("--text-lr-mult", type=float, default=1.0,
+                   help="lr multiplier of the text tower (official FIBER: 0.1)")
+    p.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train on DATA/detection.json (class-name prompts)")
+    p.add_argument("--grounding", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on DATA/grounding.json (captions, referring expressions)")
+    p.add_argument("--max-negatives", type=int, default=85,
+                   help="most random negative class names in a detection prompt")
+    return p
+
+
+def _run(args: argparse.Namespace) -> str:
+    cfg = model_config(args.config, args.late_fusion)
+    train_cfg = train_config_from_args(args)
+    init_state = None
+    if args.init.lower() != "none":
+        init_state, report = load_init(args.init, cfg)
+        if is_main_process():
+            print(report.summary(), flush=True)
+    options = Stage2Options(grounding=args.grounding, detection=args.detection,
+                            max_negatives=args.max_negatives)
+    data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
+    task = FineTask(cfg, data, init_state,
+                    FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
+                                init=str(args.init)))
+    result = fit(task, train_cfg, args.out, resume=args.resume)
+    loss = result.metrics.get("loss", float("nan"))
+    return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "
+            f"{loss:.4f}; weights in {result.final_dir}")
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_cli("train.fine", lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

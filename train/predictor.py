@@ -1,0 +1,131 @@
+"""The torch predictor: a trained ``FiberForGrounding`` behind the evaluation harness's ``predict``.
+
+    predictor = TorchPredictor.from_checkpoint("runs/nano/fine")
+    dets = predictor(image_rgb_uint8, "the red star left of the blue ring", [[[4, 12]]])
+
+Same steps as the runtime ``Detector`` on a model package, in torch: tokenise with the runtime
+``PromptTokenizer`` (bucket-padded), ``encode_text`` once per prompt (cached), letterbox with
+``runtime.preprocess.Preprocessor``, ``detect``, then ``runtime.postprocess.postprocess``.
+Evaluation defaults: threshold 0 (recall), NMS 0.6 per phrase, and per phrase at least
+``min_per_phrase`` (10, for R@10) of its best boxes; ``max_detections`` (100) per image
+otherwise, as COCO. The harness calls one image at a time, so nothing is batched across images.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.package import DEFAULT_BUCKETS
+from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from fiber.config import ModelConfig
+from fiber.models import FiberForGrounding
+from runtime.postprocess import postprocess
+from runtime.preprocess import Preprocessor
+from runtime.tokenize import EncodedPrompt, PromptTokenizer
+from runtime.types import Detections
+from train.data import build_tokenizer
+from train.distributed import resolve_device
+from train.tasks import resolve_checkpoint_dir
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    threshold: float = 0.0          # keep every phrase score above this (0: rank everything)
+    nms_iou: float = 0.6            # per-phrase NMS IoU
+    pre_nms_top_k: int = 1000       # per phrase, before NMS
+    max_detections: int = 100       # per image (COCO), unless min_per_phrase needs more
+    min_per_phrase: int = 10        # best boxes kept per phrase whatever max_detections says
+
+
+def load_grounding_model(path: str | Path, device: torch.device | str = "cpu"
+                         ) -> tuple[FiberForGrounding, dict[str, Any]]:
+    """A fine checkpoint folder or run folder (-> RUN/final) -> (model in eval mode, meta).
+
+    CheckpointError for a missing/malformed checkpoint or a coarse one.
+    """
+    folder = resolve_checkpoint_dir(path)
+    state, cfg, meta = load_checkpoint(folder)
+    task = meta.get("task")
+    if task not in (None, "fine"):
+        raise CheckpointError(f"checkpoint {folder} is a '{task}' checkpoint; evaluation needs a "
+                              f"fine (grounding) one, e.g. the output of train.fine")
+    model = FiberForGrounding(cfg)
+    load_model_state(model, state, source=str(folder))
+    return model.to(device).eval(), {**meta, "path": str(folder)}
+
+
+def _buckets(cfg: ModelConfig) -> tuple[int, ...]:
+    """The runtime's text buckets that fit ``cfg`` (plus ``max_text_len`` itself)."""
+    return tuple(sorted({b for b in DEFAULT_BUCKETS if b < cfg.max_text_len} | {cfg.max_text_len}))
+
+
+class TorchPredictor:
+    """``predict(image_rgb_uint8 [H, W, 3], prompt, phrase_spans) -> Detections`` (source pixels).
+
+    model: anything with ``cfg`` (a ``ModelConfig``), ``encode_text(ids, mask)`` and
+    ``detect(image, text_hidden, mask)`` as ``FiberForGrounding``.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
+                 post: PostConfig = PostConfig(), tokenizer: PromptTokenizer | None = None,
+                 cache_size: int = 64):
+        cfg: ModelConfig = model.cfg
+        self.model, self.cfg, self.post = model, cfg, post
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer or build_tokenizer(cfg, _buckets(cfg))
+        self.pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
+        self._cache: OrderedDict[tuple, tuple[EncodedPrompt, torch.Tensor]] = OrderedDict()
+        self.cache_size = cache_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        post: PostConfig = PostConfig()) -> "TorchPredictor":
+        dev = resolve_device(device)
+        model, _ = load_grounding_model(path, dev)
+        return cls(model, dev, post)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, phrase_spans: Sequence | None) -> tuple[EncodedPrompt, torch.Tensor]:
+        """Tokenised prompt and its ``text_hidden`` [1, T, D] (LRU-cached by prompt and spans)."""
+        key = (prompt, None if phrase_spans is None else
+               tuple(tuple(tuple(int(v) for v in s) for s in p) for p in phrase_spans))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        enc = self.tokenizer.encode(prompt, phrase_spans)
+        hidden = self.model.encode_text(torch.from_numpy(enc.input_ids).to(self.device),
+                                        torch.from_numpy(enc.attention_mask).to(self.device))
+        self._cache[key] = (enc, hidden)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return enc, hidden
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, prompt: str, phrase_spans: Sequence | None = None) -> Detections:
+        enc, hidden = self.encode(prompt, phrase_spans)
+        x, info = self.pre(image)
+        mask = torch.from_numpy(enc.attention_mask).to(self.device)
+        boxes, logits, ctr = self.model.detect(torch.from_numpy(x).to(self.device), hidden, mask)
+        p = self.post
+        num_phrases = len(enc.phrases)
+        dets = postprocess(boxes[0].float().cpu().numpy(), logits[0].float().cpu().numpy(),
+                           ctr[0].float().cpu().numpy(), enc.phrase_map, info,
+                           threshold=p.threshold, nms_iou=p.nms_iou, pre_nms_top_k=p.pre_nms_top_k,
+                           max_detections=p.pre_nms_top_k * max(1, num_phrases), phrases=enc.phrases)
+        return cap_per_phrase(dets, max(p.min_per_phrase, p.max_detections // max(1, num_phrases)))
+
+
+def cap_per_phrase(dets: Detections, per_phrase: int) -> Detections:
+    """The best ``per_phrase`` detections of every phrase (``dets`` is sorted best first)."""
+    keep = np.zeros(len(dets), bool)
+    counts = np.zeros(len(dets.phrases), np.int64)
+    for i, p in enumerate(dets.phrase_index.tolist()):
+        if counts[p] < per_phrase:
+            keep[i], counts[p] = True, counts[p] + 1
+    return Detections(dets.boxes[keep], dets.scores[keep], dets.phrase_index[keep], dets.phrases)

@@ -1,0 +1,300 @@
+"""The two FIBER training stages as ``train.loop.Task`` objects, and what their CLIs share.
+
+- ``CoarseTask`` (stage 1, fiber.md §2): ``FiberForPretraining``; ITC on the unfused features
+  with the feature queue, ITM on the fused features with in-batch hard negatives, MLM (15%,
+  80/10/10, masked in ``collate`` under the loop's per-chunk seed) on the fused text; the three
+  losses with equal weights. AdamW groups: x5 lr for names containing ``cross_modal``, ``i2t``,
+  ``t2i`` (fusion and projections) and for the heads ``itm_score`` / ``mlm_score``, as the
+  official ``set_schedule``; no decay on biases and norms.
+- ``FineTask`` (stage 2, fiber.md §3): ``FiberForGrounding`` + ``GroundingLoss``; one base lr for
+  the vision body, i2t fusion, FPN and head, ``text_lr_mult`` x that for everything under
+  ``backbone.text.`` (official: 1e-5 / 1e-4 = 0.1; default 1 here, the text tower is small and
+  not pretrained). GLIP's x2 bias lr is not reproduced.
+- ``load_init``: a coarse run / checkpoint -> the fine model's starting weights (backbone
+  required, coarse-only heads dropped and reported, FPN and head fresh).
+- ``model_config(name, late_fusion)``: ``NAME-late`` / ``--late-fusion`` is ``NAME`` with no fused
+  layer (K = 0), everything else identical: the late-fusion ablation.
+- ``text_init="minilm"``: the text tower starts from MiniLM-L6 (``fiber.text_init``); only configs
+  whose text shape is MiniLM's (``fiber-t``) fit, others raise naming the mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fiber.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
+from fiber.config import ModelConfig, get_config, list_configs
+from fiber.data.formats import DataFormatError
+from fiber.losses import GroundingLoss, GroundingTarget, mask_tokens_for_mlm
+from fiber.models import FiberForGrounding, FiberForPretraining, pretraining_losses
+from train.data import GroundingTrainDataset, PairDataset, special_token_ids
+from train.loop import BaseTask, TrainConfig, TrainingError, add_train_args
+from train.schedule import make_param_groups
+
+LATE_SUFFIX = "-late"
+TEXT_INITS = ("none", "minilm")
+COARSE_LR_MULTS = (("cross_modal", 5.0), ("i2t", 5.0), ("t2i", 5.0), ("itm_score", 5.0),
+                   ("mlm_score", 5.0))
+
+# ----------------------------------------------------------------------------- configs
+
+
+def model_config(name: str, late_fusion: bool = False) -> ModelConfig:
+    """The registered config ``name``; ``late_fusion`` (or a name ending in ``-late`` whose base is
+    registered) gives the same model with K = 0 fused layers, named ``BASE-late``."""
+    if name.endswith(LATE_SUFFIX) and name not in list_configs():
+        name, late_fusion = name[:-len(LATE_SUFFIX)], True
+    cfg = get_config(name)
+    if not late_fusion:
+        return cfg
+    return cfg.replace(name=cfg.name + LATE_SUFFIX,
+                       fusion=dataclasses.replace(cfg.fusion, num_fused_layers=0))
+
+
+def init_text_tower(model: nn.Module, text_init: str) -> None:
+    """Apply ``text_init`` ("none" | "minilm") to ``model.backbone.text``."""
+    if text_init == "none":
+        return
+    if text_init != "minilm":
+        raise ValueError(f"text init: unknown {text_init!r}; known: {', '.join(TEXT_INITS)}")
+    from fiber.text_init import load_minilm_text
+    try:
+        load_minilm_text(model.backbone.text)
+    except ValueError as e:
+        raise ValueError(f"--text-init minilm does not fit config '{model.cfg.name}': {e}") from None
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+@dataclass(frozen=True)
+class CoarseOptions:
+    mlm_prob: float = 0.15          # MLM selection probability (80/10/10 of the selected)
+    text_init: str = "none"         # "none" | "minilm"
+
+
+class CoarseTask(BaseTask):
+    """Stage 1: ITC + ITM + MLM on image-caption pairs (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, data: PairDataset, options: CoarseOptions = CoarseOptions()):
+        self.cfg, self.data, self.options = cfg, data, options
+        ids = special_token_ids()
+        self.mask_id, self.special = ids["mask"], tuple(ids.values())
+
+    def build_model(self) -> nn.Module:
+        model = FiberForPretraining(self.cfg)
+        init_text_tower(model, self.options.text_init)
+        return model
+
+    def dataset(self, split: str) -> PairDataset:
+        return self.data
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """The pair batch + ``mlm_input_ids`` / ``mlm_labels`` int64 [B, T] (seeded by the loop)."""
+        batch = self.data.collate(samples)
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens_for_mlm(
+            batch["input_ids"], batch["attention_mask"], vocab_size=self.cfg.text.vocab_size,
+            mask_token_id=self.mask_id, special_token_ids=self.special, prob=self.options.mlm_prob)
+        return batch
+
+    def loss(self, model: FiberForPretraining, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"],
+                    mlm_input_ids=batch["mlm_input_ids"])
+        return pretraining_losses(out, batch["mlm_labels"])
+
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
+        return make_param_groups(model, cfg.weight_decay, COARSE_LR_MULTS)
+
+    def checkpoint_config(self) -> dict:
+        return {"model": self.cfg.to_dict(), "task": "coarse",
+                "stage": {"mlm_prob": self.options.mlm_prob, "text_init": self.options.text_init}}
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@dataclass(frozen=True)
+class FineOptions:
+    text_lr_mult: float = 1.0       # lr multiplier of backbone.text.* (official 0.1)
+    text_init: str = "none"         # "none" | "minilm" (only without an init checkpoint)
+    init: str = "none"              # where the weights came from (recorded in config.json)
+
+
+class FineTask(BaseTask):
+    """Stage 2: grounding + detection with the GLIP-style head (module docstring).
+
+    init_state: starting weights from ``load_init`` (keys a subset of the model's), or None.
+    """
+
+    def __init__(self, cfg: ModelConfig, data: GroundingTrainDataset,
+                 init_state: dict[str, torch.Tensor] | None = None,
+                 options: FineOptions = FineOptions()):
+        if init_state is not None and options.text_init != "none":
+            raise ValueError("--text-init applies only to a run without an --init checkpoint")
+        self.cfg, self.data, self.init_state, self.options = cfg, data, init_state, options
+        self.loss_fn = GroundingLoss()
+
+    def build_model(self) -> nn.Module:
+        model = FiberForGrounding(self.cfg)
+        init_text_tower(model, self.options.text_init)
+        if self.init_state is not None:
+            missing, unexpected = model.load_state_dict(self.init_state, strict=False)
+            if unexpected or any(k.startswith("backbone.") for k in missing):
+                raise CheckpointError(f"init weights do not fit '{self.cfg.name}': "
+                                      f"unexpected {unexpected[:3]}, missing {missing[:3]}")
+        return model
+
+    def dataset(self, split: str) -> GroundingTrainDataset:
+        return self.data
+
+    def collate(self, samples: list) -> dict:
+        return self.data.collate(samples)
+
+    def loss(self, model: FiberForGrounding, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
+        return self.loss_fn(out, targets, batch["attention_mask"])
+
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
+        return make_param_groups(model, cfg.weight_decay,
+                                 (("backbone.text.", self.options.text_lr_mult),))
+
+    def checkpoint_config(self) -> dict:
+        return {"model": self.cfg.to_dict(), "task": "fine",
+                "stage": {"init": self.options.init, "text_init": self.options.text_init,
+                          "text_lr_mult": self.options.text_lr_mult}}
+
+
+# ----------------------------------------------------------------------------- init weights
+
+
+@dataclass(frozen=True)
+class InitReport:
+    source: Path                    # the checkpoint folder read
+    config: str                     # its config name
+    task: str                       # "coarse" | "fine" | ...
+    loaded: int                     # tensors copied into the model
+    dropped: tuple[str, ...]        # checkpoint keys the model does not have (coarse-only heads)
+    fresh: tuple[str, ...]          # model keys the checkpoint does not have (FPN, head)
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        line = f"init from {self.source} ({self.task} '{self.config}'): {self.loaded} tensors loaded"
+        if self.dropped:
+            line += f", dropped {len(self.dropped)} not in the fine model ({_prefixes(self.dropped)})"
+        if self.fresh:
+            line += f", {len(self.fresh)} freshly initialised ({_prefixes(self.fresh)})"
+        return line
+
+
+def _prefixes(keys: tuple[str, ...]) -> str:
+    heads = dict.fromkeys(k.split(".")[0] for k in keys)
+    shown = list(heads)[:6]
+    return ", ".join(shown) + (", ..." if len(heads) > len(shown) else "")
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run folder -> ``RUN/final``; a checkpoint folder (``model.safetensors`` +
+    ``config.json``, e.g. ``RUN/checkpoints/step-*``) -> itself; CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "final" / WEIGHTS_FILE).is_file():
+        return path / "final"
+    hint = " (the run has checkpoints but no final/: pass RUN/checkpoints/step-N)" \
+        if (path / "checkpoints").is_dir() else ""
+    raise CheckpointError(f"checkpoint {path}: neither a checkpoint folder ({WEIGHTS_FILE} + "
+                          f"{CONFIG_FILE}) nor a finished run (final/){hint}")
+
+
+def load_init(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], InitReport]:
+    """Starting weights for a ``FiberForGrounding(cfg)`` from a coarse or fine checkpoint / run.
+
+    Refuses (CheckpointError) a checkpoint of another config, one missing backbone tensors, or
+    one whose shapes differ. Keys the fine model does not have are dropped; FPN/head keys the
+    checkpoint lacks stay freshly initialised. Returns ``(state_dict subset, report)``.
+    """
+    folder = resolve_checkpoint_dir(path)
+    state, ckpt_cfg, meta = load_checkpoint(folder)
+    if ckpt_cfg.name != cfg.name:
+        raise CheckpointError(f"--init {folder} holds config '{ckpt_cfg.name}', but this run is "
+                              f"'{cfg.name}'; use a checkpoint of '{cfg.name}' or --config "
+                              f"{ckpt_cfg.name}")
+    if ckpt_cfg != cfg:
+        raise CheckpointError(f"--init {folder}: config '{cfg.name}' differs from the registered "
+                              f"one (an older definition?); retrain the init run")
+    own = {k: tuple(v.shape) for k, v in FiberForGrounding(cfg).state_dict().items()}
+    missing = sorted(k for k in own if k.startswith("backbone.") and k not in state)
+    if missing:
+        raise CheckpointError(f"--init {folder}: missing {len(missing)} backbone tensor(s), e.g. "
+                              f"{missing[:3]}")
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != own[k]]
+    if wrong:
+        raise CheckpointError(f"--init {folder}: '{wrong[0]}' has shape {list(state[wrong[0]].shape)}, "
+                              f"the model expects {list(own[wrong[0]])}")
+    keep = {k: v for k, v in state.items() if k in own}
+    report = InitReport(folder, ckpt_cfg.name, str(meta.get("task", "?")), len(keep),
+                        tuple(sorted(set(state) - set(own))), tuple(sorted(set(own) - set(state))))
+    return keep, report
+
+
+
+# ----------------------------------------------------------------------------- CLI plumbing
+
+
+def add_stage_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """The options train.coarse and train.fine share (+ every TrainConfig flag)."""
+    parser.add_argument("--config", required=True, help="registered model config, e.g. fiber-nano "
+                        "(NAME-late = NAME without fused layers)")
+    parser.add_argument("--data", required=True, type=Path, help="data folder (fiber.data.synth layout)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder to write")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                        help="continue from the last checkpoint in --out")
+    parser.add_argument("--late-fusion", action=argparse.BooleanOptionalAction, default=False,
+                        help="ablation: no fused backbone layers (K = 0), everything else the same")
+    parser.add_argument("--text-init", choices=TEXT_INITS, default="none",
+                        help="start the text tower from MiniLM-L6 (configs with its shape: fiber-t)")
+    add_train_args(parser, defaults)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+USER_ERRORS = (DataFormatError, CheckpointError, TrainingError, ValueError, OSError)
+
+
+def run_cli(prog: str, body: Callable[[], str]) -> int:
+    """Run a CLI body: its summary line on stdout and 0, or one error line on stderr and 2."""
+    try:
+        summary = body()
+    except USER_ERRORS as e:
+        rank = f"[rank {os.environ['RANK']}] " if world_size() > 1 else ""
+        print(f"{prog}: error: {rank}{e}", file=sys.stderr)
+        return 2
+    if is_main_process():
+        print(summary)
+    return 0
+
+
+def progress_bar(enabled: bool):
+    """tqdm for rank 0 when ``enabled``, else None."""
+    if not (enabled and is_main_process()):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm
