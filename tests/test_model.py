@@ -265,8 +265,8 @@ def test_minilm_weights_are_copied():
     assert torch.equal(text.encoder.layer[4].crossattention_t2i.self.key.weight, before)  # fusion untouched
     with pytest.raises(ValueError, match="num_layers 7"):
         load_minilm_text(text, num_layers=7)
-    nano = TextEncoder(get_config("fiber-nano").text)
-    with pytest.raises(ValueError, match=r"'embeddings.LayerNorm.bias' has shape \[384\].*expects \[256\]"):
+    nano = TextEncoder(get_config("fiber-tiny-test").text)  # 16-d: does not fit MiniLM's 384
+    with pytest.raises(ValueError, match=r"'embeddings.LayerNorm.bias' has shape \[384\].*expects \[16\]"):
         load_minilm_text(nano)
     with pytest.raises(ValueError, match="BERT positions"):
         load_minilm_text(TextEncoder(get_config("fiber-golden").text))
