@@ -29,9 +29,10 @@ clean:
 	rm -rf build runtime/*.so .pytest_cache
 
 # ---- the fiber-nano recipe (issue 3): data -> stage 1 (coarse) -> stage 2 (fine) -> evaluation.
-# Sized for ~60 min on a 2-core CPU with nothing else running (measured: coarse ~2 samples/s,
-# fine ~13 samples/s at batch 16; 2 threads). Each step is one plain command; a finished step
-# is not rerun (file targets). An interrupted training step: rerun its command with --resume.
+# Sized for ~60 min on this 2-core CPU. Measured at batch 16: coarse ~1.7-1.8 samples/s, fine
+# ~8 samples/s with 1 thread (busy machine) or ~13 with 2 threads (idle machine only: on a shared,
+# busy CPU 2 threads run 5-10x slower). Each step is one plain command; a finished step is not
+# rerun (file targets); an interrupted training step: rerun its command with --resume.
 SYNTH_TRAIN ?= data/synth-train
 SYNTH_VAL ?= data/synth-val
 SYNTH_TRAIN_IMAGES ?= 5000
@@ -39,7 +40,8 @@ SYNTH_VAL_IMAGES ?= 500
 NANO_RUN ?= runs/nano
 NANO_BATCH ?= 16
 NANO_COARSE_STEPS ?= 100
-NANO_FINE_STEPS ?= 1500
+NANO_FINE_STEPS ?= 1200
+NANO_THREADS ?= 1
 
 .PHONY: data train-nano eval-nano
 
@@ -52,13 +54,13 @@ $(SYNTH_VAL)/grounding.json:
 	$(PY) -m fiber.data.synth --out $(SYNTH_VAL) --images $(SYNTH_VAL_IMAGES) --seed 1
 
 $(NANO_RUN)/coarse/final/model.safetensors: | data
-	$(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
 
 $(NANO_RUN)/fine/final/model.safetensors: $(NANO_RUN)/coarse/final/model.safetensors
-	$(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
 
 train-nano: $(NANO_RUN)/fine/final/model.safetensors
 	$(MAKE) eval-nano
 
 eval-nano:
-	$(PY) -m train.evaluate --checkpoint $(NANO_RUN)/fine --data $(SYNTH_VAL) --json $(NANO_RUN)/eval.json
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(NANO_RUN)/fine --data $(SYNTH_VAL) --json $(NANO_RUN)/eval.json

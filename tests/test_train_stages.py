@@ -264,6 +264,29 @@ def test_fine_refuses_a_finished_run_and_text_init_that_does_not_fit(coarse_run,
     assert not (tmp_path / "m" / "final").exists()
 
 
+@pytest.mark.parametrize("stage", [coarse, fine])
+def test_resumed_stage_ends_with_the_same_weights(stage, data_dir, tmp_path):
+    """Stop after 2 steps, resume to 4: bitwise the weights (incl. the ITC queue) of a straight
+    4-step run. Detection prompts, MLM masks, hard negatives and dropout all draw randomness."""
+    from safetensors.torch import load_file
+    extra = ["--init", "none"] if stage is fine else []
+    common = ["--config", "fiber-tiny-test", "--batch-size", "4", "--schedule", "constant",
+              "--warmup-steps", "0", "--no-progress", "--data", str(data_dir)] + extra
+
+    def run(out, steps, *more):
+        args = stage.get_args_parser().parse_args(common + ["--out", str(out), "--max-steps", str(steps), *more])
+        assert stage.main(args) == 0
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    with pytest.warns(UserWarning, match="max_steps"):
+        run(tmp_path / "resumed", 4, "--resume")
+    a = load_file(str(tmp_path / "straight/final/model.safetensors"))
+    b = load_file(str(tmp_path / "resumed/final/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_fine_under_torchrun_two_processes(coarse_run, data_dir, tmp_path):
     out = tmp_path / "ddp"
