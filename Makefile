@@ -32,7 +32,8 @@ clean:
 # Sized for ~60 min on this 2-core CPU. Measured at batch 16: coarse ~1.7-1.8 samples/s, fine
 # ~8 samples/s with 1 thread (busy machine) or ~13 with 2 threads (idle machine only: on a shared,
 # busy CPU 2 threads run 5-10x slower). Each step is one plain command; a finished step is not
-# rerun (file targets); an interrupted training step: rerun its command with --resume.
+# rerun (file targets); an interrupted training step: rerun its command with --resume. The text
+# tower starts from the pretrained MiniLM-L6 (fiber-nano has its shape); fine reads it from coarse.
 SYNTH_TRAIN ?= data/synth-train
 SYNTH_VAL ?= data/synth-val
 SYNTH_TRAIN_IMAGES ?= 5000
@@ -54,7 +55,7 @@ $(SYNTH_VAL)/grounding.json:
 	$(PY) -m fiber.data.synth --out $(SYNTH_VAL) --images $(SYNTH_VAL_IMAGES) --seed 1
 
 $(NANO_RUN)/coarse/final/model.safetensors: | data
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --text-init minilm --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
 
 $(NANO_RUN)/fine/final/model.safetensors: $(NANO_RUN)/coarse/final/model.safetensors
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0

@@ -15,7 +15,7 @@
 - ``model_config(name, late_fusion)``: ``NAME-late`` / ``--late-fusion`` is ``NAME`` with no fused
   layer (K = 0), everything else identical: the late-fusion ablation.
 - ``text_init="minilm"``: the text tower starts from MiniLM-L6 (``fiber.text_init``); only configs
-  whose text shape is MiniLM's (``fiber-t``) fit, others raise naming the mismatch.
+  whose text shape is MiniLM's (``fiber-t``, ``fiber-nano``) fit, others raise naming the mismatch.
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def add_stage_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> No
     parser.add_argument("--late-fusion", action=argparse.BooleanOptionalAction, default=False,
                         help="ablation: no fused backbone layers (K = 0), everything else the same")
     parser.add_argument("--text-init", choices=TEXT_INITS, default="none",
-                        help="start the text tower from MiniLM-L6 (configs with its shape: fiber-t)")
+                        help="start the text tower from MiniLM-L6 (configs with its shape: fiber-t, fiber-nano)")
     add_train_args(parser, defaults)
 
 
