@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fiber.backbone import build_backbone
+from fiber.backbone import FusedOutput, build_backbone
 from fiber.config import ModelConfig
 from fiber.heads import head_options
 from fiber.heads.coarse import CoarseHeads
@@ -137,8 +137,14 @@ class FiberForGrounding(nn.Module):
     def forward_from_text(self, image: torch.Tensor, text_hidden: torch.Tensor,
                           attention_mask: torch.Tensor) -> GroundingOutput:
         """Image ``[B, 3, S, S]`` + cached ``text_hidden`` ``[B, T, D]`` -> ``GroundingOutput``."""
+        return self.forward_with_features(image, text_hidden, attention_mask)[0]
+
+    def forward_with_features(self, image: torch.Tensor, text_hidden: torch.Tensor,
+                              attention_mask: torch.Tensor) -> tuple[GroundingOutput, FusedOutput]:
+        """``forward_from_text`` that also returns the backbone's ``FusedOutput`` (the fused image
+        stages and text states that feature distillation reads)."""
         fused = self.backbone.forward_fused(image, text_hidden, attention_mask, final_norms=True)
-        return self.head(self.fpn(fused.image_stages[1:]), fused.text, attention_mask)
+        return self.head(self.fpn(fused.image_stages[1:]), fused.text, attention_mask), fused
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> GroundingOutput:
