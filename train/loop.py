@@ -16,7 +16,9 @@ micro-batch of one process.
 Frozen extra modules (a distillation teacher): keep them on the task, not in the model that
 ``build_model`` returns; move them in ``task.setup(device)``. They are then not optimised, not
 wrapped in DDP and not checkpointed. Model parameters left out of every param group (or with
-``requires_grad=False``) are not optimised but are checkpointed.
+``requires_grad=False``) are not optimised but are checkpointed. Trainable training-only modules
+(feature-distillation projections) belong in the model, so they are optimised and checkpointed
+for resume; ``task.final_state_dict`` drops them from ``RUN/final``.
 """
 from __future__ import annotations
 
@@ -146,7 +148,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 class Task(Protocol):
-    """What a training stage supplies. ``BaseTask`` gives defaults for the last three."""
+    """What a training stage supplies. ``BaseTask`` gives defaults for the last four."""
 
     def build_model(self) -> nn.Module:
         """The trainable model (called after ``torch.manual_seed(cfg.seed)`` on every rank)."""
@@ -173,9 +175,14 @@ class Task(Protocol):
     def setup(self, device: torch.device) -> None:
         """Called once after the model is on ``device``: move frozen extras (teacher) there."""
 
+    def final_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``RUN/final`` holds, given the model's (or EMA's) state_dict: a task may drop
+        training-only tensors (distillation projections). Checkpoints keep everything."""
+
 
 class BaseTask:
-    """Defaults: one lr multiplier, no decay on biases/norms, nothing extra in config.json."""
+    """Defaults: one lr multiplier, no decay on biases/norms, nothing extra in config.json,
+    ``RUN/final`` = the whole state_dict."""
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
         return make_param_groups(model, cfg.weight_decay)
@@ -185,6 +192,9 @@ class BaseTask:
 
     def setup(self, device: torch.device) -> None:
         pass
+
+    def final_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
 
 
 class TrainingError(RuntimeError):
@@ -458,7 +468,8 @@ class _Trainer:
         use_ema = self.ema is not None and self.cfg.export_ema
         final = self.out / "final"
         if self.env.is_main:
-            weights = self.ema.state_dict() if use_ema else self.model.state_dict()
+            weights = self.task.final_state_dict(
+                self.ema.state_dict() if use_ema else self.model.state_dict())
             config = ckpt.checkpoint_config(self.task.checkpoint_config(), self.step,
                                             "ema" if use_ema else "model")
             ckpt.write_weights_dir(final, weights, config, overwrite=True)
