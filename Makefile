@@ -65,3 +65,34 @@ train-nano: $(NANO_RUN)/fine/final/model.safetensors
 
 eval-nano:
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(NANO_RUN)/fine --data $(SYNTH_VAL) --json $(NANO_RUN)/eval.json
+
+# ---- teacher -> student distillation (issue 4). train-teacher: fiber-t, stage 1 + stage 2 with the
+# text tower from MiniLM-L6, then evaluation; sized for ~90-120 min on this 2-core CPU at 1 thread
+# (measured at batch 16 on the shared, busy machine: coarse ~45-50 s/step, fine ~9-12 s/step).
+# distill-nano: the fiber-nano student initialised from the teacher where shapes allow and trained
+# with KD for the same steps, batch and seed as the fine stage of train-nano (KD vs the student
+# alone at the same budget), then evaluation. A KD step also runs the teacher's forward: ~2.6x a
+# plain fine step (5-7 s at batch 16, so ~1.7-2.3 h for 1200 steps). It needs the teacher (make
+# builds it first if missing). An interrupted step: rerun its command with --resume.
+TEACHER_RUN ?= runs/teacher
+TEACHER_COARSE_STEPS ?= 30
+TEACHER_FINE_STEPS ?= 500
+TEACHER_THREADS ?= $(NANO_THREADS)
+KD_RUN ?= runs/nano-kd
+
+.PHONY: train-teacher distill-nano
+
+$(TEACHER_RUN)/coarse/final/model.safetensors: | data
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.coarse --config fiber-t --data $(SYNTH_TRAIN) --out $(TEACHER_RUN)/coarse --text-init minilm --max-steps $(TEACHER_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+
+$(TEACHER_RUN)/fine/final/model.safetensors: $(TEACHER_RUN)/coarse/final/model.safetensors
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init $(TEACHER_RUN)/coarse --out $(TEACHER_RUN)/fine --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+
+train-teacher: $(TEACHER_RUN)/fine/final/model.safetensors
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.evaluate --checkpoint $(TEACHER_RUN)/fine --data $(SYNTH_VAL) --json $(TEACHER_RUN)/eval.json
+
+$(KD_RUN)/final/model.safetensors: $(TEACHER_RUN)/fine/final/model.safetensors
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN)/fine --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(KD_RUN) --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+
+distill-nano: $(KD_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(KD_RUN) --data $(SYNTH_VAL) --json $(KD_RUN)/eval.json
