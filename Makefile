@@ -96,3 +96,20 @@ $(KD_RUN)/final/model.safetensors: $(TEACHER_RUN)/fine/final/model.safetensors
 
 distill-nano: $(KD_RUN)/final/model.safetensors
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(KD_RUN) --data $(SYNTH_VAL) --json $(KD_RUN)/eval.json
+
+# ---- benchmark report (issue 7): docs/report/ (report.md, report.json, PNG plots) for the shipped
+# INT8 package against its FP32 twin, the teacher and the PyTorch eager student when present, on
+# the validation split: every backend installed here, alternating, plus accuracy through the
+# runtime. Exit status 1 = the report was written but some part is marked "not measured".
+# REPORT_ARGS: e.g. --quick, --limit 300, --threads 1, --backend onnxruntime.
+REPORT_PACKAGE ?= models/fiber-nano-int8
+REPORT_COMPARE ?= $(wildcard models/fiber-nano)
+REPORT_TEACHER ?= $(firstword $(wildcard models/fiber-t) $(patsubst %/final/model.safetensors,%,$(wildcard $(TEACHER_RUN)/fine/final/model.safetensors)))
+REPORT_CHECKPOINT ?= $(patsubst %/final/model.safetensors,%,$(wildcard $(KD_RUN)/final/model.safetensors))
+REPORT_OUT ?= docs/report
+REPORT_ARGS ?=
+
+.PHONY: report
+
+report: $(SYNTH_VAL)/grounding.json
+	$(PY) -m benchmarks.report --package $(REPORT_PACKAGE) $(foreach p,$(REPORT_COMPARE),--compare $(p)) $(if $(REPORT_TEACHER),--teacher $(REPORT_TEACHER)) $(if $(REPORT_CHECKPOINT),--checkpoint $(REPORT_CHECKPOINT)) --data $(SYNTH_VAL) --out $(REPORT_OUT) $(REPORT_ARGS)

@@ -92,6 +92,42 @@ def time_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
+def measure(frames: int, size: int, seed: int = 0, cv2=None
+            ) -> tuple[dict[str, list[float]], dict[str, int], tuple]:
+    """Time the three paths interleaved: ({path: ms per frame}, {path: detections}, detector outputs).
+
+    Paths "native", "numpy" and "opencv" (the last only when ``cv2`` is given). Needs the C
+    extension (runtime._native).
+    """
+    if cv2 is not None:
+        cv2.setNumThreads(1)  # the C path is single-threaded; compare like with like
+    rng = np.random.default_rng(seed)
+    frame = make_frame(rng)
+    outputs = make_detector_output(rng, size)
+    pre = Preprocessor(size)
+    ref_out = np.zeros((3, size, size), np.float32)
+    cv_out = np.zeros_like(ref_out)
+
+    def native() -> int:
+        _, info = pre(frame, bgr=True)
+        return len(postprocess(*outputs, info, THRESHOLD, NMS_IOU, TOP_K, MAX_DET))
+
+    def reference() -> int:
+        info: LetterboxInfo = letterbox_ref(frame, ref_out, bgr_input=True)
+        return len(postprocess(*outputs, info, THRESHOLD, NMS_IOU, TOP_K, MAX_DET,
+                               use_native=False))
+
+    paths = {"native": native, "numpy": reference}
+    if cv2 is not None:
+        paths["opencv"] = lambda: opencv_path(frame, cv_out, outputs, cv2)
+    counts = {name: fn() for name, fn in paths.items()}  # warm-up, and a sanity check
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(frames):
+        for name, fn in paths.items():
+            times[name].append(time_ms(fn))
+    return times, counts, outputs
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=300, help="timed frames per path")
@@ -114,30 +150,7 @@ def main(args: argparse.Namespace) -> int:
     if args.frames < 1 or args.size < 32:
         print("benchmarks.prepost: need --frames >= 1 and --size >= 32", file=sys.stderr)
         return 2
-    cv2.setNumThreads(1)  # the C path is single-threaded; compare like with like
-    rng = np.random.default_rng(args.seed)
-    frame = make_frame(rng)
-    outputs = make_detector_output(rng, args.size)
-    pre = Preprocessor(args.size)
-    ref_out = np.zeros((3, args.size, args.size), np.float32)
-    cv_out = np.zeros_like(ref_out)
-
-    def native() -> int:
-        _, info = pre(frame, bgr=True)
-        return len(postprocess(*outputs, info, THRESHOLD, NMS_IOU, TOP_K, MAX_DET))
-
-    def reference() -> int:
-        info: LetterboxInfo = letterbox_ref(frame, ref_out, bgr_input=True)
-        return len(postprocess(*outputs, info, THRESHOLD, NMS_IOU, TOP_K, MAX_DET,
-                               use_native=False))
-
-    paths = {"native": native, "numpy": reference,
-             "opencv": lambda: opencv_path(frame, cv_out, outputs, cv2)}
-    counts = {name: fn() for name, fn in paths.items()}  # warm-up, and a sanity check
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(args.frames):
-        for name, fn in paths.items():
-            times[name].append(time_ms(fn))
+    times, counts, outputs = measure(args.frames, args.size, args.seed, cv2)
     med = {name: statistics.median(t) for name, t in times.items()}
 
     n, t = outputs[1].shape

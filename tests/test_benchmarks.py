@@ -1,0 +1,315 @@
+"""benchmarks/: FLOPs, machine peak, latency statistics and alternation, the report end to end.
+
+FLOPs: a hand-built ONNX graph whose MACs are counted by hand in the test; a graph whose shapes
+only onnxruntime can resolve; the fiber-tiny-test detector and text graphs against
+torch.utils.flop_counter on the same torch model. Peak: hand-computed figures for made-up CPUs.
+Latency: the alternation order with fake runners, percentiles on fixed lists. Report: toy packages
+(tests/toy_package.py) with --quick settings; bad inputs (a tampered package, a backend that is not
+installed, data without annotations) each leave their part marked and exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks import flops, latency, machine, report
+from common import package as pkg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_package import make_toy_packages  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _hand_graph() -> onnx.ModelProto:
+    """One node of every counted kind; the MACs of each are worked out in test_flops_hand_count."""
+    f, u8, i32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT32
+    rng = np.random.default_rng(0)
+    inits = {
+        "w_mm": rng.standard_normal((8, 16)).astype(np.float32),
+        "a_gemm": rng.standard_normal((4, 8)).astype(np.float32),
+        "b_gemm": rng.standard_normal((6, 8)).astype(np.float32),
+        "x_conv": rng.standard_normal((1, 4, 10, 10)).astype(np.float32),
+        "w_conv": rng.standard_normal((6, 2, 3, 3)).astype(np.float32),
+        "x_ci": np.ones((1, 2, 6, 6), np.uint8), "w_ci": np.ones((3, 2, 1, 1), np.int8),
+        "a_mi": np.ones((3, 4), np.uint8), "b_mi": np.ones((4, 5), np.int8),
+        "a_q": np.ones((2, 3), np.uint8), "b_q": np.ones((3, 7), np.uint8),
+        "s": np.array(0.1, np.float32), "z": np.array(0, np.uint8),
+        "e1": np.ones((2, 3, 4), np.float32), "e2": np.ones((2, 4, 5), np.float32),
+        "x_ct": np.ones((1, 2, 3, 3), np.float32), "w_ct": np.ones((2, 4, 2, 2), np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_mm"], ["y_mm"], name="mm"),
+        helper.make_node("Gemm", ["a_gemm", "b_gemm"], ["y_gemm"], transB=1, name="gemm"),
+        helper.make_node("Conv", ["x_conv", "w_conv"], ["y_conv"], group=2, strides=[2, 2],
+                         pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("ConvInteger", ["x_ci", "w_ci"], ["y_ci"], name="convint"),
+        helper.make_node("MatMulInteger", ["a_mi", "b_mi"], ["y_mi"], name="mmint"),
+        helper.make_node("QLinearMatMul", ["a_q", "s", "z", "b_q", "s", "z", "s", "z"], ["y_q"], name="qmm"),
+        helper.make_node("Einsum", ["e1", "e2"], ["y_e"], equation="bij,bjk->bik", name="einsum"),
+        helper.make_node("ConvTranspose", ["x_ct", "w_ct"], ["y_ct"], strides=[2, 2], name="convT"),
+        helper.make_node("Relu", ["y_mm"], ["y_relu"], name="relu"),     # not counted
+    ]
+    outs = {"y_relu": f, "y_gemm": f, "y_conv": f, "y_ci": i32, "y_mi": i32, "y_q": u8, "y_e": f, "y_ct": f}
+    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", f, ["batch", "tokens", 8])],
+                              [helper.make_tensor_value_info(o, t, None) for o, t in outs.items()],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_flops_hand_count():
+    c = flops.count_graph(_hand_graph(), {"batch": 1, "tokens": 5})
+    hand = {                       # MACs, by hand
+        "mm": 1 * 5 * 16 * 8,      # [1,5,8] @ [8,16]
+        "gemm": 4 * 6 * 8,         # [4,8] @ [6,8]^T
+        "conv": 6 * 5 * 5 * 2 * 9,  # out [1,6,5,5] (10 -> 5 at stride 2, pad 1), C_in/group = 2, 3x3
+        "convint": 3 * 6 * 6 * 2,  # out [1,3,6,6], 1x1 kernel over 2 channels
+        "mmint": 3 * 5 * 4,
+        "qmm": 2 * 7 * 3,
+        "einsum": 2 * 3 * 4 * 5,
+        "convT": 2 * 3 * 3 * 4 * 4,  # every input pixel (18) x C_out 4 x 2x2 kernel
+    }
+    assert {n.name: n.macs for n in c.nodes} == hand
+    assert c.flops == 2 * sum(hand.values()) == 8516
+    assert c.shapes_from == "onnx shape inference"
+    assert flops.count_graph(_hand_graph(), {"batch": 3, "tokens": 5}).nodes[0].macs == 3 * hand["mm"]
+    with pytest.raises(flops.FlopsError, match="tokens"):
+        flops.count_graph(_hand_graph(), {"batch": 1})
+
+
+def test_flops_falls_back_to_onnxruntime_for_computed_shapes():
+    """x [B, 12] reshaped to [-1, 4, 12 / 4] by a Shape/Gather/Div chain, then @ [3, 5]."""
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+             helper.make_node("Div", ["n", "four"], ["q"]),
+             helper.make_node("Concat", ["minus1", "four", "q"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["xr"]), helper.make_node("MatMul", ["xr", "w"], ["y"])]
+    inits = {"one": i64([1]), "four": i64([4]), "minus1": i64([-1]), "w": np.ones((3, 5), np.float32)}
+    graph = helper.make_graph(nodes, "reshape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    c = flops.count_graph(model, {"batch": 2})
+    assert c.macs == 2 * 4 * 5 * 3        # [2, 4, 3] @ [3, 5]
+    assert "onnxruntime" in c.shapes_from
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random-init fiber-tiny-test checkpoint (fusion gates open) and its FP32 package."""
+    import torch
+
+    from compress import export
+    from fiber.checkpoint import save_checkpoint
+    from fiber.config import get_config
+    from fiber.models import FiberForGrounding
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    cfg = get_config("fiber-tiny-test")
+    model = FiberForGrounding(cfg)
+    model.backbone.set_gates(0.5)
+    ckpt = save_checkpoint(root / "ckpt", model.state_dict(), cfg, {"task": "fine"})
+    export.export_package(export.ExportConfig(checkpoint=str(ckpt), out=str(root / "pkg"), buckets=(16, 32)))
+    return {"checkpoint": Path(ckpt), "package": root / "pkg", "model": model.eval()}
+
+
+@pytest.mark.parametrize("tokens", [16, 32])
+def test_flops_match_torch_flop_counter(tiny, tokens):
+    import torch
+
+    counts = flops.package_flops(tiny["package"], tokens)
+    model = tiny["model"]
+    s = model.cfg.swin.img_size
+    ids, mask = torch.ones(1, tokens, dtype=torch.int64), torch.ones(1, tokens, dtype=torch.int64)
+    with torch.inference_mode():
+        hidden = model.encode_text(ids, mask)
+    want_text = flops.torch_flops(model.encode_text, ids, mask)
+    want_det = flops.torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)
+    assert counts["text"].flops == pytest.approx(want_text, rel=0.02)
+    assert counts["detector"].flops == pytest.approx(want_det, rel=0.02)
+    groups = counts["detector"].groups()
+    assert sum(groups.values()) == counts["detector"].flops
+    assert "other" not in groups            # every counted node of the exporter's graph is placed
+    for g in ("image backbone", "fused image blocks", "fused text layers", "cross-attention", "head"):
+        assert groups[g] > 0, g
+    ck = flops.checkpoint_flops(tiny["checkpoint"], tokens)
+    assert ck["detector"]["flops"] == want_det
+
+
+# ----------------------------------------------------------------------------- machine
+
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: {name}\n" \
+          "cpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+
+
+@pytest.mark.parametrize("vendor,family,flags,threads,cores,fp32,int8", [
+    # Intel AVX-512 + VNNI at 2.0 GHz, 4 cores: 2 FMA x 16 lanes x 2 = 64 FLOP/cycle; VNNI 2 x 64 x 2 = 256
+    ("GenuineIntel", 6, "fma avx2 avx512f avx512_vnni", 4, 8, 64 * 2.0 * 4, 256 * 2.0 * 4),
+    # AMD Zen 4 (family 25) at 2.0 GHz: 256-bit datapath, 32 FLOP/cycle, VNNI 128; threads capped at 2 cores
+    ("AuthenticAMD", 25, "fma avx2 avx512f avx512_vnni", 8, 2, 32 * 2.0 * 2, 128 * 2.0 * 2),
+    # Sapphire Rapids with AMX: int8 2048 ops/cycle/core, 1 thread
+    ("GenuineIntel", 6, "fma avx2 avx512f avx512_vnni amx_int8 amx_tile", 1, 4, 64 * 2.0, 2048 * 2.0),
+    # AVX2 + FMA without VNNI: 32 FLOP/cycle; int8 via 16-bit madd: 2 x 16 x 2 = 64
+    ("GenuineIntel", 6, "fma avx2", 1, 4, 32 * 2.0, 64 * 2.0),
+])
+def test_machine_peak_formula(vendor, family, flags, threads, cores, fp32, int8):
+    text = CPUINFO.format(vendor=vendor, family=family, name="test cpu", mhz="2000.000", flags=flags)
+    cpu = machine.parse_cpu(text, {"core(s) per socket": str(cores), "socket(s)": "1"}, 16, "x86_64")
+    p = machine.peak(cpu, threads)
+    assert (p.fp32_gflops, p.int8_gops) == (pytest.approx(fp32), pytest.approx(int8))
+    assert cpu.mhz_source.startswith("/proc/cpuinfo")
+
+
+def test_machine_prefers_max_clock():
+    text = CPUINFO.format(vendor="GenuineIntel", family=6, name="x", mhz="800.0", flags="fma avx2")
+    cpu = machine.parse_cpu(text, {"cpu max mhz": "3500.0000", "core(s) per socket": "2"}, 2, "x86_64")
+    assert cpu.mhz == 3500.0 and machine.peak(cpu, 2).fp32_gflops == pytest.approx(32 * 3.5 * 2)
+
+
+# ----------------------------------------------------------------------------- latency
+
+def test_percentiles_on_fixed_lists():
+    values = list(range(1, 102))              # 1..101: the q-th percentile is 1 + q exactly
+    random.Random(0).shuffle(values)
+    s = latency.summarize(values)
+    assert (s["median"], s["p90"], s["p99"], s["min"], s["runs"]) == (51, 91, 100, 1, 101)
+    s = latency.summarize([4.0, 1.0, 3.0, 2.0])  # linear interpolation: p90 at rank 2.7 -> 3 + 0.7
+    assert (s["median"], s["p90"], s["p99"], s["mean"]) == (2.5, 3.7, 3.97, 2.5)
+    with pytest.raises(ValueError):
+        latency.summarize([])
+
+
+def test_alternation_order_with_fake_runners():
+    calls: list[str] = []
+
+    def runner(name):
+        def run():
+            calls.append(name)
+            return {"network": float(len(calls))}  # the global call number: shows which calls were kept
+        return run
+
+    out = latency.alternate({k: runner(k) for k in "ABC"}, rounds=2, block=2, settle=1, warmup=1)
+    assert "".join(calls) == "ABC" + "AAABBBCCC" * 2
+    # warm-up 3 calls, then per round A: untimed #4, timed #5 #6; B: #7 untimed, #8 #9 timed ...
+    assert out["A"]["network"] == [5, 6, 14, 15]
+    assert out["B"]["network"] == [8, 9, 17, 18]
+    assert out["C"]["network"] == [11, 12, 20, 21]
+    assert latency.schedule(["A", "B"], 1, 1, 0) == [("A", True), ("B", True)]
+
+
+def test_parse_backends():
+    assert latency.parse_backends("default") == (latency.DEFAULT_BACKENDS, False)
+    assert latency.parse_backends("ort,openvino,ort") == (("onnxruntime", "openvino"), True)
+    with pytest.raises(ValueError, match="cuda"):
+        latency.parse_backends("onnxruntime,cuda")
+
+
+# ----------------------------------------------------------------------------- report
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toys")
+    packages = make_toy_packages(root)
+    subprocess.run([sys.executable, "-m", "fiber.data.synth", "--out", str(root / "data"), "--images", "3",
+                    "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    return {**packages, "data": root / "data", "root": root}
+
+
+def run_report(out: Path, package: Path, *args: str) -> tuple[int, dict, str]:
+    argv = ["--package", str(package), "--out", str(out), "--quick", "--runs", "2", "--limit", "2",
+            "--threads", "1", "--no-progress", *args]
+    code = report.main(report.get_args_parser().parse_args(argv))
+    return code, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+def json_numbers(obj) -> set[str]:
+    if isinstance(obj, bool):
+        return set()
+    if isinstance(obj, (int, float)):
+        return {str(obj)}
+    if isinstance(obj, dict):
+        return set().union(*(json_numbers(v) for v in obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*(json_numbers(v) for v in obj)) if obj else set()
+    return set()
+
+
+def table_numbers(md: str) -> list[str]:
+    """Every table cell of report.md that is a bare number."""
+    cells = [c.strip() for line in md.splitlines() if line.startswith("|") for c in line.strip("|").split("|")]
+    return [c for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c)]
+
+
+def test_report_on_toy_packages(toys, tmp_path):
+    code, data, md = run_report(tmp_path / "rep", toys["toy-int8"], "--compare", str(toys["toy"]),
+                                "--data", str(toys["data"]), "--backend", "onnxruntime")
+    assert code == 0, data["missing"]
+    for name in ("report.md", "report.json", *report.plots.PLOTS.values()):
+        assert (tmp_path / "rep" / name).is_file(), name
+    for png in report.plots.PLOTS.values():
+        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    numbers = table_numbers(md)
+    assert len(numbers) > 100
+    known = json_numbers(data)
+    assert [n for n in numbers if n not in known] == []
+    # what the report must carry
+    assert data["machine"]["peak"]["fp32_gflops"] and data["machine"]["measured"]["int8_gops"]
+    assert {p["sha256"] for p in data["packages"]} == {
+        pkg.package_digest(pkg.read_manifest(toys[k])) for k in ("toy", "toy-int8")}
+    assert data["command"].startswith("python -m benchmarks.report") and data["date"]
+    assert data["machine"]["versions"]["onnxruntime"]
+    labels = {s["label"] for s in data["latency"]["subjects"]}
+    assert labels == {"toy onnxruntime", "toy-int8 onnxruntime"}
+    names = {r["name"] for r in data["ratios"] if r["status"] == "ok"}
+    assert {"INT8 vs FP32 detector latency", "INT8 vs FP32 R@1", "C extension vs numpy pre+post",
+            "end-to-end vs network-only FPS (frame by frame)", "uncached vs cached prompt latency"} <= names
+    r = next(r for r in data["ratios"] if r["name"] == "INT8 vs FP32 detector latency")
+    fp, q = (next(s for s in data["latency"]["subjects"] if s["label"] == lab) for lab in
+             ("toy onnxruntime", "toy-int8 onnxruntime"))
+    assert r["value"] == round(fp["stages"]["network"]["median"] / q["stages"]["network"]["median"], 2)
+    assert "## Promised ratios" in md and "student vs teacher" in md and "no --teacher given" in md
+
+
+def test_report_bad_inputs_are_marked_and_the_rest_is_produced(toys, tmp_path):
+    tampered = shutil.copytree(toys["toy"], tmp_path / "tampered")
+    with open(tampered / pkg.DETECTOR_GRAPH, "ab") as f:
+        f.write(b"\0")
+    empty = tmp_path / "no-annotations"
+    empty.mkdir()
+    code, data, md = run_report(tmp_path / "rep", toys["toy-int8"], "--compare", str(tampered),
+                                "--data", str(empty), "--backend", "onnxruntime,tensorrt")
+    assert code == 1
+    missing = "\n".join(data["missing"])
+    assert re.search(r"package .*tampered: package does not verify: .*sha256", missing)
+    assert re.search(r"latency of .*toy-int8 on tensorrt: .*TensorRT", missing)
+    assert re.search(r"accuracy: data folder .*no-annotations: no annotations", missing)
+    assert "not measured: package does not verify" in md and "## Not measured" in md
+    ok = [s for s in data["latency"]["subjects"] if s["status"] == "ok"]
+    assert [s["label"] for s in ok] == ["toy-int8 onnxruntime"]          # the rest was measured
+    assert (tmp_path / "rep" / "latency_stages.png").is_file()
+    assert data["plots"]["accuracy_vs_latency"].startswith("not drawn")
+    known = json_numbers(data)
+    assert [n for n in table_numbers(md) if n not in known] == []
+
+
+def test_report_cli_bad_arguments(tmp_path, toys):
+    argv = [sys.executable, "-m", "benchmarks.report", "--package", str(toys["toy"]), "--data", str(toys["data"]),
+            "--out", str(tmp_path / "r"), "--backend", "cuda"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["benchmarks.report: --backend 'cuda' is not one of "
+                                                "['onnxruntime', 'openvino', 'tensorrt', 'tensorrt-rtx']"]
+    assert not (tmp_path / "r").exists()
