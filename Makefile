@@ -113,3 +113,22 @@ REPORT_ARGS ?=
 
 report: $(SYNTH_VAL)/grounding.json
 	$(PY) -m benchmarks.report --package $(REPORT_PACKAGE) $(foreach p,$(REPORT_COMPARE),--compare $(p)) $(if $(REPORT_TEACHER),--teacher $(REPORT_TEACHER)) $(if $(REPORT_CHECKPOINT),--checkpoint $(REPORT_CHECKPOINT)) --data $(SYNTH_VAL) --out $(REPORT_OUT) $(REPORT_ARGS)
+
+# Model packages of the fiber-nano student (compress.export / compress.quantize): the FP32 package,
+# then INT8 (modelopt PTQ calibrated on the training split, sensitivity pass, accuracy guard against
+# the held-out split). Override the paths: make package-nano NANO_CKPT=runs/distill/final ...
+NANO_CKPT ?= runs/fiber-nano-distill/final
+NANO_CALIB_DATA ?= data/synth-train
+NANO_EVAL_DATA ?= data/synth-val
+NANO_QUANT ?= runs/fiber-nano-quant
+.PHONY: export-nano package-nano
+
+export-nano: setup
+	$(PY) -m compress.export --checkpoint $(NANO_CKPT) --config fiber-nano --out models/fiber-nano \
+		--data $(NANO_EVAL_DATA) --overwrite
+
+package-nano: export-nano
+	$(PY) -m compress.quantize --checkpoint $(NANO_CKPT) --config fiber-nano --data $(NANO_CALIB_DATA) \
+		--out $(NANO_QUANT) --sensitivity --overwrite
+	$(PY) -m compress.export --checkpoint $(NANO_CKPT) --config fiber-nano --out models/fiber-nano-int8 \
+		--int8 $(NANO_QUANT) --data $(NANO_EVAL_DATA) --overwrite

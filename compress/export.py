@@ -1,0 +1,384 @@
+"""Export a fine-tuned checkpoint to a model package (FP32, or INT8 with explicit Q/DQ).
+
+    python -m compress.export --checkpoint CKPT --out PKG [--int8 QDIR|auto] [--data DIR]
+        [--max-drop 1.0] [--buckets 16,32,64] [--cpu-int8 dynamic|none] [--overwrite]
+
+The package (docs/architecture.md, "Model package"), written into a temp folder and renamed at the
+end (a failed export leaves nothing):
+
+    text.onnx          embeddings + the unfused text layers (FP32 in every package: it runs once
+                       per prompt)
+    detector.onnx      Swin, the fused layers of both sides, FPN, head, box decode; FP32, or INT8
+                       with explicit Q/DQ (modelopt PTQ from ``compress.quantize``) that TensorRT
+                       (strongly typed) and ONNX Runtime run
+    detector.cpu.onnx  INT8 packages: the CPU variant (compress.cpu_int8), named in
+                       graphs.detector.cpu_file; engines.ort runs it on the CPU provider
+    tokenizer.json, reference/text.npz, reference/detector.npz (inputs + ONNX Runtime outputs with
+                       graph optimisations off, checked against PyTorch at export), manifest.json
+
+With ``--data DIR`` (a held-out split: grounding.json and/or detection.json) the manifest's
+``accuracy`` holds FP32 and INT8 numbers measured by running the package itself through the runtime
+(runtime.predictor.Detector on ONNX Runtime) with fiber.data.evaluation. INT8 exports need it: the
+accuracy guard refuses a package whose INT8 R@1 (Q/DQ file and CPU file) is more than ``--max-drop``
+points below FP32, naming the worst layers from QDIR/sensitivity.json, and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+
+import engines
+from common import package as pkg
+from common.atomic import atomic_dir
+from compress import cpu_int8, onnx_utils
+from compress.serving import (TOKENIZER_SRC, EvalData, evaluate_engines, find_data, package_sections,
+                              resolve_buckets)
+from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from fiber.config import ModelConfig
+from fiber.models import FiberForGrounding
+
+FP32_TOL = 1e-3     # ONNX vs PyTorch, relative to 1 + max |torch|: FP32 graphs must agree this well
+REFERENCE_PROMPT = "a red circle. two blue squares. the small green star left of the ring"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done (bad checkpoint, data, options) or that fails a check."""
+
+
+class AccuracyGuardError(ExportError):
+    """The INT8 package loses more R@1 than allowed; nothing was written."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str                        # fine-tuned checkpoint folder (train.fine / compress.distill)
+    out: str                               # package folder to write
+    int8: str | None = None                # QDIR from compress.quantize, "auto" (quantize now), None = FP32
+    data: str | None = None                # held-out data folder for the accuracy numbers (INT8: required)
+    max_drop: float = 1.0                  # accuracy guard: allowed INT8 R@1 drop in points
+    buckets: tuple[int, ...] | None = None  # text buckets; None = (16, 32, 64) up to max_text_len
+    overwrite: bool = False                # replace an existing package
+    config: str | None = None              # refuse a checkpoint of another config name
+    name: str | None = None                # package name; default <config> or <config>-int8
+    cpu_int8: str = cpu_int8.DEFAULT       # CPU variant of INT8 packages (compress.cpu_int8.METHODS)
+    eval_limit: int | None = None          # evaluate only the first N entries / images
+    threads: int | None = None             # ONNX Runtime threads of the accuracy runs
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+
+# ----------------------------------------------------------------------------- model loading
+
+def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
+                    ) -> tuple[FiberForGrounding, ModelConfig, dict[str, Any]]:
+    """A ``FiberForGrounding`` in eval mode from a *fine* checkpoint; ExportError otherwise."""
+    try:
+        state, cfg, meta = load_checkpoint(checkpoint, expect_name=expect_name)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    task = meta.get("task")
+    if task != "fine":
+        raise ExportError(f"checkpoint {checkpoint} is a {task!r} checkpoint; export needs a fine-tuned "
+                          "grounding checkpoint (task 'fine', written by train.fine or compress.distill)")
+    model = FiberForGrounding(cfg)
+    try:
+        load_model_state(model, state, source=f"checkpoint {checkpoint} (config '{cfg.name}')")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return model.eval(), cfg, meta
+
+
+# ----------------------------------------------------------------------------- example inputs
+
+def example_inputs(cfg: ModelConfig, tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """B=1 inputs: the reference prompt padded to ``tokens`` (with padding) and a seeded image."""
+    from runtime.tokenize import PromptTokenizer
+
+    tok = PromptTokenizer(TOKENIZER_SRC, buckets=(tokens,), lowercase=True, pad_id=cfg.text.pad_token_id)
+    enc = tok.encode(REFERENCE_PROMPT[: 3 * tokens])   # short enough to leave padding in the bucket
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((1, 3, cfg.swin.img_size, cfg.swin.img_size)).astype(np.float32)
+    return {pkg.INPUT_IDS: enc.input_ids, pkg.ATTENTION_MASK: enc.attention_mask, pkg.IMAGE: image}
+
+
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / (1 + max |b|)."""
+    return float(np.max(np.abs(a.astype(np.float64) - b)) / (1.0 + np.max(np.abs(b)))) if b.size else 0.0
+
+
+def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
+                 buckets: Sequence[int], cpu_method: str) -> dict[str, Any]:
+    """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
+    ``tmp``; check ONNX against PyTorch. Returns the manifest's ``graphs`` and ``parity`` parts."""
+    x = example_inputs(cfg, buckets[0])
+    text_graph = onnx_utils.export_text(model, x, tmp / pkg.TEXT_GRAPH)
+    text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
+    hidden = onnx_utils.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
+    det_model = qmodel if qmodel is not None else model
+    det_graph = onnx_utils.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None)
+    det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
+    det_out = onnx_utils.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
+    parity = _parity(model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
+    shutil.copyfile(TOKENIZER_SRC, tmp / pkg.TOKENIZER)
+    (tmp / pkg.REFERENCE_DIR).mkdir()
+    np.savez(tmp / pkg.reference_file("text"), **text_in, **{pkg.TEXT_HIDDEN: hidden})
+    np.savez(tmp / pkg.reference_file("detector"), **det_in, **det_out)
+    graphs = {"text": _graph_entry(pkg.TEXT_GRAPH, text_graph, "fp32"),
+              "detector": _graph_entry(pkg.DETECTOR_GRAPH, det_graph, "int8" if qmodel is not None else "fp32")}
+    graphs["detector"]["cpu_file"] = None
+    if qmodel is not None and cpu_method != "none":
+        info = cpu_int8.make_cpu_variant(cpu_method, model, qmodel, x, hidden, tmp)
+        graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH
+        graphs["detector"]["cpu_variant"] = info
+    if qmodel is not None:
+        graphs["text"]["note"] = "FP32 on purpose: text.onnx runs once per prompt, not per frame"
+        graphs["detector"]["qdq"] = onnx_utils.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
+    return {"graphs": graphs, "parity": parity}
+
+
+def _parity(model, det_model, text_in, hidden, det_in, det_out, quantised: bool) -> dict[str, Any]:
+    """ONNX (optimisations off) vs PyTorch on the reference inputs; FP32 must agree within FP32_TOL."""
+    with torch.inference_mode():
+        t_hidden = model.encode_text(*(onnx_utils.to_torch(text_in[k]) for k in pkg.TEXT_INPUTS)).numpy()
+        t_det = det_model.detect(*(onnx_utils.to_torch(det_in[k]) for k in pkg.DETECTOR_INPUTS))
+    diffs = {"text_hidden": max_rel_diff(hidden, t_hidden)}
+    diffs.update({name: max_rel_diff(det_out[name], t.numpy()) for name, t in zip(pkg.DETECTOR_OUTPUTS, t_det)})
+    limits = {k: FP32_TOL for k in diffs} if not quantised else {"text_hidden": FP32_TOL}
+    bad = [f"{k} {diffs[k]:.3g} > {limits[k]:.3g}" for k in limits if diffs[k] > limits[k]]
+    if bad:
+        raise ExportError(f"ONNX Runtime and PyTorch disagree on the reference inputs: {', '.join(bad)}")
+    return {"max_rel_diff_vs_torch": {k: round(v, 8) for k, v in diffs.items()},
+            "detector_vs": "fake-quantised PyTorch" if quantised else "PyTorch"}
+
+
+def _graph_entry(file: str, graph: onnx.ModelProto, precision: str) -> dict[str, Any]:
+    return {"file": file, "precision": precision, "inputs": onnx_utils.io_specs(graph, "input"),
+            "outputs": onnx_utils.io_specs(graph, "output")}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` except the manifest: ``{relpath: {"sha256", "bytes"}}``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != pkg.MANIFEST)
+    return {p.relative_to(folder).as_posix(): {"sha256": pkg.sha256_file(p), "bytes": p.stat().st_size}
+            for p in files}
+
+
+def build_manifest(name: str, cfg: ModelConfig, buckets: Sequence[int], parts: dict[str, Any],
+                   files: dict, precision: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": pkg.FORMAT, "format_version": pkg.FORMAT_VERSION,
+        "name": name, "precision": precision,
+        "model": {"name": cfg.name, "config": cfg.to_dict()},
+        **package_sections(cfg, buckets),
+        "graphs": parts["graphs"],
+        "files": files,
+        "accuracy": {"split": None},
+        "parity": parts["parity"],
+        **extra,
+        "producer": {"fiber_edge": "0.1.0", "torch": torch.__version__, "onnx": onnx.__version__,
+                     "tool": "compress.export"},
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / pkg.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: int | None = None
+                     ) -> dict[str, float | None]:
+    """The package in ``folder`` (manifest written) on ONNX Runtime CPU, through the runtime."""
+    opts: dict[str, Any] = {"cache_dir": "", "use_cpu_file": use_cpu_file}
+    if threads:
+        opts["intra_op_threads"] = threads
+    with engines.load(folder, "onnxruntime", **opts) as e:
+        return evaluate_engines(e, data)
+
+
+def guard(fp32: dict, int8: dict, max_drop: float, what: str, sensitivity: Path | None) -> None:
+    """AccuracyGuardError when ``int8`` R@1 is more than ``max_drop`` points below ``fp32``."""
+    r_fp, r_q = fp32.get("R@1"), int8.get("R@1")
+    if r_fp is None or r_q is None:
+        raise ExportError("the accuracy guard needs R@1, but the data has no grounding phrases "
+                          f"(give --data a folder with {'grounding.json'})")
+    drop = r_fp - r_q
+    if drop > max_drop:
+        raise AccuracyGuardError(
+            f"accuracy guard: INT8 R@1 of {what} is {r_q:.2f}, {drop:.2f} points below FP32 {r_fp:.2f} "
+            f"(allowed: {max_drop}); {worst_layers(sensitivity)}. Nothing was written. Re-run "
+            "compress.quantize with --sensitivity (keeps the worst layers in FP32), --qat-steps, or "
+            "allow a larger --max-drop")
+
+
+def worst_layers(sensitivity: Path | None, n: int = 5) -> str:
+    """'worst layers: a (+x R@1), ...' from sensitivity.json, or how to get them."""
+    if sensitivity is None or not sensitivity.is_file():
+        return "no sensitivity.json: run compress.quantize --sensitivity to rank the layers"
+    try:
+        groups = json.loads(sensitivity.read_text())["groups"][:n]
+        shown = ", ".join(f"{g['group']} (+{g['recovered']:.2f} R@1, err {g['output_error']:.3g})" for g in groups)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{sensitivity} is unreadable ({e!r})"
+    return f"worst layers (sensitivity.json): {shown}"
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_package(cfg: ExportConfig) -> ExportResult:
+    """Write the package ``cfg.out`` (atomically). Raises ExportError / AccuracyGuardError,
+    FileExistsError (existing out without overwrite), ValueError for bad data."""
+    if cfg.int8 is not None and cfg.data is None:
+        raise ExportError("--int8 needs --data (a held-out split): the accuracy guard compares INT8 with FP32 R@1")
+    if cfg.cpu_int8 not in cpu_int8.METHODS:
+        raise ExportError(f"--cpu-int8 {cfg.cpu_int8!r} is not one of {list(cpu_int8.METHODS)}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+    model, mcfg, meta = load_fine_model(cfg.checkpoint, cfg.config)
+    try:
+        buckets = resolve_buckets(mcfg, cfg.buckets)
+    except ValueError as e:
+        raise ExportError(f"--buckets: {e}") from None
+    data = find_data(cfg.data) if cfg.data else None
+    if data is not None and cfg.eval_limit:
+        data = data.subset(cfg.eval_limit, cfg.eval_limit)
+    with tempfile.TemporaryDirectory(prefix="fiber-export-") as scratch:
+        qmodel, model, quant = _quantised(cfg, model, mcfg, Path(scratch))
+        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+            manifest = _write_package(cfg, tmp, model, qmodel, mcfg, buckets, quant, meta)
+            accuracy = {"split": data.source if data else None}
+            if data is not None:
+                accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, Path(scratch)))
+            manifest["accuracy"] = accuracy
+            write_manifest(tmp, manifest)
+    return ExportResult(out, manifest)
+
+
+def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
+    """(qmodel or None, the float model whose weights the package ships, quant info or None)."""
+    if cfg.int8 is None:
+        return None, model, None
+    from compress import quantize
+
+    qdir = Path(cfg.int8)
+    if cfg.int8 == "auto":
+        qdir = scratch / "quant"
+        quantize.quantize(quantize.QuantizeConfig(checkpoint=cfg.checkpoint, data=cfg.data, out=str(qdir),
+                                                  config=cfg.config, max_drop=cfg.max_drop, sensitivity=True))
+    try:
+        qmodel, float_model, info = quantize.load_quantized(qdir, cfg.checkpoint, mcfg)
+    except quantize.QuantizeError as e:
+        raise ExportError(str(e)) from None
+    return qmodel, float_model, {"dir": qdir, "info": info}
+
+
+def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta
+                   ) -> dict[str, Any]:
+    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8)
+    precision = "int8" if qmodel is not None else "fp32"
+    name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
+    extra: dict[str, Any] = {"checkpoint": {"path": str(cfg.checkpoint), "task": meta.get("task")}}
+    if quant is not None:
+        extra["quantization"] = quant["info"]
+    manifest = build_manifest(name, mcfg, buckets, parts, file_table(tmp), precision, extra)
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData, quant, scratch: Path
+             ) -> dict[str, Any]:
+    """FP32 (and INT8) accuracy of the package(s) through the runtime; runs the guard for INT8."""
+    t0 = time.perf_counter()
+    if quant is None:
+        return {"fp32": evaluate_package(tmp, data, False, cfg.threads),
+                "seconds": round(time.perf_counter() - t0, 1)}
+    fp32_dir = scratch / "fp32"       # the same checkpoint as an FP32 package, for the baseline
+    fp32_dir.mkdir()
+    parts = write_graphs(fp32_dir, model, None, mcfg, buckets, "none")
+    write_manifest(fp32_dir, build_manifest("fp32-baseline", mcfg, buckets, parts, file_table(fp32_dir),
+                                            "fp32", {}))
+    out = {"fp32": evaluate_package(fp32_dir, data, False, cfg.threads),
+           "int8": evaluate_package(tmp, data, False, cfg.threads)}
+    sensitivity = Path(quant["dir"]) / "sensitivity.json"
+    guard(out["fp32"], out["int8"], cfg.max_drop, pkg.DETECTOR_GRAPH + " (Q/DQ)", sensitivity)
+    if (tmp / pkg.DETECTOR_CPU_GRAPH).is_file():
+        out["int8_cpu"] = evaluate_package(tmp, data, True, cfg.threads)
+        guard(out["fp32"], out["int8_cpu"], cfg.max_drop, pkg.DETECTOR_CPU_GRAPH, sensitivity)
+    out["max_drop"] = cfg.max_drop
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--buckets must be comma-separated integers, got {text!r}") from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--out", required=True, help="model package folder to write")
+    p.add_argument("--int8", default=None, metavar="QDIR|auto",
+                   help="INT8 package from a compress.quantize folder ('auto': quantize with defaults now)")
+    p.add_argument("--data", default=None, help="held-out data folder (grounding.json / detection.json)")
+    p.add_argument("--max-drop", type=float, default=1.0, help="accuracy guard: allowed INT8 R@1 drop (points)")
+    p.add_argument("--buckets", type=_buckets, default=None, help="text buckets, e.g. 16,32,64")
+    p.add_argument("--cpu-int8", default=cpu_int8.DEFAULT, choices=cpu_int8.METHODS,
+                   help="CPU variant of an INT8 package's detector (detector.cpu.onnx)")
+    p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
+    p.add_argument("--name", default=None, help="package name (default: <config>[-int8])")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N entries/images")
+    p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime CPU threads")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an existing package folder")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    return ExportConfig(checkpoint=args.checkpoint, out=args.out, int8=args.int8, data=args.data,
+                        max_drop=args.max_drop, buckets=args.buckets, overwrite=args.overwrite,
+                        config=args.config, name=args.name, cpu_int8=args.cpu_int8,
+                        eval_limit=args.eval_limit, threads=args.threads)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = export_package(config_from_args(args))
+    except (ExportError, FileExistsError, ValueError, onnx_utils.OnnxExportError, engines.EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    sizes = ", ".join(f"{n} {f['bytes'] / 1e6:.2f} MB" for n, f in m["files"].items() if n.endswith(".onnx"))
+    print(f"wrote {result.path} ({m['precision']}): {sizes}")
+    for key in ("fp32", "int8", "int8_cpu"):
+        if key in m["accuracy"]:
+            print(f"  accuracy {key}: " + ", ".join(f"{k} {v}" for k, v in m["accuracy"][key].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,429 @@
+"""ONNX helpers of the exporter: torch -> ONNX, checking, tensor specs and Q/DQ clean-up.
+
+- ``export_graph``: the legacy TorchScript exporter (``dynamo=False``), the one exporter that traces
+  modelopt's quantizers (the dynamo exporter fails on their data-dependent amax checks), under
+  ``torch.inference_mode`` (needed: it turns the quantizers' amax buffers into constants).
+- ``check_graph``: ``onnx.checker.check_model(full_check=True)`` with one clear error.
+- ``export_text`` / ``export_detector``: the package's two graphs from a ``FiberForGrounding``
+  (``text_graph()`` / ``detector_graph()`` wrappers), checked; ``ort_reference`` runs a graph with
+  ONNX Runtime's graph optimisations off (the plain ONNX semantics, for reference outputs).
+- ``io_specs``: ``[{"name", "shape", "dtype"}]`` of a graph's inputs or outputs, read from the file
+  (dynamic dims are their names, e.g. "batch", "tokens").
+- ``clean_qdq``: what the Q/DQ graph of a modelopt-quantised model needs before it ships:
+  weight QuantizeLinear folded into int8 initializers (4x smaller, the canonical
+  ``int8 W -> DequantizeLinear -> MatMul/Conv`` pattern that TensorRT and ONNX Runtime fuse;
+  a ``W -> Q -> DQ -> Transpose`` chain becomes ``int8 W^T -> DQ(axis swapped)``), no-op float->float
+  Casts removed, and duplicate Q/DQ pairs on one tensor (q/k/v each quantise the same input)
+  merged into one.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from common import package as pkg
+
+OPSET = 17
+TEXT_DYNAMIC_AXES = {
+    pkg.INPUT_IDS: {0: "batch", 1: "tokens"},
+    pkg.ATTENTION_MASK: {0: "batch", 1: "tokens"},
+    pkg.TEXT_HIDDEN: {0: "batch", 1: "tokens"},
+}
+DETECTOR_DYNAMIC_AXES = {
+    pkg.IMAGE: {0: "batch"},
+    pkg.TEXT_HIDDEN: {0: "batch", 1: "tokens"},
+    pkg.ATTENTION_MASK: {0: "batch", 1: "tokens"},
+    pkg.BOXES: {0: "batch"},
+    pkg.TOKEN_LOGITS: {0: "batch", 2: "tokens"},
+    pkg.CENTERNESS: {0: "batch"},
+}
+_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
+           TensorProto.INT32: "int32", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8",
+           TensorProto.BOOL: "bool"}
+
+
+class OnnxExportError(RuntimeError):
+    """An exported graph that fails the ONNX checker or has an unexpected interface."""
+
+
+def export_graph(module: Any, args: tuple, path: str | Path, input_names: Sequence[str],
+                 output_names: Sequence[str], dynamic_axes: dict, opset: int = OPSET) -> None:
+    """``torch.onnx.export`` with the legacy exporter; the module is left in eval mode.
+
+    The exporter restores the wrapper's train/eval mode onto the model afterwards, so the module
+    is put back into eval mode explicitly (an export must never switch dropout on).
+    """
+    module.eval()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer warnings
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+    module.eval()
+
+
+def check_graph(path: str | Path) -> None:
+    """``onnx.checker.check_model(path, full_check=True)`` (strict shape inference included)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxExportError(f"{path}: the ONNX checker rejects the graph: {first}") from None
+
+
+def io_specs(model: onnx.ModelProto, which: str) -> list[dict[str, Any]]:
+    """``which`` = "input" | "output": ``[{"name", "shape", "dtype"}]`` of the graph, in order."""
+    initializers = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in getattr(model.graph, which):
+        if vi.name in initializers:
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": vi.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))})
+    return out
+
+
+def count_ops(model: onnx.ModelProto, *op_types: str) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        if not op_types or node.op_type in op_types:
+            counts[node.op_type] += 1
+    return dict(counts)
+
+
+# ----------------------------------------------------------------------------- package graphs
+
+def to_torch(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def export_text(model, x: dict[str, np.ndarray], path: Path) -> onnx.ModelProto:
+    """text.onnx: ``encode_text`` (embeddings + unfused text layers), dynamic batch and tokens."""
+    export_graph(model.text_graph(), (to_torch(x[pkg.INPUT_IDS]), to_torch(x[pkg.ATTENTION_MASK])),
+                 path, pkg.TEXT_INPUTS, pkg.TEXT_OUTPUTS, TEXT_DYNAMIC_AXES)
+    graph = onnx.load(str(path))
+    if count_ops(graph, "QuantizeLinear"):
+        raise OnnxExportError("text.onnx has Q/DQ nodes: the text prefix must stay FP32")
+    return _finish(graph, path, {})
+
+
+def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: Path,
+                    qdq: bool) -> onnx.ModelProto:
+    """detector.onnx: ``detect`` (Swin + fused layers + FPN + head + box decode); with ``qdq`` the
+    model carries modelopt quantizers and the Q/DQ graph is cleaned (clean_qdq)."""
+    args = (to_torch(x[pkg.IMAGE]), to_torch(hidden), to_torch(x[pkg.ATTENTION_MASK]))
+    export_graph(model.detector_graph(), args, path, pkg.DETECTOR_INPUTS, pkg.DETECTOR_OUTPUTS,
+                 DETECTOR_DYNAMIC_AXES)
+    with torch.inference_mode():
+        shapes = {name: tuple(t.shape) for name, t in zip(pkg.DETECTOR_OUTPUTS, model.detect(*args))}
+    graph = onnx.load(str(path))
+    fold_shape_ifs(graph, _detector_probes(x, hidden))
+    if qdq:
+        clean_qdq(graph)
+        if not count_ops(graph, "QuantizeLinear"):
+            raise OnnxExportError("the INT8 detector has no Q/DQ nodes (every quantizer is disabled)")
+    return _finish(graph, path, shapes)
+
+
+def _detector_probes(x: dict[str, np.ndarray], hidden: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The example detector inputs plus a batch-2 variant with 5 more tokens."""
+    one = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
+    pad = ((0, 0), (0, 5))
+    two = {pkg.IMAGE: np.concatenate([x[pkg.IMAGE]] * 2),
+           pkg.TEXT_HIDDEN: np.concatenate([np.pad(hidden, pad + ((0, 0),))] * 2),
+           pkg.ATTENTION_MASK: np.concatenate([np.pad(x[pkg.ATTENTION_MASK], pad)] * 2)}
+    return [one, two]
+
+
+def _finish(graph: onnx.ModelProto, path: Path, shapes: dict) -> onnx.ModelProto:
+    set_static_dims(graph, shapes)
+    graph.producer_name = "fiber-edge compress.export"
+    save(graph, path)
+    check_graph(path)
+    return graph
+
+
+def ort_reference(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's outputs from ONNX Runtime with graph optimisations off (plain ONNX semantics)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+# ----------------------------------------------------------------------------- Q/DQ clean-up
+
+class _Graph:
+    """Producer/consumer maps and constant lookup over one ONNX graph (rebuilt after edits)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for n in model.graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in model.graph.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output, else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        if node is not None and node.op_type == "Identity":
+            return self.const(node.input[0])
+        return None
+
+
+def attr(node, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX QuantizeLinear to int8: round half to even, saturate, per-axis when ``scale`` is 1-D."""
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero.astype(np.float32)
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def _fold_weights(model: onnx.ModelProto) -> int:
+    """W (float constant) -> Q -> DQ [-> Transpose] becomes int8 W -> DQ. Returns the folds made."""
+    g = _Graph(model)
+    remove, folds = set(), 0
+    for q in list(model.graph.node):
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        w, scale, zero = g.const(q.input[0]), g.const(q.input[1]), g.const(q.input[2])
+        dqs = g.consumers[q.output[0]]
+        if w is None or scale is None or zero is None or zero.dtype != np.int8 or len(dqs) != 1:
+            continue
+        dq = dqs[0]
+        if (dq.op_type != "DequantizeLinear" or q.output[0] in g.outputs
+                or not _same(g.const(dq.input[1]), scale) or not _same(g.const(dq.input[2]), zero)):
+            continue
+        axis = attr(q, "axis", 1)
+        axis = axis + w.ndim if axis < 0 else axis
+        wq = _quantize(w, scale, zero, axis)
+        users = g.consumers[dq.output[0]]
+        transposes = [u for u in users if u.op_type == "Transpose"]
+        if w.ndim == 2 and len(users) == 1 and len(transposes) == 1 and dq.output[0] not in g.outputs:
+            t = transposes[0]
+            perm = list(attr(t, "perm", [1, 0]))
+            if perm == [1, 0]:      # fold the transpose too: DQ(axis) on W^T uses the other axis
+                wq, axis = wq.T.copy(), 1 - axis
+                _rewire(model, t.output[0], dq.output[0])
+                remove.add(t.output[0])
+        name = f"{q.input[0]}_int8"
+        model.graph.initializer.append(numpy_helper.from_array(wq, name))
+        dq.input[0] = name
+        _set_axis(dq, axis if scale.size > 1 else None)
+        remove.add(q.output[0])
+        folds += 1
+    _remove_nodes(model, remove)
+    return folds
+
+
+def _same(a: np.ndarray | None, b: np.ndarray) -> bool:
+    return a is not None and a.dtype == b.dtype and a.shape == b.shape and bool(np.all(a == b))
+
+
+def _set_axis(node, axis: int | None) -> None:
+    keep = [a for a in node.attribute if a.name != "axis"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    if axis is not None:
+        node.attribute.append(helper.make_attribute("axis", axis))
+
+
+def _rewire(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Every consumer (and graph output) of tensor ``old`` reads ``new`` instead."""
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name == old:
+                node.input[k] = new
+    for out in model.graph.output:
+        if out.name == old:
+            raise OnnxExportError(f"cannot rewire graph output {old!r}")
+
+
+def graph_index(model: onnx.ModelProto) -> "_Graph":
+    """Producer / consumer / constant lookup over ``model`` (stale after edits: rebuild)."""
+    return _Graph(model)
+
+
+def _remove_nodes(model: onnx.ModelProto, first_outputs: set[str]) -> None:
+    """Remove the nodes whose first output is in ``first_outputs`` (tensor names are unique)."""
+    keep = [n for n in model.graph.node if n.output[0] not in first_outputs]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _remove_noop_casts(model: onnx.ModelProto) -> int:
+    """Cast(to=FLOAT) of a float tensor (modelopt adds them around quantizers) -> removed."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    remove = set()
+    for node in model.graph.node:
+        if (node.op_type == "Cast" and attr(node, "to") == types.get(node.input[0], -1)
+                and node.output[0] not in outputs):
+            _rewire(model, node.output[0], node.input[0])
+            remove.add(node.output[0])
+    _remove_nodes(model, remove)
+    return len(remove)
+
+
+def _merge_duplicate_qdq(model: onnx.ModelProto) -> int:
+    """Q/DQ pairs on the same tensor with equal scale, zero point and axis -> one pair."""
+    g = _Graph(model)
+    seen: dict[tuple, str] = {}
+    remove = set()
+    for q in list(model.graph.node):
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        dqs = g.consumers[q.output[0]]
+        scale, zero = g.const(q.input[1]), g.const(q.input[2])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear" or scale is None or zero is None:
+            continue
+        key = (q.input[0], scale.tobytes(), zero.tobytes(), attr(q, "axis", 1))
+        dq = dqs[0]
+        if key not in seen:
+            seen[key] = dq.output[0]
+            continue
+        if dq.output[0] in g.outputs:
+            continue
+        _rewire(model, dq.output[0], seen[key])
+        remove.update({q.output[0], dq.output[0]})
+    _remove_nodes(model, remove)
+    return len(remove) // 2
+
+
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nobody reads, then unused initializers."""
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = {n.output[0] for n in model.graph.node if not any(o in used for o in n.output)}
+        if not dead:
+            break
+        _remove_nodes(model, dead)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def clean_qdq(model: onnx.ModelProto) -> dict[str, int]:
+    """Clean a modelopt Q/DQ graph in place (see the module docstring); returns what was done."""
+    stats = {"noop_casts": _remove_noop_casts(model)}
+    stats["merged_qdq"] = _merge_duplicate_qdq(model)
+    stats["folded_weights"] = _fold_weights(model)
+    drop_unused(model)
+    counts = count_ops(model, "QuantizeLinear", "DequantizeLinear")
+    stats["quantize_linear"] = counts.get("QuantizeLinear", 0)
+    stats["dequantize_linear"] = counts.get("DequantizeLinear", 0)
+    return stats
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> None:
+    """Save one self-contained ONNX file (packages stay far below protobuf's 2 GB)."""
+    onnx.save_model(model, str(path))
+
+
+def set_static_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                    dynamic: frozenset[str] = frozenset({"batch", "tokens"})) -> None:
+    """Give graph outputs their concrete sizes where the exporter left a made-up symbol.
+
+    ``shapes``: an example run's output shapes. Dims named in ``dynamic`` stay symbolic; others
+    (e.g. the anchor count N, fixed by the input size) become ``dim_value``.
+    """
+    for out in model.graph.output:
+        if out.name not in shapes:
+            continue
+        for dim, size in zip(out.type.tensor_type.shape.dim, shapes[out.name]):
+            if dim.dim_param not in dynamic:
+                dim.Clear()
+                dim.dim_value = int(size)
+
+
+def fold_shape_ifs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> int:
+    """Inline ``If`` nodes whose condition is the same for every example in ``feeds``.
+
+    The legacy exporter writes ``squeeze(-1)`` on a tensor of unknown shape as
+    ``If(shape(x)[-1] == 1, Squeeze, Identity)``; the condition only depends on static sizes, but
+    OpenVINO loses the output's name through the If and TensorRT builds a conditional. Each
+    condition is evaluated with ONNX Runtime on two or more example inputs of different batch and
+    token sizes; when all agree, the taken branch replaces the If. Returns the number inlined.
+    """
+    import onnxruntime as ort
+
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    if not ifs:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for n in ifs:
+        probe.graph.output.append(helper.make_tensor_value_info(n.input[0], TensorProto.BOOL, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    results = [session.run(None, f) for f in feeds]
+    folded = 0
+    for k, node in enumerate(ifs):
+        values = {bool(np.asarray(r[k]).reshape(-1)[0]) for r in results}
+        if len(values) != 1:
+            continue
+        branch = attr(node, "then_branch" if values.pop() else "else_branch")
+        if len(branch.output) != len(node.output) or branch.input:
+            continue
+        _inline_branch(model, node, branch)
+        folded += 1
+    drop_unused(model)
+    return folded
+
+
+def _inline_branch(model: onnx.ModelProto, node, branch) -> None:
+    """Replace ``node`` (an If) by the nodes of ``branch``, renaming its outputs to the If's."""
+    rename = {b.name: o for b, o in zip(branch.output, node.output)}
+    prefix = (node.name or node.output[0]) + "/"
+    local = {o for n in branch.node for o in n.output}
+    new_nodes = []
+    for n in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = prefix + (n.name or n.op_type)
+        for i, name in enumerate(copy.input):
+            if name in local:
+                copy.input[i] = rename.get(name, prefix + name)
+        for i, name in enumerate(copy.output):
+            copy.output[i] = rename.get(name, prefix + name)
+        new_nodes.append(copy)
+    nodes = list(model.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.output[0] == node.output[0])
+    nodes[at:at + 1] = new_nodes
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)

@@ -1,0 +1,290 @@
+"""compress.export (FP32 packages) and compress.onnx_utils on the tiny config with random weights.
+
+Parity: ONNX Runtime vs PyTorch for two text lengths and batch sizes; the split text/detector pair
+vs the unsplit torch forward. The manifest is checked against the files with an independent
+sha256 and against the ONNX files' own interfaces. Refusals: existing --out, wrong config, coarse
+checkpoint, a failure injected half-way (nothing left behind). The Q/DQ clean-up is checked on a
+hand-built graph against numpy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import engines
+from common import package as pkg
+from compress import export, onnx_utils
+from fiber.checkpoint import save_checkpoint
+from fiber.config import get_config
+from fiber.models import FiberForGrounding
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "fiber-tiny-test"
+BUCKETS = "16,32"
+TOL = 1e-4          # FP32 ONNX vs PyTorch, relative to 1 + max |torch|
+
+
+def make_checkpoint(path: Path, name: str = CONFIG, task: str = "fine", seed: int = 0) -> Path:
+    """A random-init checkpoint with the fusion gates opened (so fusion changes the outputs)."""
+    torch.manual_seed(seed)
+    cfg = get_config(name)
+    model = FiberForGrounding(cfg)
+    model.backbone.set_gates(0.5)
+    return save_checkpoint(path, model.state_dict(), cfg, {"task": task})
+
+
+def make_data(path: Path, images: int = 8) -> Path:
+    subprocess.run([sys.executable, "-m", "fiber.data.synth", "--out", str(path), "--images", str(images),
+                    "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    return path
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b)) / (1 + np.max(np.abs(b))))
+
+
+def random_prompt_inputs(cfg, batch: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, tokens + 1, size=batch)
+    mask = (np.arange(tokens)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1000, 20000, size=(batch, tokens)).astype(np.int64) * mask
+    image = rng.standard_normal((batch, 3, cfg.swin.img_size, cfg.swin.img_size)).astype(np.float32)
+    return {pkg.INPUT_IDS: ids, pkg.ATTENTION_MASK: mask, pkg.IMAGE: image}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(root / "ckpt")
+    data = make_data(root / "data")
+    out = root / "fiber-tiny"
+    result = run_cli("compress.export", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(data),
+                     "--buckets", BUCKETS, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    model = FiberForGrounding(get_config(CONFIG))
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    return {"root": root, "ckpt": ckpt, "data": data, "package": out, "model": model.eval()}
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("batch,tokens", [(1, 7), (2, 23)])
+def test_onnx_matches_pytorch(work, batch, tokens):
+    model, package = work["model"], work["package"]
+    x = random_prompt_inputs(model.cfg, batch, tokens, seed=tokens)
+    ids, mask, image = (torch.from_numpy(x[k]) for k in (pkg.INPUT_IDS, pkg.ATTENTION_MASK, pkg.IMAGE))
+    with torch.no_grad():
+        hidden_t = model.encode_text(ids, mask)
+        det_t = model.detect(image, hidden_t, mask)
+    hidden = ort_session(package / pkg.TEXT_GRAPH).run(None, {pkg.INPUT_IDS: x[pkg.INPUT_IDS],
+                                                              pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]})[0]
+    assert rel_diff(hidden, hidden_t.numpy()) < TOL
+    out = ort_session(package / pkg.DETECTOR_GRAPH).run(
+        list(pkg.DETECTOR_OUTPUTS), {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden_t.numpy(),
+                                     pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]})
+    for name, got, want in zip(pkg.DETECTOR_OUTPUTS, out, det_t):
+        assert got.shape == tuple(want.shape), name
+        assert rel_diff(got, want.numpy()) < TOL, name
+
+
+def test_split_pair_equals_unsplit_model(work):
+    """text.onnx -> detector.onnx == FiberForGrounding.forward (one torch pass, no split)."""
+    model, package = work["model"], work["package"]
+    x = random_prompt_inputs(model.cfg, 2, 16, seed=3)
+    with torch.no_grad():
+        full = model(*(torch.from_numpy(x[k]) for k in (pkg.IMAGE, pkg.INPUT_IDS, pkg.ATTENTION_MASK)))
+    hidden = ort_session(package / pkg.TEXT_GRAPH).run(None, {k: x[k] for k in pkg.TEXT_INPUTS})[0]
+    out = ort_session(package / pkg.DETECTOR_GRAPH).run(
+        list(pkg.DETECTOR_OUTPUTS), {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden,
+                                     pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]})
+    for got, want in zip(out, (full.boxes, full.token_logits, full.centerness)):
+        assert rel_diff(got, want.numpy()) < TOL
+    # the fusion gates are open: the text really changes the detector's output
+    other = ort_session(package / pkg.DETECTOR_GRAPH).run(
+        [pkg.TOKEN_LOGITS], {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden[::-1].copy(),
+                             pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]})[0]
+    assert rel_diff(other, out[1]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- package contents
+
+def test_graphs_pass_full_check(work):
+    for name in (pkg.TEXT_GRAPH, pkg.DETECTOR_GRAPH):
+        onnx.checker.check_model(str(work["package"] / name), full_check=True)
+        graph = onnx.load(str(work["package"] / name))
+        assert graph.opset_import[0].version >= 17
+        assert not [n for n in graph.graph.node if n.op_type in ("If", "QuantizeLinear")]
+
+
+def test_manifest_lists_every_file_and_tensor(work):
+    package = work["package"]
+    manifest = json.loads((package / pkg.MANIFEST).read_text())
+    on_disk = sorted(p.relative_to(package).as_posix() for p in package.rglob("*")
+                     if p.is_file() and p.name != pkg.MANIFEST)
+    assert sorted(manifest["files"]) == on_disk
+    assert {pkg.TEXT_GRAPH, pkg.DETECTOR_GRAPH, pkg.TOKENIZER, "reference/text.npz",
+            "reference/detector.npz"} <= set(on_disk)
+    for name, info in manifest["files"].items():
+        data = (package / name).read_bytes()
+        assert info == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    cfg = get_config(CONFIG)
+    want = {"text": ({pkg.INPUT_IDS: (["batch", "tokens"], "int64"), pkg.ATTENTION_MASK: (["batch", "tokens"], "int64")},
+                     {pkg.TEXT_HIDDEN: (["batch", "tokens", 16], "float32")}),
+            "detector": ({pkg.IMAGE: (["batch", 3, 64, 64], "float32"),
+                          pkg.TEXT_HIDDEN: (["batch", "tokens", 16], "float32"),
+                          pkg.ATTENTION_MASK: (["batch", "tokens"], "int64")},
+                         {pkg.BOXES: (["batch", 84, 4], "float32"), pkg.TOKEN_LOGITS: (["batch", 84, "tokens"], "float32"),
+                          pkg.CENTERNESS: (["batch", 84], "float32")})}
+    # 84 anchors = 8x8 + 4x4 + 2x2 cells of the 64 px input at strides 8, 16, 32
+    assert 84 == sum((cfg.swin.img_size // s) ** 2 for s in (8, 16, 32))
+    for graph, (inputs, outputs) in want.items():
+        entry = manifest["graphs"][graph]
+        got_in = {s["name"]: (s["shape"], s["dtype"]) for s in entry["inputs"]}
+        got_out = {s["name"]: (s["shape"], s["dtype"]) for s in entry["outputs"]}
+        assert (got_in, got_out) == (inputs, outputs)
+        model = onnx.load(str(package / entry["file"]))
+        assert [i.name for i in model.graph.input] == [s["name"] for s in entry["inputs"]]
+        assert [o.name for o in model.graph.output] == [s["name"] for s in entry["outputs"]]
+    assert manifest["graphs"]["detector"]["cpu_file"] is None
+    assert manifest["precision"] == "fp32" and manifest["model"]["name"] == CONFIG
+    assert manifest["text"]["buckets"] == [16, 32] and manifest["text"]["max_tokens"] == 32
+    assert manifest["input"]["size"] == [64, 64] and manifest["input"]["letterbox"] == "top-left"
+    assert pkg.load_package_manifest(package)["name"] == CONFIG   # the contract's own reader accepts it
+
+
+def test_accuracy_recorded_from_the_runtime(work):
+    manifest = json.loads((work["package"] / pkg.MANIFEST).read_text())
+    acc = manifest["accuracy"]
+    assert acc["split"] == str(work["data"])
+    assert set(acc["fp32"]) == {"R@1", "R@5", "R@10", "mAP", "refexp"}
+    assert all(v is None or 0.0 <= v <= 100.0 for v in acc["fp32"].values())
+    assert acc["fp32"]["R@1"] <= acc["fp32"]["R@5"] <= acc["fp32"]["R@10"]
+
+
+def test_reference_outputs_match_every_backend(work):
+    package = work["package"]
+    with np.load(package / pkg.reference_file("detector")) as z:
+        ref = {k: z[k] for k in z.files}
+    for backend in ("onnxruntime", "openvino"):
+        with engines.load(package, backend, cache_dir="") as e:
+            out = e.detector.run({k: ref[k] for k in pkg.DETECTOR_INPUTS})
+        for name in pkg.DETECTOR_OUTPUTS:
+            assert rel_diff(out[name], ref[name]) < TOL, (backend, name)
+    assert ref[pkg.ATTENTION_MASK].min() == 0            # the reference prompt has padding
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_existing_out_is_refused(work):
+    before = sorted(p.name for p in work["package"].iterdir())
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(work["package"]),
+                     "--buckets", BUCKETS)
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in work["package"].iterdir()) == before
+
+
+def test_wrong_config_and_coarse_checkpoints_are_refused(work, tmp_path):
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "a"),
+                     "--config", "fiber-nano")
+    assert result.returncode == 2 and "expected 'fiber-nano'" in result.stderr
+    coarse = make_checkpoint(tmp_path / "coarse", task="coarse")
+    result = run_cli("compress.export", "--checkpoint", str(coarse), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "'coarse' checkpoint" in result.stderr
+    # weights of another shape under this config's name
+    torch.manual_seed(0)
+    wrong = FiberForGrounding(get_config("fiber-golden")).state_dict()
+    save_checkpoint(tmp_path / "wrong", wrong, get_config(CONFIG), {"task": "fine"})
+    result = run_cli("compress.export", "--checkpoint", str(tmp_path / "wrong"), "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "config 'fiber-tiny-test'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_bad_buckets_refused(work, tmp_path):
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "p"),
+                     "--buckets", "16,64")
+    assert result.returncode == 2 and "exceeds the 32 tokens" in result.stderr
+
+
+def test_failed_export_leaves_nothing(work, tmp_path, monkeypatch):
+    """A failure after text.onnx was written: no package and no temp folder remain."""
+    def broken(*args, **kwargs):
+        raise onnx_utils.OnnxExportError("injected failure")
+
+    monkeypatch.setattr(onnx_utils, "export_detector", broken)
+    out = tmp_path / "pkg"
+    with pytest.raises(onnx_utils.OnnxExportError, match="injected"):
+        export.export_package(export.ExportConfig(checkpoint=str(work["ckpt"]), out=str(out), buckets=(16,)))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- Q/DQ clean-up
+
+def _qdq_graph(w: np.ndarray, scale: np.ndarray, s_act: float) -> onnx.ModelProto:
+    """x -> Cast(float) -> [Q/DQ twice, same scale] -> MatMul with W -> Q -> DQ -> Transpose."""
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT),
+        helper.make_node("QuantizeLinear", ["xc", "sa", "za"], ["q1"]),
+        helper.make_node("DequantizeLinear", ["q1", "sa", "za"], ["d1"]),
+        helper.make_node("QuantizeLinear", ["xc", "sa", "za"], ["q2"]),
+        helper.make_node("DequantizeLinear", ["q2", "sa", "za"], ["d2"]),
+        helper.make_node("QuantizeLinear", ["W", "sw", "zw"], ["qw"], axis=0),
+        helper.make_node("DequantizeLinear", ["qw", "sw", "zw"], ["dw"], axis=0),
+        helper.make_node("Transpose", ["dw"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["d1", "wt"], ["y1"]),
+        helper.make_node("MatMul", ["d2", "wt"], ["y2"]),
+        helper.make_node("Add", ["y1", "y2"], ["y"]),
+    ]
+    inits = [c("W", w), c("sw", scale), c("zw", np.zeros(scale.shape, np.int8)),
+             c("sa", np.float32(s_act)), c("za", np.int8(0))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w.shape[1]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w.shape[0]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_clean_qdq_folds_weights_and_merges_pairs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5)).astype(np.float32)                 # [out, in]
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    model = _qdq_graph(w, scale, 0.05)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    # numpy: symmetric int8 fake-quant of x (per tensor) and W (per output channel)
+    xq = np.clip(np.rint(x / 0.05), -128, 127) * np.float32(0.05)
+    wq = np.clip(np.rint(w / scale[:, None]), -128, 127) * scale[:, None]
+    expected = 2 * xq @ wq.T
+    stats = onnx_utils.clean_qdq(model)
+    assert stats["noop_casts"] == 1 and stats["merged_qdq"] == 1 and stats["folded_weights"] == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Cast" not in ops and "Transpose" not in ops and ops.count("QuantizeLinear") == 1
+    weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2]
+    assert len(weights) == 1 and list(weights[0].dims) == [5, 6]       # stored transposed, as int8
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == weights[0].name)
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

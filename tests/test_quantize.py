@@ -1,0 +1,287 @@
+"""compress.quantize (modelopt PTQ, sensitivity, QAT) and INT8 packages on the tiny config.
+
+The INT8 package: explicit Q/DQ with int8 per-channel weights and per-tensor activations, the ONNX
+checker, ONNX Runtime and OpenVINO through engines.load, parity with the fake-quantised PyTorch
+model, the CPU variant within a stated tolerance of the Q/DQ graph, a TensorRT-RTX build (trt).
+Refusals: too few calibration images, the accuracy guard (names the worst layers, writes nothing),
+a QDIR made for another checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+import engines
+from common import package as pkg
+from compress import export, quantize
+from test_export import BUCKETS, CONFIG, make_checkpoint, make_data, rel_diff, run_cli
+
+INT8_VS_FAKEQUANT = 1e-3   # Q/DQ ONNX (ORT, optimisations off) vs modelopt fake-quant torch
+CPU_FILE_TOL = 0.1         # detector.cpu.onnx (dynamic, different activation scales) vs detector.onnx
+INT8_VS_FP32 = 0.1         # INT8 vs FP32 outputs on random weights (quantisation noise, not a bug)
+# A backend's int8 kernels vs the reference (ORT, optimisations off): a few activations round to
+# the neighbouring code; OpenVINO's fused int8 pipeline differs most (the box decode's exp amplifies).
+BACKEND_TOL = {"onnxruntime": 1e-2, "openvino": 5e-2}
+SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--eval-entries", "6", "--batch-size", "4",
+         "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    ckpt = make_checkpoint(root / "ckpt")
+    data = make_data(root / "data")
+    qdir = root / "qdir"
+    result = run_cli("compress.quantize", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(qdir),
+                     *SMALL, "--sensitivity", "--groups", "kinds", "--max-drop", "1.0")
+    assert result.returncode == 0, result.stderr
+    fp32 = root / "fp32"
+    assert run_cli("compress.export", "--checkpoint", str(ckpt), "--out", str(fp32),
+                   "--buckets", BUCKETS, "--threads", "1").returncode == 0
+    int8 = root / "int8"
+    result = run_cli("compress.export", "--checkpoint", str(ckpt), "--out", str(int8), "--int8", str(qdir),
+                     "--data", str(data), "--buckets", BUCKETS, "--eval-limit", "6", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "ckpt": ckpt, "data": data, "qdir": qdir, "fp32": fp32, "int8": int8}
+
+
+# ----------------------------------------------------------------------------- quantize
+
+def test_quant_dir_contents(work):
+    meta = json.loads((work["qdir"] / quantize.QUANT_JSON).read_text())
+    assert meta["format"] == quantize.QUANT_FORMAT and meta["model"] == CONFIG
+    entries = json.loads((work["data"] / "grounding.json").read_text())["images"]
+    held = {e["file_name"] for e in entries[-6:]}
+    assert meta["held_out"]["grounding_entries"] == 6
+    assert meta["calibration"]["images"] == 8 - len(held)          # held-out images are not calibrated on
+    from safetensors.torch import load_file
+    amax = load_file(str(work["qdir"] / quantize.AMAX_FILE))
+    assert len(amax) == meta["quantizers"]["enabled"] > 0
+    # weights per output channel, activations per tensor; only Linear/Conv2d, none in the text prefix
+    weights = {k: v for k, v in amax.items() if k.endswith("weight_quantizer")}
+    inputs = {k: v for k, v in amax.items() if k.endswith("input_quantizer")}
+    assert weights and inputs and all(v.numel() == 1 for v in inputs.values())
+    assert any(v.numel() > 1 for v in weights.values())
+    assert not any(k.startswith(("backbone.text.embeddings", "backbone.text.encoder.layer.0.")) for k in amax)
+    assert not any("norm" in k.lower() for k in amax)
+    assert all(float(v.min()) > 0 for v in amax.values())
+
+
+def test_sensitivity_ranks_groups_worst_first(work):
+    doc = json.loads((work["qdir"] / quantize.SENSITIVITY_JSON).read_text())
+    rows = doc["groups"]
+    names = [r["group"] for r in rows]
+    for group in ("kind:ln_adjacent", "kind:i2t.out (gated)", "kind:t2i.out (gated)", "kind:head.outputs",
+                  "kind:swin.qkv", "kind:fpn"):
+        assert group in names
+    keys = [(-r["recovered"], -r["error_removed"]) for r in rows]
+    assert keys == sorted(keys)
+    assert all(r["quantizers"] > 0 for r in rows)
+    assert doc["fp32"] is not None and doc["int8_all"] is not None
+
+
+def test_quantizer_groups_cover_every_quantizer():
+    names = ["backbone.image.patch_embed.proj.input_quantizer",
+             "backbone.image.layers.2.blocks.1.attn.proj_i2t.weight_quantizer",
+             "backbone.image.layers.2.blocks.1.attn.qkv.input_quantizer",
+             "backbone.text.encoder.layer.3.crossattention_t2i.output.dense.input_quantizer",
+             "backbone.text.encoder.layer.3.output.dense.weight_quantizer",
+             "head.dot_product_projection_text.input_quantizer", "fpn.fpn_layer2.weight_quantizer"]
+    groups = quantize.quantizer_groups(names)
+    assert groups["kind:i2t.out (gated)"] == [names[1]]
+    assert groups["kind:t2i.out (gated)"] == [names[3]]
+    assert groups["kind:text.ffn.out"] == [names[4]]
+    assert groups["block:image.stage3.block1"] == names[1:3]
+    assert groups["block:text.layer3"] == names[3:5]
+    assert set(groups["kind:ln_adjacent"]) == {names[2], names[5]}
+    kinds = [g for g in groups if g.startswith("kind:") and g != "kind:ln_adjacent"]
+    assert sorted(n for g in kinds for n in groups[g]) == sorted(names)   # each in exactly one kind
+    assert "kind:other" not in groups
+
+
+def test_too_few_calibration_images_refused(work, tmp_path):
+    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+                     "--out", str(tmp_path / "q"))                  # 8 images, default minimum 64
+    assert result.returncode == 2
+    assert "calibration images" in result.stderr and "at least 64" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+                     "--out", str(tmp_path / "q"), "--calib-images", "10")
+    assert result.returncode == 2 and "below the minimum of 64" in result.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_quant_state_reapplies_to_a_fresh_model(work):
+    """load_quantized == the saved amax, and its fake-quant output is what the Q/DQ ONNX computes."""
+    from safetensors.torch import load_file
+    from fiber.checkpoint import load_checkpoint
+    _, cfg, _ = load_checkpoint(work["ckpt"])
+    qmodel, fp32, info = quantize.load_quantized(work["qdir"], work["ckpt"], cfg)
+    amax = load_file(str(work["qdir"] / quantize.AMAX_FILE))
+    for name, value in amax.items():
+        assert torch.equal(qmodel.get_submodule(name).amax.float(), value)
+    ref = dict(np.load(work["int8"] / pkg.reference_file("detector")))
+    with torch.no_grad():
+        out = qmodel.detect(*(torch.from_numpy(ref[k]) for k in pkg.DETECTOR_INPUTS))
+        out_fp = fp32.detect(*(torch.from_numpy(ref[k]) for k in pkg.DETECTOR_INPUTS))
+    for name, got, f in zip(pkg.DETECTOR_OUTPUTS, out, out_fp):
+        assert rel_diff(ref[name], got.numpy()) < INT8_VS_FAKEQUANT, name
+    assert rel_diff(out[1].numpy(), out_fp[1].numpy()) > 1e-6        # it is quantised at all
+
+
+def test_qdir_of_another_checkpoint_refused(work, tmp_path):
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    result = run_cli("compress.export", "--checkpoint", str(other), "--out", str(tmp_path / "p"),
+                     "--int8", str(work["qdir"]), "--data", str(work["data"]), "--buckets", BUCKETS)
+    assert result.returncode == 2 and "calibrated on another checkpoint" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+# ----------------------------------------------------------------------------- the INT8 package
+
+def test_int8_graphs_are_explicit_qdq(work):
+    package = work["int8"]
+    for name in (pkg.TEXT_GRAPH, pkg.DETECTOR_GRAPH, pkg.DETECTOR_CPU_GRAPH):
+        onnx.checker.check_model(str(package / name), full_check=True)
+    text = onnx.load(str(package / pkg.TEXT_GRAPH))
+    assert not [n for n in text.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    det = onnx.load(str(package / pkg.DETECTOR_GRAPH))
+    inits = {i.name: i for i in det.graph.initializer}
+    qs = [n for n in det.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in det.graph.node if n.op_type == "DequantizeLinear"]
+    assert qs and len(dqs) > len(qs)
+    weight_dqs = [n for n in dqs if n.input[0] in inits]
+    assert weight_dqs and all(inits[n.input[0]].data_type == TensorProto.INT8 for n in weight_dqs)
+    per_tensor = [n for n in weight_dqs if not any(a.name == "axis" for a in n.attribute)]
+    assert all(inits[n.input[0]].dims[0] == 1 for n in per_tensor)   # only the 1-channel centerness conv
+    consumers = {i for n in det.graph.node if n.op_type in ("MatMul", "Conv", "Gemm") for i in n.input}
+    assert all(n.output[0] in consumers for n in weight_dqs)        # DQ feeds the weighted op directly
+    assert not [i for i in det.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+                and i.dims[0] * i.dims[1] >= 256 and i.name.endswith(".weight")]
+    manifest = json.loads((package / pkg.MANIFEST).read_text())
+    assert manifest["precision"] == "int8" and manifest["graphs"]["text"]["precision"] == "fp32"
+    assert "once per prompt" in manifest["graphs"]["text"]["note"]
+    assert manifest["graphs"]["detector"]["cpu_file"] == pkg.DETECTOR_CPU_GRAPH
+    assert manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] == len(qs)
+    assert set(manifest["accuracy"]) >= {"fp32", "int8", "int8_cpu"}
+    assert manifest["quantization"]["calibration_images"] == json.loads(
+        (work["qdir"] / quantize.QUANT_JSON).read_text())["calibration"]["images"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_package_runs_through_engines(work, backend):
+    package = work["int8"]
+    ref = dict(np.load(package / pkg.reference_file("detector")))
+    with engines.load(package, backend, cache_dir="", use_cpu_file=False) as e:
+        assert e.detector.path.name == pkg.DETECTOR_GRAPH
+        out = e.detector.run({k: ref[k] for k in pkg.DETECTOR_INPUTS})
+        text = dict(np.load(package / pkg.reference_file("text")))
+        hidden = e.encode_text(text[pkg.INPUT_IDS], text[pkg.ATTENTION_MASK])
+    assert rel_diff(hidden, text[pkg.TEXT_HIDDEN]) < 1e-4
+    with engines.load(work["fp32"], backend, cache_dir="") as e:
+        fp32 = e.detector.run({k: ref[k] for k in pkg.DETECTOR_INPUTS})
+    for name in pkg.DETECTOR_OUTPUTS:
+        assert rel_diff(out[name], ref[name]) < BACKEND_TOL[backend], name
+        assert rel_diff(out[name], fp32[name]) < INT8_VS_FP32, name
+
+
+def test_cpu_variant_is_close_to_the_qdq_graph(work):
+    """The CPU file is what engines.ort runs on the CPU; within CPU_FILE_TOL of the Q/DQ graph."""
+    package = work["int8"]
+    ref = dict(np.load(package / pkg.reference_file("detector")))
+    feeds = {k: ref[k] for k in pkg.DETECTOR_INPUTS}
+    with engines.load(package, cache_dir="") as e:
+        assert e.detector.path.name == pkg.DETECTOR_CPU_GRAPH
+        cpu = e.detector.run(feeds)
+    for name in pkg.DETECTOR_OUTPUTS:
+        assert rel_diff(cpu[name], ref[name]) < CPU_FILE_TOL, name
+    # qdq-dynamic: the Q/DQ file's own int8 weights and scales in fused DynamicQuantizeMatMul ops
+    cpu_graph = onnx.load(str(package / pkg.DETECTOR_CPU_GRAPH))
+    qdq = {i.name: i for i in onnx.load(str(package / pkg.DETECTOR_GRAPH)).graph.initializer}
+    fused = [n for n in cpu_graph.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    qdq_matmuls = json.loads((package / pkg.MANIFEST).read_text())["graphs"]["detector"]["cpu_variant"]
+    assert fused and len(fused) == qdq_matmuls["fused_matmuls"]
+    cpu_inits = {i.name: i for i in cpu_graph.graph.initializer}
+    for node in fused:
+        assert cpu_inits[node.input[1]].SerializeToString() == qdq[node.input[1]].SerializeToString()
+    assert not [n for n in cpu_graph.graph.node if n.op_type == "MatMul" and n.input[1] in cpu_inits
+                and cpu_inits[n.input[1]].data_type == TensorProto.INT8]
+
+
+def test_accuracy_guard_refuses_and_names_layers(work, tmp_path):
+    out = tmp_path / "refused"
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(out),
+                     "--int8", str(work["qdir"]), "--data", str(work["data"]), "--buckets", BUCKETS,
+                     "--eval-limit", "6", "--max-drop", "-1", "--threads", "1")
+    assert result.returncode == 2
+    assert "accuracy guard" in result.stderr and "Nothing was written" in result.stderr
+    worst = json.loads((work["qdir"] / quantize.SENSITIVITY_JSON).read_text())["groups"][0]["group"]
+    assert worst in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guard_unit(tmp_path):
+    sens = tmp_path / "sensitivity.json"
+    sens.write_text(json.dumps({"groups": [{"group": "kind:t2i.out (gated)", "recovered": 2.5, "output_error": 0.1},
+                                           {"group": "kind:fpn", "recovered": 0.5, "output_error": 0.2}]}))
+    export.guard({"R@1": 60.0}, {"R@1": 59.5}, 1.0, "detector.onnx", sens)      # within the margin
+    with pytest.raises(export.AccuracyGuardError, match=r"t2i\.out \(gated\).*kind:fpn"):
+        export.guard({"R@1": 60.0}, {"R@1": 58.9}, 1.0, "detector.onnx", sens)
+    with pytest.raises(export.AccuracyGuardError, match="run compress.quantize --sensitivity"):
+        export.guard({"R@1": 60.0}, {"R@1": 50.0}, 1.0, "detector.onnx", tmp_path / "missing.json")
+    with pytest.raises(export.ExportError, match="needs R@1"):
+        export.guard({"R@1": None}, {"R@1": None}, 1.0, "detector.onnx", sens)
+
+
+@pytest.mark.slow
+def test_sensitivity_keeps_groups_in_fp32(work, tmp_path):
+    """Over the margin (max-drop -1), groups that help go back to FP32 and the export has fewer Q/DQ."""
+    qdir = tmp_path / "q"
+    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+                     "--out", str(qdir), *SMALL, "--sensitivity", "--groups", "kinds", "--max-drop", "-1")
+    assert result.returncode == 0, result.stderr
+    assert "compress.export will refuse it" in result.stderr
+    meta = json.loads((qdir / quantize.QUANT_JSON).read_text())
+    assert meta["fp32_groups"] and not meta["within_margin"]
+    from fiber.checkpoint import load_checkpoint
+    _, cfg, _ = load_checkpoint(work["ckpt"])
+    qmodel, _, _ = quantize.load_quantized(qdir, work["ckpt"], cfg)
+    enabled = set(quantize.quantizer_names(qmodel, enabled_only=True))
+    assert not enabled & set(meta["disabled"]) and meta["quantizers"]["enabled"] == len(enabled)
+    base = json.loads((work["qdir"] / quantize.QUANT_JSON).read_text())["quantizers"]["enabled"]
+    assert len(enabled) == base - len(meta["disabled"])
+
+
+@pytest.mark.slow
+def test_qat_fine_tunes_and_reapplies(work, tmp_path):
+    qdir = tmp_path / "qat"
+    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+                     "--out", str(qdir), *SMALL, "--qat-steps", "2", "--qat-lr", "1e-3")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((qdir / quantize.QUANT_JSON).read_text())
+    assert meta["weights"] == quantize.QAT_DIR and meta["qat"]["steps"] == 2
+    from safetensors.torch import load_file
+    before, after = load_file(str(work["ckpt"] / "model.safetensors")), load_file(str(qdir / "qat" / "model.safetensors"))
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    from fiber.checkpoint import load_checkpoint
+    _, cfg, _ = load_checkpoint(work["ckpt"])
+    _, fp32, _ = quantize.load_quantized(qdir, work["ckpt"], cfg)
+    assert all(torch.equal(v, after[k]) for k, v in fp32.state_dict().items())
+
+
+@pytest.mark.trt
+@pytest.mark.slow
+def test_tensorrt_rtx_builds_the_int8_package(work, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu12)")
+    result = run_cli("engines.build", "--package", str(work["int8"]), "--backend", "tensorrt-rtx",
+                     "--precision", "int8", "--out", str(tmp_path / "engine"))
+    assert result.returncode == 0, result.stderr
+    engine = json.loads((tmp_path / "engine" / "engine.json").read_text())
+    assert engine["graph_precision"] == {"text": "fp16", "detector": "int8"}
