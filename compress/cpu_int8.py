@@ -15,7 +15,13 @@ The CPU variant is what engines.ort runs on the CPU provider instead. Methods:
   quantising everything ruins the masked attention logits, see environment.md §3).
 - ``none``: no CPU variant; the CPU runs detector.onnx.
 
-Measured on this CPU with benchmarks/int8_speed.py; the numbers are in the final report.
+Measured on this CPU (AMD EPYC, AVX-512 VNNI/BF16, no AMX; 2 threads, batch 1, T=16, fiber-nano with
+random weights; benchmarks/int8_speed.py, shared machine so ranges over several runs), detector
+speed-up over the FP32 detector.onnx on ONNX Runtime: Q/DQ detector.onnx on ONNX Runtime 0.7-1.1x,
+``qdq-dynamic`` 1.2-1.5x, ``dynamic`` about the same (1.45x), the Q/DQ file on OpenVINO 1.7-2.3x
+(1.3-1.7x over FP32 on OpenVINO). About half of the FP32 detector's time is not in GEMMs (LayerNorm,
+GELU, softmax, window partition transposes, shape arithmetic, head convs), which caps what INT8 GEMMs
+can give on one engine.
 """
 from __future__ import annotations
 

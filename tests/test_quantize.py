@@ -9,7 +9,6 @@ a QDIR made for another checkpoint.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -285,3 +284,28 @@ def test_tensorrt_rtx_builds_the_int8_package(work, tmp_path):
     assert result.returncode == 0, result.stderr
     engine = json.loads((tmp_path / "engine" / "engine.json").read_text())
     assert engine["graph_precision"] == {"text": "fp16", "detector": "int8"}
+
+
+def test_percentile_calibration_clips_below_max(work, tmp_path):
+    """Same images: percentile amax <= max amax for every activation, weights (always max) equal."""
+    qdir = tmp_path / "pct"
+    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+                     "--out", str(qdir), *SMALL, "--method", "percentile", "--percentile", "99.0")
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+    pct, mx = load_file(str(qdir / quantize.AMAX_FILE)), load_file(str(work["qdir"] / quantize.AMAX_FILE))
+    assert set(pct) == set(mx)
+    acts = [k for k in pct if k.endswith("input_quantizer")]
+    assert all(float(pct[k]) <= float(mx[k]) * (1 + 1e-6) for k in acts)
+    assert sum(float(pct[k]) < float(mx[k]) * 0.99 for k in acts) > len(acts) // 2
+    assert all(torch.equal(pct[k], mx[k]) for k in pct if k.endswith("weight_quantizer"))
+
+
+def test_int8_export_needs_data_and_enough_images(work, tmp_path):
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "a"),
+                     "--int8", str(work["qdir"]))
+    assert result.returncode == 2 and "--int8 needs --data" in result.stderr
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "b"),
+                     "--int8", "auto", "--data", str(work["data"]))      # auto: default 64-image minimum
+    assert result.returncode == 2 and "at least 64 are needed" in result.stderr
+    assert list(tmp_path.iterdir()) == []
