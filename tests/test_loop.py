@@ -188,12 +188,13 @@ def test_out_of_memory_gives_advice_and_keeps_checkpoints(tmp_path):
 def test_amp_modes_on_cpu():
     assert resolve_amp("auto", torch.device("cpu")) is None
     assert resolve_amp("off", torch.device("cpu")) is None
+    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        resolve_amp("bf16", torch.device("cpu"))
+        resolve_amp("fp16", torch.device("cpu"))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (AMP runs only on GPUs)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 AMP and CUDA autocast)")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_on_gpu_trains_and_resumes(tmp_path, amp):
     cfg = tiny_config(device="cuda", amp=amp, ema_decay=0.9)
@@ -204,6 +205,16 @@ def test_amp_on_gpu_trains_and_resumes(tmp_path, amp):
     assert next(res.model.parameters()).device.type == "cuda"
     state = ckpt.load_checkpoint(tmp_path / "run/checkpoints/step-0000006")["trainer_state"]
     assert (state["scaler"] is not None) == (amp == "fp16")
+
+
+def test_bf16_autocast_on_cpu_trains_and_resumes(tmp_path):
+    cfg = tiny_config(amp="bf16", ema_decay=0.9)
+    with pytest.raises(ToyCrash):
+        fit(ToyTask(crash_at=3), cfg, tmp_path / "run")
+    res = fit(ToyTask(), cfg, tmp_path / "run", resume=True)
+    assert res.step == 6 and math.isfinite(res.metrics["loss"])
+    # master weights stay fp32; only the autocast region computes in bf16
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
 
 
 def test_bad_configs_are_named():
