@@ -40,9 +40,15 @@ SYNTH_TRAIN_IMAGES ?= 5000
 SYNTH_VAL_IMAGES ?= 500
 NANO_RUN ?= runs/nano
 NANO_BATCH ?= 16
-NANO_COARSE_STEPS ?= 100
-NANO_FINE_STEPS ?= 1200
-NANO_THREADS ?= 1
+NANO_COARSE_STEPS ?= 150
+NANO_FINE_STEPS ?= 2400
+NANO_THREADS ?= 2
+# bf16 autocast on the CPU (AVX-512 BF16): fwd+bwd ~1.85x faster than fp32, same accuracy at 400
+# steps (R@1 27.5 vs 30.3 on 284 val phrases, within noise); lr 1e-3 beat 3e-4 at equal steps.
+TRAIN_AMP ?= bf16
+FINE_LR ?= 1e-3
+TEXT_LR_MULT ?= 0.1
+FINE_FLAGS = --lr $(FINE_LR) --text-lr-mult $(TEXT_LR_MULT) --amp $(TRAIN_AMP)
 
 .PHONY: data train-nano eval-nano
 
@@ -55,10 +61,10 @@ $(SYNTH_VAL)/grounding.json:
 	$(PY) -m fiber.data.synth --out $(SYNTH_VAL) --images $(SYNTH_VAL_IMAGES) --seed 1
 
 $(NANO_RUN)/coarse/final/model.safetensors: | data
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --text-init minilm --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.coarse --config fiber-nano --data $(SYNTH_TRAIN) --out $(NANO_RUN)/coarse --text-init minilm --max-steps $(NANO_COARSE_STEPS) --batch-size $(NANO_BATCH) --amp $(TRAIN_AMP) --seed 0
 
 $(NANO_RUN)/fine/final/model.safetensors: $(NANO_RUN)/coarse/final/model.safetensors
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(NANO_RUN)/coarse --out $(NANO_RUN)/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 
 train-nano: $(NANO_RUN)/fine/final/model.safetensors
 	$(MAKE) eval-nano
@@ -75,24 +81,24 @@ eval-nano:
 # plain fine step (5-7 s at batch 16, so ~1.7-2.3 h for 1200 steps). It needs the teacher (make
 # builds it first if missing). An interrupted step: rerun its command with --resume.
 TEACHER_RUN ?= runs/teacher
-TEACHER_COARSE_STEPS ?= 30
-TEACHER_FINE_STEPS ?= 500
+TEACHER_COARSE_STEPS ?= 40
+TEACHER_FINE_STEPS ?= 1500
 TEACHER_THREADS ?= $(NANO_THREADS)
 KD_RUN ?= runs/nano-kd
 
 .PHONY: train-teacher distill-nano
 
 $(TEACHER_RUN)/coarse/final/model.safetensors: | data
-	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.coarse --config fiber-t --data $(SYNTH_TRAIN) --out $(TEACHER_RUN)/coarse --text-init minilm --max-steps $(TEACHER_COARSE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.coarse --config fiber-t --data $(SYNTH_TRAIN) --out $(TEACHER_RUN)/coarse --text-init minilm --max-steps $(TEACHER_COARSE_STEPS) --batch-size $(NANO_BATCH) --amp $(TRAIN_AMP) --seed 0
 
 $(TEACHER_RUN)/fine/final/model.safetensors: $(TEACHER_RUN)/coarse/final/model.safetensors
-	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init $(TEACHER_RUN)/coarse --out $(TEACHER_RUN)/fine --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init $(TEACHER_RUN)/coarse --out $(TEACHER_RUN)/fine --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 
 train-teacher: $(TEACHER_RUN)/fine/final/model.safetensors
 	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.evaluate --checkpoint $(TEACHER_RUN)/fine --data $(SYNTH_VAL) --json $(TEACHER_RUN)/eval.json
 
 $(KD_RUN)/final/model.safetensors: $(TEACHER_RUN)/fine/final/model.safetensors
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN)/fine --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(KD_RUN) --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) --seed 0
+	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN)/fine --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(KD_RUN) --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 
 distill-nano: $(KD_RUN)/final/model.safetensors
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(KD_RUN) --data $(SYNTH_VAL) --json $(KD_RUN)/eval.json
