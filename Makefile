@@ -5,7 +5,7 @@ PIP ?= .venv/bin/pip
 # The CPU install path: torch 2.13.0 (CPU build) first, so nothing pulls a multi-GB CUDA torch.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup test test-fast native clean
+.PHONY: setup test test-fast native clean demo
 
 setup: .venv/.installed
 
@@ -15,6 +15,12 @@ setup: .venv/.installed
 	$(PIP) install -q $(TORCH_CPU)
 	$(PIP) install -q -e ".[train,compress,trt,video,text,bench,dev]"
 	touch $@
+
+# The main job on a fresh clone: set up, then detect on the bundled examples with the shipped model.
+DEMO_PROMPT ?= blue star. red star. brown star. blue bolt
+demo: setup
+	$(PY) -m runtime.detect --image examples/ --prompt "$(DEMO_PROMPT)" \
+		--package models/fiber-nano-int8 --save out/demo --json out/demo.jsonl --headless
 
 native:
 	$(PY) setup.py -q build_ext --inplace
