@@ -1,18 +1,24 @@
 """FP32 vs INT8 detector latency on this CPU, side by side in one run.
 
-    python -m benchmarks.int8_speed --package-fp32 P1 --package-int8 P2 [--backend onnxruntime]
-        [--threads 2] [--tokens 16] [--rounds 30] [--block 5] [--matrix] [--json OUT]
+    python -m benchmarks.int8_speed --package-fp32 P1 --package-int8 P2 [--backend auto]
+        [--threads 2] [--tokens 16] [--rounds 30] [--block 5] [--repeats 1] [--spin] [--matrix]
+        [--json OUT]
 
-Both packages are opened with ``engines.load`` (exactly what the runtime runs: on the ONNX Runtime
-CPU provider an INT8 package's ``detector.cpu.onnx`` when its manifest names one). The detector of
-each is timed on the same inputs (batch 1, ``--tokens`` text tokens, 3 of them padding), after
-warm-up, in alternating blocks (A x block, B x block, A ...; the first run of every block is
-dropped, so one engine's idle-spinning threads never overlap the other's timed runs). Prints the
-median and p10/p90 milliseconds of each and the FP32/INT8 ratio of the medians.
+Both packages are opened with ``engines.load`` (exactly what the runtime runs: "auto" is each
+package's default CPU path, i.e. the manifest's graphs.detector.cpu_backend - OpenVINO for an
+INT8 package exported by compress.export, ONNX Runtime for FP32; on the ONNX Runtime CPU provider
+an INT8 package's ``detector.cpu.onnx`` when its manifest names one). The detector of each is
+timed on the same inputs (batch 1, ``--tokens`` text tokens, 3 of them padding), after warm-up, in
+alternating blocks (A x block, B x block, A ...; the first run of every block is dropped, so one
+engine's idle threads never overlap the other's timed runs). Prints the median and p10/p90
+milliseconds of each and the ratio of the medians to the first candidate (FP32 on ONNX Runtime in
+``--matrix``) and to FP32 on the same backend with the same settings. ``--repeats N`` runs the whole
+alternation N times and prints every repeat's ratios (the spread on a shared machine).
 
-``--matrix`` times every CPU path of the two packages instead (FP32 and INT8 Q/DQ on ONNX Runtime
-and OpenVINO, the INT8 CPU file, OpenVINO with the bf16 hint) and prints each one's ratio to FP32
-on ONNX Runtime and to FP32 on the same backend. A benchmark, not a test: run it on a quiet machine.
+ONNX Runtime runs with ``allow_spinning`` off unless ``--spin``: on a small CPU shared with other
+work, spinning threads slow every engine down and make the numbers noisy (both sides get the same
+setting). ``--matrix`` times every CPU path of the two packages instead. A benchmark, not a test:
+run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -29,36 +35,46 @@ import numpy as np
 import engines
 from common import package as pkg
 
+BACKENDS = ("auto", "onnxruntime", "openvino")
+
 
 @dataclass(frozen=True)
 class Candidate:
     label: str
     package: str
-    backend: str                      # "onnxruntime" | "openvino"
+    backend: str                      # "auto" | "onnxruntime" | "openvino"
     options: tuple[tuple[str, Any], ...] = ()
-    baseline: str | None = None       # label of the FP32 candidate on the same backend
+    baseline: str | None = None       # label of the FP32 candidate on the same backend and settings
 
 
-def candidates(fp32: str, int8: str, backend: str, matrix: bool, threads: int) -> list[Candidate]:
+def candidates(fp32: str, int8: str, backend: str, matrix: bool, threads: int, spin: bool = False
+               ) -> list[Candidate]:
     """What to time: the two packages on ``backend``, or (``matrix``) every CPU path."""
-    ort = (("intra_op_threads", threads), ("inter_op_threads", 1), ("cache_dir", ""))
+    ort = (("intra_op_threads", threads), ("inter_op_threads", 1), ("allow_spinning", spin), ("cache_dir", ""))
     ov = (("threads", threads), ("cache_dir", ""))
     if not matrix:
-        opts = ov if backend == "openvino" else ort
+        auto = (("intra_op_threads", threads), ("cache_dir", ""))
+        opts = {"openvino": ov, "onnxruntime": ort, "auto": auto}[backend]
+        same = None if backend == "auto" else f"fp32 {backend}"     # "auto" may pick two backends
         return [Candidate(f"fp32 {backend}", fp32, backend, opts),
-                Candidate(f"int8 {backend}", int8, backend, opts, baseline=f"fp32 {backend}")]
+                Candidate(f"int8 {backend}", int8, backend, opts, baseline=same)]
+    f32, bf16 = ov + (("precision_hint", "f32"),), ov + (("precision_hint", "bf16"),)
+    static, dyn = (("static_shapes", True),), (("static_shapes", False),)
     return [
         Candidate("fp32 onnxruntime", fp32, "onnxruntime", ort),
-        Candidate("fp32 openvino f32", fp32, "openvino", ov + (("precision_hint", "f32"),)),
-        Candidate("fp32 openvino bf16-hint", fp32, "openvino", ov + (("precision_hint", "bf16"),)),
+        Candidate("fp32 openvino f32 static", fp32, "openvino", f32 + static),
+        Candidate("fp32 openvino f32 dynamic", fp32, "openvino", f32 + dyn),
+        Candidate("fp32 openvino bf16-hint static", fp32, "openvino", bf16 + static),
         Candidate("int8 onnxruntime Q/DQ", int8, "onnxruntime", ort + (("use_cpu_file", False),),
                   baseline="fp32 onnxruntime"),
         Candidate("int8 onnxruntime cpu_file", int8, "onnxruntime", ort + (("use_cpu_file", True),),
                   baseline="fp32 onnxruntime"),
-        Candidate("int8 openvino Q/DQ f32", int8, "openvino", ov + (("precision_hint", "f32"),),
-                  baseline="fp32 openvino f32"),
-        Candidate("int8 openvino Q/DQ bf16-hint", int8, "openvino", ov + (("precision_hint", "bf16"),),
-                  baseline="fp32 openvino bf16-hint"),
+        # static shapes only where the package's manifest says OpenVINO was checked with them
+        Candidate("int8 openvino Q/DQ f32", int8, "openvino", f32, baseline="fp32 openvino f32 static"),
+        Candidate("int8 openvino Q/DQ f32 dynamic", int8, "openvino", f32 + dyn,
+                  baseline="fp32 openvino f32 dynamic"),
+        Candidate("int8 openvino Q/DQ bf16-hint", int8, "openvino", bf16,
+                  baseline="fp32 openvino bf16-hint static"),
     ]
 
 
@@ -105,53 +121,94 @@ def summarize(cands: list[Candidate], times: dict[str, list[float]]) -> list[dic
     return rows
 
 
+def spread(repeats: list[list[dict[str, Any]]], key: str) -> dict[str, list[float]]:
+    """Per label, the ratio ``key`` of every repeat (labels without it are left out)."""
+    out: dict[str, list[float]] = {}
+    for rows in repeats:
+        for r in rows:
+            if key in r:
+                out.setdefault(r["label"], []).append(r[key])
+    return out
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.int8_speed", description=__doc__.split("\n")[0])
     p.add_argument("--package-fp32", required=True, help="FP32 model package")
     p.add_argument("--package-int8", required=True, help="INT8 model package")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="both packages on this backend ('auto': each package's default CPU path)")
     p.add_argument("--matrix", action=argparse.BooleanOptionalAction, default=False,
                    help="time every CPU path of the two packages")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
+    p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
+                   help="let ONNX Runtime's idle threads spin (its default; noisy on a shared CPU)")
     p.add_argument("--tokens", type=int, default=16, help="text tokens T (3 of them padding)")
     p.add_argument("--rounds", type=int, default=30, help="alternation rounds")
     p.add_argument("--block", type=int, default=5, help="runs per engine per round (the first is dropped)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="run the whole alternation this many times")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
 
 
+def _open(cands: list[Candidate], tokens: int, opened: list) -> dict[str, Any]:
+    runners = {}
+    for c in cands:
+        e = engines.load(c.package, c.backend, **dict(c.options))
+        opened.append(e)
+        x = detector_inputs(e, tokens)
+        runners[c.label] = (lambda e=e, x=x: e.detector.run(x))
+        print(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}", flush=True)
+    return runners
+
+
+def _print_rows(rows: list[dict[str, Any]], first: str, args: argparse.Namespace) -> None:
+    print(f"\ndetector, batch 1, T={args.tokens}, {args.threads} threads, median of {rows[0]['runs']} runs each:")
+    for r in rows:
+        same = r.get("speedup_vs_same_backend_fp32")
+        same = f"  x{same:.2f} vs FP32 same backend" if same is not None else ""
+        print(f"  {r['label']:34s} {r['median_ms']:8.2f} ms (p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f})"
+              f"  x{r[f'speedup_vs_{first}']:.2f} vs {first}{same}")
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.block < 2 or args.rounds < 1 or args.tokens < 4 or args.threads < 1:
-        print("error: --block must be >= 2, --rounds >= 1, --tokens >= 4, --threads >= 1", file=sys.stderr)
+    if args.block < 2 or args.rounds < 1 or args.tokens < 4 or args.threads < 1 or args.repeats < 1:
+        print("error: --block must be >= 2, --rounds >= 1, --tokens >= 4, --threads >= 1, --repeats >= 1",
+              file=sys.stderr)
         return 2
-    cands = candidates(args.package_fp32, args.package_int8, args.backend, args.matrix, args.threads)
+    if args.matrix and args.backend != "onnxruntime":
+        print("error: --matrix times every backend; leave --backend at its default", file=sys.stderr)
+        return 2
+    cands = candidates(args.package_fp32, args.package_int8, args.backend, args.matrix, args.threads, args.spin)
+    first = cands[0].label
     opened: list[engines.PackageEngines] = []
+    repeats = []
     try:
-        runners = {}
-        for c in cands:
-            e = engines.load(c.package, c.backend, **dict(c.options))
-            opened.append(e)
-            x = detector_inputs(e, args.tokens)
-            runners[c.label] = (lambda e=e, x=x: e.detector.run(x))
-            print(f"{c.label:32s} {Path(c.package).name}/{e.detector.path.name}", flush=True)
-        times = time_side_by_side(runners, args.rounds, args.block, args.warmup)
+        runners = _open(cands, args.tokens, opened)
+        for k in range(args.repeats):
+            rows = summarize(cands, time_side_by_side(runners, args.rounds, args.block, args.warmup))
+            repeats.append(rows)
+            if args.repeats > 1:
+                print(f"\nrepeat {k + 1}/{args.repeats}", end="")
+            _print_rows(rows, first, args)
     except (engines.EngineError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         for e in opened:
             e.close()
-    rows = summarize(cands, times)
-    print(f"\ndetector, batch 1, T={args.tokens}, {args.threads} threads, median of {rows[0]['runs']} runs each:")
-    for r in rows:
-        same = f"  x{r['speedup_vs_same_backend_fp32']:.2f} vs FP32 same backend" if "speedup_vs_same_backend_fp32" in r else ""
-        print(f"  {r['label']:32s} {r['median_ms']:8.2f} ms (p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f})"
-              f"  x{r[f'speedup_vs_{cands[0].label}']:.2f} vs {cands[0].label}{same}")
+    if args.repeats > 1:
+        print(f"\nspread over {args.repeats} repeats (min / median / max):")
+        for key, what in ((f"speedup_vs_{first}", f"vs {first}"),
+                          ("speedup_vs_same_backend_fp32", "vs FP32 same backend")):
+            for label, v in spread(repeats, key).items():
+                print(f"  {label:34s} {what:28s} {min(v):.2f} / {float(np.median(v)):.2f} / {max(v):.2f}")
     if not args.matrix:
-        print(f"INT8/FP32 detector speed-up: {rows[1]['speedup_vs_same_backend_fp32']:.2f}x")
+        values = [rows[1][f"speedup_vs_{first}"] for rows in repeats]
+        print(f"INT8/FP32 detector speed-up ({args.backend}): {float(np.median(values)):.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": repeats[-1], "repeats": repeats},
+                                              indent=2) + "\n")
     return 0
 
 

@@ -15,13 +15,25 @@ The CPU variant is what engines.ort runs on the CPU provider instead. Methods:
   quantising everything ruins the masked attention logits, see environment.md §3).
 - ``none``: no CPU variant; the CPU runs detector.onnx.
 
-Measured on this CPU (AMD EPYC, AVX-512 VNNI/BF16, no AMX; 2 threads, batch 1, T=16, fiber-nano with
-random weights; benchmarks/int8_speed.py, shared machine so ranges over several runs), detector
-speed-up over the FP32 detector.onnx on ONNX Runtime: Q/DQ detector.onnx on ONNX Runtime 0.7-1.1x,
-``qdq-dynamic`` 1.2-1.5x, ``dynamic`` about the same (1.45x), the Q/DQ file on OpenVINO 1.7-2.3x
-(1.3-1.7x over FP32 on OpenVINO). About half of the FP32 detector's time is not in GEMMs (LayerNorm,
-GELU, softmax, window partition transposes, shape arithmetic, head convs), which caps what INT8 GEMMs
-can give on one engine.
+Where the CPU time goes and what is default (AMD EPYC Zen 4: AVX-512 VNNI/BF16, no AMX;
+fiber-nano, batch 1, T=16, 1 thread; benchmarks/int8_speed.py --matrix, alternating, 3 repeats on a
+shared machine; speed-up over the FP32 detector.onnx on ONNX Runtime, whose shape arithmetic is
+folded too, ~5% faster than before folding):
+
+    INT8 Q/DQ detector.onnx on ONNX Runtime          1.1x
+    INT8 detector.cpu.onnx (qdq-dynamic) on ORT       1.55x   (the ORT default for INT8)
+    INT8 Q/DQ detector.onnx, OpenVINO, dynamic shapes 1.5x
+    INT8 Q/DQ detector.onnx, OpenVINO, static shapes  1.95-2.0x (1.8x over FP32 on OpenVINO, static)
+    the same with OpenVINO's bf16 hint                2.2x    (1.24x over FP32 on OpenVINO, bf16)
+
+About half of the FP32 detector's time is not in GEMMs (LayerNorm, GELU, softmax, window
+transposes, attention matmuls, head convs), which caps what INT8 GEMMs can give on ONNX Runtime:
+the CPU file's DynamicQuantizeMatMuls run the weight GEMMs ~2.2x faster; static activation scales
+(MatMulIntegerToFloat with uint8 zero point 128) and Q/DQ on the attention matmuls (compress.quantize
+--attention) were no faster (measured); int8 head/FPN convs (QLinearConv) would save ~8% but need
+calibrated conv output scales, which the Q/DQ file does not have. OpenVINO fuses more of the rest, so INT8 packages
+name it as ``graphs.detector.cpu_backend`` when it passed the export's static-shape check
+(compress.export.check_openvino); this file is what ONNX Runtime runs.
 """
 from __future__ import annotations
 

@@ -13,20 +13,28 @@ end (a failed export leaves nothing):
                        (strongly typed) and ONNX Runtime run
     detector.cpu.onnx  INT8 packages: the CPU variant (compress.cpu_int8), named in
                        graphs.detector.cpu_file; engines.ort runs it on the CPU provider
+    graphs.detector.cpu_backend  the CPU backend engines.load("auto") picks: "openvino" for an INT8
+                       package when OpenVINO with static shapes reproduces reference/detector.npz
+                       (graphs.detector.openvino, checked in a child process: the fastest CPU path
+                       measured, see compress.cpu_int8), else and for FP32 "onnxruntime"
     tokenizer.json, reference/text.npz, reference/detector.npz (inputs + ONNX Runtime outputs with
                        graph optimisations off, checked against PyTorch at export), manifest.json
 
 With ``--data DIR`` (a held-out split: grounding.json and/or detection.json) the manifest's
 ``accuracy`` holds FP32 and INT8 numbers measured by running the package itself through the runtime
 (runtime.predictor.Detector on ONNX Runtime) with fiber.data.evaluation. INT8 exports need it: the
-accuracy guard refuses a package whose INT8 R@1 (Q/DQ file and CPU file) is more than ``--max-drop``
-points below FP32, naming the worst layers from QDIR/sensitivity.json, and writes nothing.
+accuracy guard refuses a package whose INT8 R@1 (Q/DQ file and CPU file on ONNX Runtime, and the
+Q/DQ file on OpenVINO when it is installed) is more than ``--max-drop`` points below FP32, naming
+the worst layers from QDIR/sensitivity.json, and writes nothing.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +57,11 @@ from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
 
 FP32_TOL = 1e-3     # ONNX vs PyTorch, relative to 1 + max |torch|: FP32 graphs must agree this well
+# OpenVINO's int8 kernels vs the plain-ONNX reference of an INT8 detector, relative to 1 + max |ref|:
+# a float difference in front of any QuantizeLinear can flip a rounding by one quantisation step,
+# which propagates (fiber-nano: 2.2e-2 on centerness; ONNX Runtime's own Q/DQ fusions give 2.3e-2).
+OPENVINO_TOL = 5e-2
+REPO = Path(__file__).resolve().parents[1]
 REFERENCE_PROMPT = "a red circle. two blue squares. the small green star left of the ring"
 
 
@@ -141,6 +154,11 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     graphs = {"text": _graph_entry(pkg.TEXT_GRAPH, text_graph, "fp32"),
               "detector": _graph_entry(pkg.DETECTOR_GRAPH, det_graph, "int8" if qmodel is not None else "fp32")}
     graphs["detector"]["cpu_file"] = None
+    graphs["detector"]["cpu_backend"] = "onnxruntime"
+    if qmodel is not None:
+        check = check_openvino(tmp / pkg.DETECTOR_GRAPH, tmp / pkg.reference_file("detector"))
+        graphs["detector"]["openvino"] = check
+        graphs["detector"]["cpu_backend"] = "openvino" if check["static_shapes"] else "onnxruntime"
     if qmodel is not None and cpu_method != "none":
         info = cpu_int8.make_cpu_variant(cpu_method, model, qmodel, x, hidden, tmp)
         graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH
@@ -149,6 +167,26 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
         graphs["text"]["note"] = "FP32 on purpose: text.onnx runs once per prompt, not per frame"
         graphs["detector"]["qdq"] = onnx_utils.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
     return {"graphs": graphs, "parity": parity}
+
+
+def check_openvino(graph: Path, reference: Path, tol: float = OPENVINO_TOL) -> dict[str, Any]:
+    """graphs.detector.openvino: does OpenVINO with static shapes reproduce ``reference`` (within
+    ``tol``)? Run in a child process, since OpenVINO 2026.4 can crash compiling some graphs.
+    ``static_shapes`` is the verdict; engines use static shapes on this graph only when it is true."""
+    if not openvino_installed():
+        return {"static_shapes": False, "checked": "OpenVINO is not installed"}
+    code = ("import json, sys; from engines.ort import check_against_reference as check; "
+            "print(json.dumps(check(sys.argv[1], sys.argv[2], cache_dir='', static_shapes=True)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", code, str(graph), str(reference)], capture_output=True,
+                       text=True, timeout=900, env=env)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        return {"static_shapes": False, "checked": f"OpenVINO failed on {reference.name} (exit status "
+                                                   f"{r.returncode}): {last[:200]}"}
+    diffs = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"static_shapes": max(diffs.values()) <= tol,
+            "max_rel_diff": {k: round(v, 6) for k, v in diffs.items()}, "tolerance": tol, "checked": f"{reference.parent.name}/{reference.name}, static shapes"}
 
 
 def _parity(model, det_model, text_in, hidden, det_in, det_out, quantised: bool) -> dict[str, Any]:
@@ -203,14 +241,18 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- accuracy
 
-def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: int | None = None
-                     ) -> dict[str, float | None]:
-    """The package in ``folder`` (manifest written) on ONNX Runtime CPU, through the runtime."""
+def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: int | None = None,
+                     backend: str = "onnxruntime") -> dict[str, float | None]:
+    """The package in ``folder`` (manifest written) on ``backend`` (CPU), through the runtime."""
     opts: dict[str, Any] = {"cache_dir": "", "use_cpu_file": use_cpu_file}
     if threads:
-        opts["intra_op_threads"] = threads
-    with engines.load(folder, "onnxruntime", **opts) as e:
+        opts["threads" if backend == "openvino" else "intra_op_threads"] = threads
+    with engines.load(folder, backend, **opts) as e:
         return evaluate_engines(e, data)
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
 
 
 def guard(fp32: dict, int8: dict, max_drop: float, what: str, sensitivity: Path | None) -> None:
@@ -322,6 +364,9 @@ def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData,
     if (tmp / pkg.DETECTOR_CPU_GRAPH).is_file():
         out["int8_cpu"] = evaluate_package(tmp, data, True, cfg.threads)
         guard(out["fp32"], out["int8_cpu"], cfg.max_drop, pkg.DETECTOR_CPU_GRAPH, sensitivity)
+    if openvino_installed():
+        out["int8_openvino"] = evaluate_package(tmp, data, False, cfg.threads, backend="openvino")
+        guard(out["fp32"], out["int8_openvino"], cfg.max_drop, pkg.DETECTOR_GRAPH + " on OpenVINO", sensitivity)
     out["max_drop"] = cfg.max_drop
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -374,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
     m = result.manifest
     sizes = ", ".join(f"{n} {f['bytes'] / 1e6:.2f} MB" for n, f in m["files"].items() if n.endswith(".onnx"))
     print(f"wrote {result.path} ({m['precision']}): {sizes}")
-    for key in ("fp32", "int8", "int8_cpu"):
+    for key in ("fp32", "int8", "int8_cpu", "int8_openvino"):
         if key in m["accuracy"]:
             print(f"  accuracy {key}: " + ", ".join(f"{k} {v}" for k, v in m["accuracy"][key].items()))
     return 0

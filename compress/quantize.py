@@ -6,9 +6,15 @@ sensitivity pass and optional quantisation-aware fine-tuning.
 
 What is quantised (modelopt.torch.quantization, explicit INT8 as TensorRT wants it): the inputs
 (per-tensor, symmetric, calibrated) and weights (per-output-channel, symmetric) of every
-``nn.Linear`` and ``nn.Conv2d`` of the detector path. LayerNorm, GELU, softmax, the attention
-matmuls (q k^T, softmax v), residual adds and the box decode stay FP32. The text prefix (the
-layers of text.onnx) is not quantised: it runs once per prompt.
+``nn.Linear`` and ``nn.Conv2d`` of the detector path; with ``--attention`` also both operands of
+the attention matmuls that run through ``fiber.layers.Attend`` (q and k of q k^T, the softmax
+probabilities and v; per-tensor symmetric int8, calibrated like every activation; ``QuantMatMul``
+registers the MatMul module with modelopt). LayerNorm, GELU, softmax, residual adds, the box
+decode and attention called as the plain ``fiber.layers.attend`` function (the Swin window and
+i2t attention today) stay FP32. The text prefix (the layers of text.onnx) is not quantised: it
+runs once per prompt. ``--attention`` is off by default: on fiber-nano with every attention
+(Swin windows included, through a local Attend patch) it made the detector ~10% slower on
+OpenVINO and ~3% slower on ONNX Runtime, at the same R@1.
 
 Calibration: ``--calib-images`` distinct images of DIR (grounding entries, else detection images),
 each with a realistic prompt from the dataset (its caption; the class-name prompt for detection
@@ -59,7 +65,9 @@ QUANT_JSON, AMAX_FILE, SENSITIVITY_JSON, QAT_DIR = "quant.json", "amax.safetenso
 METHODS = ("max", "entropy", "percentile")
 GROUPINGS = ("all", "kinds", "blocks")
 QUANTISED_MODULES = ("nn.Linear", "nn.Conv2d")
-NOT_QUANTISED = ["LayerNorm", "GELU", "softmax", "attention matmuls (q k^T, softmax v)",
+MATMUL_MODULE = "MatMul"                       # fiber.layers.MatMul, registered by register_matmul
+QUANTIZER_SUFFIXES = ("input_quantizer", "weight_quantizer", "other_quantizer")
+NOT_QUANTISED = ["LayerNorm", "GELU", "softmax", "attention matmuls without Attend (Swin window, i2t)",
                  "residual adds", "box decode", "text prefix (text.onnx)"]
 
 
@@ -93,6 +101,7 @@ class QuantizeConfig:
     qat_lr: float = 1e-5             # QAT learning rate
     qat_batch_size: int = 8          # QAT global batch size
     batch_size: int = 8              # calibration batch size
+    attention: bool = False          # also quantise the Attend matmuls (q, k, probabilities, v)
     buckets: tuple[int, ...] | None = None  # text buckets (default: the package defaults)
     config: str | None = None        # refuse a checkpoint of another config name
     overwrite: bool = False          # replace an existing QDIR
@@ -112,29 +121,59 @@ class QuantizeConfig:
 
 # ----------------------------------------------------------------------------- modelopt
 
-def modelopt_config(method: str) -> dict[str, Any]:
-    """INT8 for Linear/Conv2d only: weights per-channel (axis 0), inputs per-tensor; symmetric.
+def modelopt_config(method: str, attention: bool = False) -> dict[str, Any]:
+    """INT8 for Linear/Conv2d: weights per-channel (axis 0), inputs per-tensor; symmetric. With
+    ``attention`` also both operands of every ``fiber.layers.MatMul`` (per-tensor).
 
     No calibration algorithm: ``calibrate`` runs it (max for weights; max or a histogram method
     for activations).
     """
     calibrator = "max" if method == "max" else "histogram"
+    activation = {"num_bits": 8, "axis": None, "calibrator": calibrator}
     entries: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for cls in QUANTISED_MODULES:
         entries.append({"quantizer_name": "*weight_quantizer", "parent_class": cls,
                         "cfg": {"num_bits": 8, "axis": 0}})
-        entries.append({"quantizer_name": "*input_quantizer", "parent_class": cls,
-                        "cfg": {"num_bits": 8, "axis": None, "calibrator": calibrator}})
+        entries.append({"quantizer_name": "*input_quantizer", "parent_class": cls, "cfg": activation})
+    if attention:
+        for which in ("*input_quantizer", "*other_quantizer"):
+            entries.append({"quantizer_name": which, "parent_class": MATMUL_MODULE, "cfg": activation})
     return {"quant_cfg": entries, "algorithm": None}
 
 
-def insert_quantizers(model: FiberForGrounding, method: str = "max") -> FiberForGrounding:
+def register_matmul() -> None:
+    """Teach modelopt to quantise ``fiber.layers.MatMul`` (once per process)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
+    from modelopt.torch.quantization.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR
+
+    from fiber.layers import MatMul
+
+    if MatMul in QuantModuleRegistry:
+        return
+
+    class QuantMatMul(QuantModule):
+        """``a @ b`` with ``input_quantizer`` on a and ``other_quantizer`` on b."""
+
+        def _setup(self):
+            self._register_temp_attribute("input_quantizer", TensorQuantizer(QUANT_DESC_8BIT_PER_TENSOR))
+            self._register_temp_attribute("other_quantizer", TensorQuantizer(QUANT_DESC_8BIT_PER_TENSOR))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.input_quantizer(a), self.other_quantizer(b))
+
+    mtq.register(original_cls=MatMul, quantized_cls=QuantMatMul)
+
+
+def insert_quantizers(model: FiberForGrounding, method: str = "max", attention: bool = False) -> FiberForGrounding:
     """Add (uncalibrated) modelopt quantizers to ``model`` in place; the text prefix gets none."""
     import modelopt.torch.quantization as mtq
 
+    register_matmul()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # modelopt prints
         warnings.simplefilter("ignore")
-        mtq.quantize(model, modelopt_config(method), forward_loop=None)
+        mtq.quantize(model, modelopt_config(method, attention), forward_loop=None)
     for name in quantizer_names(model, enabled_only=True):
         if _in_text_prefix(name, model.cfg) or name in FP32_BY_RULE:
             _quantizer(model, name).disable()
@@ -151,11 +190,12 @@ def _quantizer(model: torch.nn.Module, name: str):
 
 
 def quantizer_names(model: torch.nn.Module, enabled_only: bool = False) -> list[str]:
-    """Names of the model's input/weight TensorQuantizers (``<module>.input_quantizer`` ...)."""
+    """Names of the model's TensorQuantizers (``<module>.input_quantizer`` / ``weight_quantizer`` /
+    ``other_quantizer`` (a MatMul's second operand)); output quantizers are never used."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     return [n for n, m in model.named_modules() if isinstance(m, TensorQuantizer)
-            and n.endswith(("input_quantizer", "weight_quantizer")) and (m.is_enabled or not enabled_only)]
+            and n.endswith(QUANTIZER_SUFFIXES) and (m.is_enabled or not enabled_only)]
 
 
 @torch.no_grad()
@@ -203,6 +243,8 @@ def set_enabled(model: torch.nn.Module, names: Sequence[str], enabled: bool) -> 
 # ----------------------------------------------------------------------------- quantizer groups
 
 KINDS: tuple[tuple[str, str], ...] = (
+    ("attn.qk (q, k)", r"\.attend\.qk$"),
+    ("attn.pv (probs, v)", r"\.attend\.pv$"),
     ("image.patch_embed", r"^backbone\.image\.patch_embed\."),
     ("image.patch_merging", r"\.downsample\.reduction$"),
     ("swin.qkv", r"\.blocks\.\d+\.attn\.qkv$"),
@@ -475,7 +517,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
     log(f"calibrating on {len(items)} images ({cfg.method}); held-out subset: "
         f"{len(held.grounding) if held.grounding else 0} entries")
     qmodel = _copy_model(fp32)
-    insert_quantizers(qmodel, cfg.method)
+    insert_quantizers(qmodel, cfg.method, cfg.attention)
     calibrate(qmodel, lambda m: [m.detect(*b) for b in calibration_batches(items, fp32, buckets, cfg.batch_size)],
               cfg.method, cfg.percentile)
     probe = list(calibration_batches(items[:2 * cfg.batch_size], fp32, buckets, cfg.batch_size))
@@ -536,7 +578,8 @@ def _quant_meta(cfg: QuantizeConfig, mcfg: ModelConfig, items, held: EvalData, j
         "method": cfg.method, "percentile": cfg.percentile if cfg.method == "percentile" else None,
         "scheme": {"weights": "int8 per-output-channel symmetric (axis 0)",
                    "activations": "int8 per-tensor symmetric, calibrated",
-                   "modules": list(QUANTISED_MODULES), "fp32": NOT_QUANTISED},
+                   "modules": list(QUANTISED_MODULES) + ([MATMUL_MODULE] if cfg.attention else []),
+                   "attention": cfg.attention, "fp32": NOT_QUANTISED},
         "calibration": {"data": str(cfg.data), "images": len(items), "batch_size": cfg.batch_size},
         "held_out": {"grounding_entries": len(held.grounding) if held.grounding else 0},
         "accuracy": {"fp32": judge.fp32, "int8_ptq": ptq["accuracy"], "int8": final["accuracy"],
@@ -610,7 +653,7 @@ def load_quantized(qdir: str | Path, checkpoint: str | Path, mcfg: ModelConfig
     load_model_state(fp32, state, source=str(weights))
     qmodel = FiberForGrounding(mcfg)
     load_model_state(qmodel, state, source=str(weights))
-    insert_quantizers(qmodel.eval(), meta.get("method", "max"))
+    insert_quantizers(qmodel.eval(), meta.get("method", "max"), bool(meta.get("scheme", {}).get("attention")))
     try:
         amax = load_file(str(qdir / AMAX_FILE))
     except (SafetensorError, OSError) as e:
@@ -649,6 +692,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-steps", type=int, default=0, help="quantisation-aware fine-tuning steps")
     p.add_argument("--qat-lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="also quantise the attention matmuls that run through fiber.layers.Attend")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
@@ -664,7 +709,8 @@ def main(args: argparse.Namespace) -> int:
                              method=args.method, percentile=args.percentile, sensitivity=args.sensitivity,
                              groups=args.groups,
                              max_drop=args.max_drop, eval_entries=args.eval_entries, qat_steps=args.qat_steps,
-                             qat_lr=args.qat_lr, batch_size=args.batch_size, config=args.config,
+                             qat_lr=args.qat_lr, batch_size=args.batch_size, attention=args.attention,
+                             config=args.config,
                              overwrite=args.overwrite)
         result = quantize(cfg, log=lambda s: print(s, flush=True))
     except (QuantizeError, FileExistsError, ValueError) as e:

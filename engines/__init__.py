@@ -7,13 +7,21 @@
     engines.load("runs/engines/fiber-nano-int8")                     # an engine folder: TensorRT
 
 ``load(path, backend="auto", **opts)``: ``path`` is a model package (manifest.json) or an engine
-folder (engine.json + plans, built by ``python -m engines.build``). Backends: "auto" (TensorRT for
-an engine folder, ONNX Runtime for a package), "onnxruntime", "openvino", "tensorrt",
-"tensorrt-rtx". ``opts`` are the fields of OrtOptions / OpenVinoOptions / TrtOptions; an unknown
-option is an error. Every failure is an EngineError subclass (engines.errors) with one clear message.
+folder (engine.json + plans, built by ``python -m engines.build``). Backends: "auto", "onnxruntime",
+"openvino", "tensorrt", "tensorrt-rtx". ``opts`` are the fields of OrtOptions / OpenVinoOptions /
+TrtOptions; an unknown option is an error. Every failure is an EngineError subclass
+(engines.errors) with one clear message.
+
+"auto": TensorRT for an engine folder; for a package the CPU backend its manifest names in
+``graphs.detector.cpu_backend`` (compress.export writes "openvino" for INT8 packages: OpenVINO runs
+the Q/DQ detector.onnx with int8 kernels, measured fastest on x86 CPUs) when OpenVINO is installed,
+otherwise ONNX Runtime. "auto" takes the options of both CPU backends and gives each its own
+(``intra_op_threads`` and ``threads`` stand for each other); ``auto_cpu_backend`` tells which
+backend and options without loading anything.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -27,8 +35,8 @@ from engines.errors import (
 from engines.manifest import ENGINE_JSON, TensorSpec, read_package
 
 __all__ = [
-    "load", "Engine", "PackageEngines", "TensorSpec", "BACKENDS", "EngineError", "BackendUnavailable",
-    "BuildError", "CudaError", "EngineMismatch", "InputError", "PackageInvalid",
+    "load", "auto_cpu_backend", "Engine", "PackageEngines", "TensorSpec", "BACKENDS", "EngineError",
+    "BackendUnavailable", "BuildError", "CudaError", "EngineMismatch", "InputError", "PackageInvalid",
 ]
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "tensorrt-rtx")
@@ -92,17 +100,51 @@ def load(path: str | Path, backend: str = "auto", **opts: Any) -> PackageEngines
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise EngineError(f"{path} is a model package; build a {backend} engine from it first: "
                           f"python -m engines.build --package {path} --backend {backend} --out ENGINE_DIR")
-    return _load_package(path, "onnxruntime" if backend == "auto" else backend, opts)
+    return _load_package(path, backend, opts)
 
 
 def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
     from engines import ort
 
+    manifest = read_package(path, verify=bool(opts.get("verify", True)))
+    if backend == "auto":
+        backend, opts = auto_cpu_backend(manifest, opts)
     cls = ort.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
     options = ort.make_options(cls, opts, backend)
-    manifest = read_package(path, verify=options.verify)
     text, detector = ort.open_package(path, manifest, backend, options)
     return PackageEngines(text, detector, manifest, path, backend)
+
+
+def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None = None
+                     ) -> tuple[str, dict[str, Any]]:
+    """(backend, its options) that "auto" uses for a package with ``manifest`` and options ``opts``.
+
+    "auto" takes the options of both CPU backends (OrtOptions and OpenVinoOptions fields; anything
+    else is an error) and hands each backend its own. OpenVINO when ``graphs.detector.cpu_backend``
+    is "openvino", the ``openvino`` module is installed and the caller did not ask for something
+    only ONNX Runtime does (``use_cpu_file=True``, a GPU ``device``); ONNX Runtime otherwise.
+    ``intra_op_threads`` and ``threads`` stand for each other when only one is given.
+    """
+    from engines import ort
+
+    opts = dict(opts or {})
+    ort_fields, ov_fields = ort.option_names(ort.OrtOptions), ort.option_names(ort.OpenVinoOptions)
+    unknown = sorted(set(opts) - ort_fields - ov_fields)
+    if unknown:
+        raise EngineError(f"unknown option(s) {unknown} for backend 'auto'; "
+                          f"known: {sorted(ort_fields | ov_fields)}")
+    detector = manifest.get("graphs", {}).get("detector", {})
+    ort_only = opts.get("use_cpu_file") is True or str(opts.get("device", "cpu")).lower() != "cpu"
+    if (detector.get("cpu_backend", "onnxruntime") == "openvino" and not ort_only
+            and importlib.util.find_spec("openvino") is not None):
+        chosen = {k: v for k, v in opts.items() if k in ov_fields and k != "device"}
+        if "intra_op_threads" in opts and "threads" not in opts:
+            chosen["threads"] = opts["intra_op_threads"]
+        return "openvino", chosen
+    chosen = {k: v for k, v in opts.items() if k in ort_fields}
+    if "threads" in opts and "intra_op_threads" not in opts:
+        chosen["intra_op_threads"] = opts["threads"]
+    return "onnxruntime", chosen
 
 
 def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:

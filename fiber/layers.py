@@ -2,7 +2,9 @@
 
 Attention is built from ``nn.Linear`` + matmul/softmax (not ``nn.MultiheadAttention``): that keeps
 every projection visible to INT8 quantisation and lets the legacy ONNX exporter (opset 17) keep the
-text length dynamic. No forward branches on tensor values.
+text length dynamic. ``Attend`` is ``attend`` as a module whose two matmuls are ``MatMul``
+submodules, so quantisation tools (compress.quantize) can put quantizers on q, k, the attention
+probabilities and v; it has no parameters. No forward branches on tensor values.
 """
 from __future__ import annotations
 
@@ -31,19 +33,42 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-           dropout: nn.Module | None = None) -> torch.Tensor:
+           dropout: nn.Module | None = None, matmuls: tuple = (torch.matmul, torch.matmul)) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v.
 
     q: [B, H, N, d], k and v: [B, H, M, d], bias: additive, broadcastable to [B, H, N, M].
+    ``matmuls``: the (scores, output) matmul callables (``Attend`` passes its MatMul modules).
     Returns [B, H, N, d].
     """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    qk, pv = matmuls
+    scores = qk(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
     if bias is not None:
         scores = scores + bias
     probs = scores.softmax(dim=-1)
     if dropout is not None:
         probs = dropout(probs)
-    return probs @ v
+    return pv(probs, v)
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module (no parameters): a place for quantizers on both operands."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class Attend(nn.Module):
+    """``attend`` with its matmuls as submodules: ``qk`` (scaled q [.., N, d] @ k^T [.., d, M]) and
+    ``pv`` (probabilities [.., N, M] @ v [.., M, d]). Same math and shapes as ``attend``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = MatMul()
+        self.pv = MatMul()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                dropout: nn.Module | None = None) -> torch.Tensor:
+        return attend(q, k, v, bias, dropout, (self.qk, self.pv))
 
 
 class QKVAttention(nn.Module):
@@ -61,6 +86,7 @@ class QKVAttention(nn.Module):
         self.key = nn.Linear(kv_dim, dim)
         self.value = nn.Linear(kv_dim, dim)
         self.dropout = nn.Dropout(attn_drop)
+        self.attend = Attend()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +96,7 @@ class QKVAttention(nn.Module):
         q = split_heads(self.query(x), self.num_heads)
         k = split_heads(self.key(context), self.num_heads)
         v = split_heads(self.value(context), self.num_heads)
-        return merge_heads(attend(q, k, v, mask, self.dropout))
+        return merge_heads(self.attend(q, k, v, mask, self.dropout))
 
 
 class Mlp(nn.Module):

@@ -22,12 +22,23 @@ from engines import cuda, gpu_check
 from engines.build import FP16_CLAMP, to_fp16
 from engines.manifest import load_reference
 from toy_package import (
-    PACKAGE_IDS, REPO, ToyConfig, assert_close, config_of, copy_package, make_toy_packages, package_path,
-    random_inputs, reference_detector, reference_text, rewrite_file,
+    PACKAGE_IDS, REPO, TOY_CONFIGS, ToyConfig, assert_close, config_of, copy_package, make_toy_packages,
+    package_path, random_inputs, reference_detector, reference_text, rewrite_file,
 )
 
 TOL = {"fp32": 1e-4, "int8": 1e-3}   # relative to 1 + max |reference|
 CPU_FILE_TOL = 0.05                  # a differently quantised CPU file vs the Q/DQ reference
+# A real INT8 detector (dozens of Q/DQ layers) on an optimising engine vs the plain-ONNX reference:
+# any float difference in front of a QuantizeLinear can flip a rounding, i.e. move a value by one
+# whole quantisation step (~1% of its range), and the flip propagates. Measured on the fiber-nano
+# INT8 package (relative to 1 + max |ref|): ONNX Runtime with its Q/DQ fusions 2.3e-2 (centerness),
+# OpenVINO's int8 kernels 2.4e-2 (static or dynamic shapes). 5e-2 leaves 2x margin; the toy INT8
+# graph (two Q/DQ layers) stays within TOL["int8"] on both engines.
+DEEP_INT8_TOL = 5e-2
+
+
+def _tolerance(package, precision: str) -> float:
+    return DEEP_INT8_TOL if precision == "int8" and package.name not in TOY_CONFIGS else TOL[precision]
 
 
 @pytest.fixture(scope="session")
@@ -67,17 +78,18 @@ def test_matches_reference(package, backend, tmp_path):
     with engines.load(package, backend, cache_dir=str(tmp_path), use_cpu_file=False) as e:
         assert e.backend == backend and e.text.backend == backend
         assert e.detector.path.name == e.manifest["graphs"]["detector"]["file"]
-        tol = TOL[e.manifest["precision"]]
-        _check_against_reference(e, _references(package, e), {"text": tol, "detector": tol})
+        precision = e.manifest["precision"]
+        tol = {"text": TOL[precision], "detector": _tolerance(package, precision)}
+        _check_against_reference(e, _references(package, e), tol)
 
 
 def test_cpu_file_is_used_on_the_cpu(package, tmp_path):
-    with engines.load(package, cache_dir=str(tmp_path)) as e:
+    with engines.load(package, "onnxruntime", cache_dir=str(tmp_path)) as e:
         cpu_file = e.manifest["graphs"]["detector"].get("cpu_file")
         assert e.detector.path.name == (cpu_file or e.manifest["graphs"]["detector"]["file"])
-        tol = TOL[e.manifest["precision"]]
-        detector_tol = CPU_FILE_TOL if cpu_file else tol
-        _check_against_reference(e, _references(package, e), {"text": tol, "detector": detector_tol})
+        precision = e.manifest["precision"]
+        tol = {"text": TOL[precision], "detector": CPU_FILE_TOL if cpu_file else _tolerance(package, precision)}
+        _check_against_reference(e, _references(package, e), tol)
 
 
 @pytest.mark.parametrize("package_id", ["toy", "toy-int8"])
@@ -177,7 +189,12 @@ def test_ort_cache_is_reused_and_checked(toys, tmp_path):
 @pytest.mark.parametrize("call,message", [
     (lambda toys, tmp: engines.load(tmp), "neither a model package"),
     (lambda toys, tmp: engines.load(toys["toy"], "tensorflow"), "backend 'tensorflow' is not one of"),
-    (lambda toys, tmp: engines.load(toys["toy"], threads=2), "unknown option(s) ['threads'] for backend 'onnxruntime'"),
+    (lambda toys, tmp: engines.load(toys["toy"], "onnxruntime", threads=2),
+     "unknown option(s) ['threads'] for backend 'onnxruntime'"),
+    (lambda toys, tmp: engines.load(toys["toy"], colour=2), "unknown option(s) ['colour'] for backend 'auto'"),
+    (lambda toys, tmp: engines.load(toys["toy"], "openvino", performance_hint="FAST"),
+     "performance_hint='FAST' is not one of"),
+    (lambda toys, tmp: engines.load(toys["toy"], "openvino", num_streams=0), "num_streams=0 must be"),
     (lambda toys, tmp: engines.load(toys["toy"], graph_optimization="max"), "graph_optimization='max' is not one of"),
     (lambda toys, tmp: engines.load(toys["toy"], "tensorrt"), "build a tensorrt engine from it first"),
 ])
@@ -289,3 +306,82 @@ def test_engines_import_neither_torch_nor_fiber():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- engine options, "auto"
+
+def test_ort_spinning_option_reaches_the_session(toys):
+    for spin, want in ((True, "1"), (False, "0")):
+        with engines.load(toys["toy"], "onnxruntime", cache_dir="", allow_spinning=spin) as e:
+            so = e.detector._session.get_session_options()
+            assert so.get_session_config_entry("session.intra_op.allow_spinning") == want
+            assert so.get_session_config_entry("session.inter_op.allow_spinning") == want
+
+
+def test_openvino_compiles_once_per_input_shape(toys, monkeypatch):
+    from engines import ort
+
+    cfg = config_of(toys["toy-int8"])
+    x16, x32 = random_inputs(cfg, tokens=16), random_inputs(cfg, batch=2, tokens=32)
+    # snippets off: OpenVINO 2026.4 segfaults compiling the toy detector with static shapes and snippets
+    with engines.load(toys["toy-int8"], "openvino", cache_dir="", static_shapes=True, snippets=False) as static, \
+            engines.load(toys["toy-int8"], "openvino", cache_dir="", static_shapes=False) as dynamic:
+        assert static.detector.compiled_shapes == 0 and dynamic.detector.compiled_shapes == 1
+        assert static.detector.config()["PERFORMANCE_HINT"] == "LATENCY"
+        assert static.detector.config()["SNIPPETS_MODE"] == "DISABLE"
+        assert "SNIPPETS_MODE" not in dynamic.detector.config()
+        for x, compiled in ((x16, 1), (x16, 1), (x32, 2)):
+            got = [e.detect(x[pkg.IMAGE], e.encode_text(x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK]),
+                            x[pkg.ATTENTION_MASK]) for e in (static, dynamic)]
+            assert static.detector.compiled_shapes == compiled
+            for name in got[1]:
+                np.testing.assert_allclose(got[0][name], got[1][name], rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(ort, "OV_MAX_SHAPES", 2)
+        x5 = random_inputs(cfg, tokens=5)
+        static.detect(x5[pkg.IMAGE], static.encode_text(x5[pkg.INPUT_IDS], x5[pkg.ATTENTION_MASK]),
+                      x5[pkg.ATTENTION_MASK])
+        assert static.detector.compiled_shapes == 2                          # least recently used dropped
+
+
+def _edit_manifest(src, dst, edit):
+    package = copy_package(src, dst)
+    manifest = json.loads((package / pkg.MANIFEST).read_text())
+    edit(manifest["graphs"]["detector"])                          # the manifest itself has no sha256
+    (package / pkg.MANIFEST).write_text(json.dumps(manifest))
+    return package
+
+
+def test_openvino_static_shapes_follow_the_manifest(toys, tmp_path):
+    """static_shapes=None: only a graph whose manifest entry says OpenVINO was checked static."""
+    checked = _edit_manifest(toys["toy-int8"], tmp_path / "checked",
+                             lambda d: d.update(openvino={"static_shapes": True}))
+    with engines.load(checked, "openvino", cache_dir="", snippets=False) as e:
+        assert e.detector.opts.static_shapes is True and e.text.opts.static_shapes is False
+        assert e.detector.compiled_shapes == 0 and e.text.compiled_shapes == 1
+    with engines.load(checked, "openvino", cache_dir="", static_shapes=False) as e:     # the caller decides
+        assert e.detector.opts.static_shapes is False
+    with engines.load(toys["toy-int8"], "openvino", cache_dir="") as e:
+        assert e.detector.opts.static_shapes is False
+
+
+def test_auto_follows_the_manifest_cpu_backend(toys, tmp_path):
+    ov_package = _edit_manifest(toys["toy-int8"], tmp_path / "ov", lambda d: d.update(cpu_backend="openvino"))
+    with engines.load(ov_package, cache_dir="", intra_op_threads=1, allow_spinning=False) as e:
+        assert e.backend == "openvino" and e.detector.backend == "openvino"
+        assert e.detector.opts.threads == 1 and e.detector.path.name == "detector.onnx"   # the Q/DQ file
+    with engines.load(ov_package, cache_dir="", use_cpu_file=True) as e:                # only ORT runs it
+        assert e.backend == "onnxruntime" and e.detector.path.name == "detector.cpu.onnx"
+    with engines.load(toys["toy-int8"], cache_dir="", threads=1, precision_hint="f32") as e:  # no key: ORT
+        assert e.backend == "onnxruntime" and e.detector.opts.intra_op_threads == 1
+
+
+def test_auto_cpu_backend_hands_each_backend_its_options():
+    manifest = {"graphs": {"detector": {"cpu_backend": "openvino"}}}
+    opts = {"intra_op_threads": 2, "allow_spinning": False, "precision_hint": "bf16", "verify": False}
+    assert engines.auto_cpu_backend(manifest, opts) == (
+        "openvino", {"threads": 2, "precision_hint": "bf16", "verify": False})
+    assert engines.auto_cpu_backend({"graphs": {"detector": {}}}, opts) == (
+        "onnxruntime", {"intra_op_threads": 2, "allow_spinning": False, "verify": False})
+    assert engines.auto_cpu_backend(manifest, {"device": "cuda"})[0] == "onnxruntime"
+    with pytest.raises(engines.EngineError, match=r"unknown option\(s\) \['colour'\] for backend 'auto'"):
+        engines.auto_cpu_backend(manifest, {"colour": 1})

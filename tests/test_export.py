@@ -288,3 +288,87 @@ def test_clean_qdq_folds_weights_and_merges_pairs():
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- shape arithmetic
+
+def _shape_graph() -> onnx.ModelProto:
+    """x [B, T, 6] -> Reshape(x, [B, T, 2, 3]) with the target computed from Shape(x) the way the
+    legacy exporter writes it (Shape, Gather, Div, Unsqueeze, Concat) -> Transpose -> Reshape back
+    to [B, T, 6] with a target from Shape of the transposed tensor. y = that + 1."""
+    def c(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+        helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+        helper.make_node("Gather", ["s", "i2"], ["c"], axis=0),
+        helper.make_node("Div", ["c", "three"], ["c2"]),                      # 6 / 3 = 2: fixed
+        helper.make_node("Unsqueeze", ["b", "ax0"], ["ub"]),
+        helper.make_node("Unsqueeze", ["t", "ax0"], ["ut"]),
+        helper.make_node("Unsqueeze", ["c2", "ax0"], ["uc"]),
+        helper.make_node("Concat", ["ub", "ut", "uc", "three1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),                  # [B, T, 2, 3]
+        helper.make_node("Transpose", ["r"], ["tr"], perm=[0, 1, 3, 2]),
+        helper.make_node("Shape", ["tr"], ["s2"]),
+        helper.make_node("Slice", ["s2", "st0", "st2", "ax0"], ["bt"]),       # [B, T]
+        helper.make_node("Concat", ["bt", "six"], ["target2"], axis=0),
+        helper.make_node("Reshape", ["tr", "target2"], ["r2"]),
+        helper.make_node("Add", ["r2", "one"], ["y"]),
+    ]
+    inits = [c("i0", np.int64(0)), c("i1", np.int64(1)), c("i2", np.int64(2)), c("three", np.int64(3)),
+             c("ax0", np.array([0], np.int64)), c("three1", np.array([3], np.int64)),
+             c("st0", np.array([0], np.int64)), c("st2", np.array([2], np.int64)),
+             c("six", np.array([6], np.int64)), c("one", np.float32(1))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _x(batch: int, tokens: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch * 100 + tokens)
+    return {"x": rng.standard_normal((batch, tokens, 6)).astype(np.float32)}
+
+
+def _expected(x: np.ndarray) -> np.ndarray:
+    b, t, _ = x.shape
+    return x.reshape(b, t, 2, 3).transpose(0, 1, 3, 2).reshape(b, t, 6) + 1
+
+
+def test_fold_shape_arithmetic_keeps_batch_and_tokens_dynamic():
+    model = _shape_graph()
+    stats = onnx_utils.fold_shape_arithmetic(model, [_x(1, 4), _x(2, 7), _x(3, 2)], _x(2, 5))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Reshape", "Transpose", "Reshape", "Add"] and stats["nodes_after"] == 4
+    assert stats["reshapes"] == 2 and stats["nodes_before"] == 16
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    targets = [inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Reshape"]
+    assert targets == [[0, 0, 2, 3], [0, 0, 6]]                           # 0 = copy batch / tokens
+    onnx.checker.check_model(model, full_check=True)
+    session = ort_session_from(model)
+    for b, t in ((1, 1), (4, 9), (2, 33)):                                # sizes never probed
+        x = _x(b, t)
+        np.testing.assert_allclose(session.run(None, x)[0], _expected(x["x"]), rtol=0, atol=1e-6)
+
+
+def test_fold_shape_arithmetic_refuses_what_the_examples_cannot_tell():
+    model = _shape_graph()
+    before = model.SerializeToString()
+    with pytest.raises(onnx_utils.OnnxExportError, match=r"broke the graph for inputs \{'x': \(3, 4, 6\)\}"):
+        onnx_utils.fold_shape_arithmetic(model, [_x(2, 4), _x(2, 4)], _x(3, 4))   # batch looked fixed
+    assert model.SerializeToString() == before                                  # restored
+
+
+def test_exported_detector_has_constant_reshape_targets(work):
+    det = onnx.load(str(work["package"] / pkg.DETECTOR_GRAPH))
+    inits = {i.name for i in det.graph.initializer}
+    producers = {o: n for n in det.graph.node for o in n.output}
+    computed = [n.name for n in det.graph.node if n.op_type == "Reshape" and n.input[1] not in inits
+                and producers[n.input[1]].op_type != "Constant"]
+    assert computed == []
+    assert onnx_utils.count_ops(det, "Shape").get("Shape", 0) <= 8      # only Resize / Expand sizes remain
+
+
+def ort_session_from(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -168,7 +168,12 @@ def test_int8_graphs_are_explicit_qdq(work):
     assert "once per prompt" in manifest["graphs"]["text"]["note"]
     assert manifest["graphs"]["detector"]["cpu_file"] == pkg.DETECTOR_CPU_GRAPH
     assert manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] == len(qs)
-    assert set(manifest["accuracy"]) >= {"fp32", "int8", "int8_cpu"}
+    assert manifest["graphs"]["detector"]["cpu_backend"] == "openvino"     # checked below
+    check = manifest["graphs"]["detector"]["openvino"]
+    assert check["static_shapes"] is True and max(check["max_rel_diff"].values()) <= export.OPENVINO_TOL
+    assert set(manifest["accuracy"]) >= {"fp32", "int8", "int8_cpu", "int8_openvino"}
+    fp32 = json.loads((work["fp32"] / pkg.MANIFEST).read_text())
+    assert fp32["graphs"]["detector"]["cpu_backend"] == "onnxruntime"
     assert manifest["quantization"]["calibration_images"] == json.loads(
         (work["qdir"] / quantize.QUANT_JSON).read_text())["calibration"]["images"]
 
@@ -195,7 +200,7 @@ def test_cpu_variant_is_close_to_the_qdq_graph(work):
     package = work["int8"]
     ref = dict(np.load(package / pkg.reference_file("detector")))
     feeds = {k: ref[k] for k in pkg.DETECTOR_INPUTS}
-    with engines.load(package, cache_dir="") as e:
+    with engines.load(package, "onnxruntime", cache_dir="") as e:
         assert e.detector.path.name == pkg.DETECTOR_CPU_GRAPH
         cpu = e.detector.run(feeds)
     for name in pkg.DETECTOR_OUTPUTS:
@@ -211,6 +216,89 @@ def test_cpu_variant_is_close_to_the_qdq_graph(work):
         assert cpu_inits[node.input[1]].SerializeToString() == qdq[node.input[1]].SerializeToString()
     assert not [n for n in cpu_graph.graph.node if n.op_type == "MatMul" and n.input[1] in cpu_inits
                 and cpu_inits[n.input[1]].data_type == TensorProto.INT8]
+
+
+def test_auto_runs_the_int8_package_on_openvino(work):
+    """The manifest's cpu_backend: "auto" opens the Q/DQ file with OpenVINO, the same file TensorRT builds."""
+    with engines.load(work["int8"], cache_dir="", intra_op_threads=1) as e:
+        assert e.backend == "openvino" and e.detector.path.name == pkg.DETECTOR_GRAPH
+        assert e.detector.opts.threads == 1
+    with engines.load(work["fp32"], cache_dir="") as e:
+        assert e.backend == "onnxruntime"
+
+
+def test_openvino_check_refuses_wrong_outputs_and_failures(work, tmp_path):
+    """check_openvino says static_shapes only when OpenVINO reproduces the reference; a reference
+    that is off by more than the tolerance, or a child process that fails, says no."""
+    package = work["int8"]
+    ref = dict(np.load(package / pkg.reference_file("detector")))
+    ref[pkg.CENTERNESS] = ref[pkg.CENTERNESS] + 1.0 + np.abs(ref[pkg.CENTERNESS]).max()
+    np.savez(tmp_path / "off.npz", **ref)
+    off = export.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz")
+    assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > export.OPENVINO_TOL
+    failed = export.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"))
+    assert failed["static_shapes"] is False and "OpenVINO failed" in failed["checked"]
+
+
+# ----------------------------------------------------------------------------- attention matmuls
+
+def _calibrated(fp32, attention: bool, args):
+    """A copy of ``fp32`` with modelopt quantizers, max-calibrated on the detector inputs ``args``."""
+    from fiber.models import FiberForGrounding
+
+    qmodel = FiberForGrounding(fp32.cfg).eval()
+    qmodel.load_state_dict(fp32.state_dict())
+    quantize.insert_quantizers(qmodel, "max", attention=attention)
+    quantize.calibrate(qmodel, lambda m: m.detect(*args), "max")
+    return qmodel
+
+
+def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
+    """--attention: q, k, probabilities and v of every Attend (text self-attention, t2i) are
+    quantised; the exported Q/DQ graph computes what the fake-quantised model does."""
+    from compress import onnx_utils
+    from fiber.config import get_config
+    from fiber.models import FiberForGrounding
+    from test_export import random_prompt_inputs
+
+    cfg = get_config(CONFIG)
+    x = random_prompt_inputs(cfg, batch=2, tokens=16, seed=0)
+    torch.manual_seed(0)
+    fp32 = FiberForGrounding(cfg).eval()
+    fp32.backbone.set_gates(0.5)
+    with torch.inference_mode():
+        hidden = fp32.encode_text(torch.from_numpy(x[pkg.INPUT_IDS]), torch.from_numpy(x[pkg.ATTENTION_MASK]))
+    args = (torch.from_numpy(x[pkg.IMAGE]), hidden.clone(), torch.from_numpy(x[pkg.ATTENTION_MASK]))
+    qmodel, qattn = _calibrated(fp32, False, args), _calibrated(fp32, True, args)
+    names = (set(quantize.quantizer_names(qattn, enabled_only=True))
+             - set(quantize.quantizer_names(qmodel, enabled_only=True)))
+    first = cfg.first_fused_text_layer
+    attends = {n.rsplit(".", 2)[0] for n in names}
+    assert names and all(n.endswith(("attend.qk.input_quantizer", "attend.qk.other_quantizer",
+                                     "attend.pv.input_quantizer", "attend.pv.other_quantizer")) for n in names)
+    assert len(names) == 4 * len(attends)
+    assert all(int(n.split(".")[4]) >= first for n in names)       # backbone.text.encoder.layer.<i>: fused only
+    assert {"kind:attn.qk (q, k)", "kind:attn.pv (probs, v)"} <= set(quantize.quantizer_groups(sorted(names)))
+    probs = [qattn.get_submodule(n).amax for n in names if n.endswith("pv.input_quantizer")]
+    assert all(0 < float(a) <= 1.0 + 1e-6 for a in probs)           # softmax probabilities
+    # the Q/DQ graph: both inputs of those MatMuls come through DequantizeLinear
+    onnx_x = {pkg.IMAGE: x[pkg.IMAGE][:1], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK][:1]}
+    path = tmp_path / "det.onnx"
+    graph = onnx_utils.export_detector(qattn, onnx_x, hidden[:1].numpy(), path, qdq=True)
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    inits = {i.name for i in graph.graph.initializer}
+    act_matmuls = [n for n in graph.graph.node if n.op_type == "MatMul"
+                   and all(i not in inits and producer.get(i) is not None
+                           and producer[i].op_type == "DequantizeLinear" for i in n.input)
+                   and not any(producer[i].input[0] in inits for i in n.input)]
+    assert len(act_matmuls) >= 2 * len(attends)
+    feeds = {pkg.IMAGE: onnx_x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden[:1].numpy(),
+             pkg.ATTENTION_MASK: onnx_x[pkg.ATTENTION_MASK]}
+    got = onnx_utils.ort_reference(path, feeds)
+    with torch.inference_mode():
+        want = qattn.detect(*(torch.from_numpy(feeds[k]) for k in pkg.DETECTOR_INPUTS))
+    for name, w in zip(pkg.DETECTOR_OUTPUTS, want):
+        assert rel_diff(got[name], w.numpy()) < INT8_VS_FAKEQUANT, name
 
 
 def test_accuracy_guard_refuses_and_names_layers(work, tmp_path):
