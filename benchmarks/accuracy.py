@@ -5,9 +5,9 @@
         [--json OUT]
 
 Each package x backend (the subjects of ``benchmarks.latency``; ``--checkpoint``: PyTorch eager
-through the same Detector) runs ``runtime.predictor.Detector.detect`` with the package's own
-post-processing settings (as ``compress.export`` measures the manifest's numbers) under
-``fiber.data.evaluation.evaluate``: R@1/5/10 (Flickr30k ANY-box, also split by relation), referring
+through the same Detector) runs ``runtime.predictor.Detector.detect`` with the evaluation
+protocol's post-processing (``EVAL_POSTPROCESS``, as ``compress.export`` and ``train.evaluate``
+measure theirs) under ``fiber.data.evaluation.evaluate``: R@1/5/10 (Flickr30k ANY-box, also split by relation), referring
 accuracy, COCO mAP (pycocotools), in percent. ``--data``: a folder with ``grounding.json`` and/or
 ``detection.json``. Torch-free unless a checkpoint is given.
 """
@@ -27,7 +27,7 @@ import engines
 from benchmarks.latency import (DEFAULT_BACKENDS, Subject, one_line, progress_bar, label_subjects, open_subject,
                                 parse_backends, plan_subjects)
 from common import package as pkg
-from fiber.data.evaluation import evaluate
+from fiber.data.evaluation import EVAL_POSTPROCESS, evaluate
 from fiber.data.formats import DataFormatError, DetectionDataset, GroundingDataset, load_detection, load_grounding
 
 GROUNDING_FILE, DETECTION_FILE = "grounding.json", "detection.json"
@@ -69,9 +69,14 @@ def _finite(value: Any) -> float | int | None:
 
 def evaluate_detector(detector: Any, data: EvalSets, limit: int | None, progress: Callable | None = None
                       ) -> dict[str, float | int | None]:
-    """METRICS of one runtime Detector (percent; None for a metric over no items)."""
+    """METRICS of one runtime Detector (percent; None for a metric over no items), ranked with
+    the evaluation protocol's post-processing (EVAL_POSTPROCESS) on the Detector's engines."""
+    from runtime.predictor import Detector
+
+    ranked = Detector(detector.engines, **EVAL_POSTPROCESS)  # not closed: the engines are the caller's
+
     def predict(image, prompt: str, spans: list):
-        return detector.detect(image, prompt, spans)
+        return ranked.detect(image, prompt, spans)
 
     metrics = evaluate(predict, grounding=data.grounding, detection=data.detection, limit=limit, progress=progress)
     return {k: _finite(metrics[k]) for k in METRICS if k in metrics}

@@ -27,7 +27,7 @@ import engines
 from common import package as pkg
 from engines.manifest import TensorSpec
 from fiber.config import ModelConfig
-from fiber.data.evaluation import evaluate
+from fiber.data.evaluation import EVAL_POSTPROCESS, evaluate
 from fiber.data.formats import DetectionDataset, GroundingDataset, load_detection, load_grounding
 
 TOKENIZER_SRC = Path(__file__).resolve().parents[1] / "fiber" / "assets" / pkg.TOKENIZER
@@ -152,7 +152,8 @@ def evaluate_engines(package_engines: engines.PackageEngines, data: EvalData,
     """
     from runtime.predictor import Detector
 
-    detector = Detector(package_engines)  # not closed: that would close the caller's engines
+    # the evaluation protocol's ranking; not closed: that would close the caller's engines
+    detector = Detector(package_engines, **EVAL_POSTPROCESS)
 
     def predict(image: np.ndarray, prompt: str, spans: list):
         return detector.detect(image, prompt, spans)

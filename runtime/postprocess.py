@@ -210,7 +210,8 @@ def _candidates(scores: np.ndarray, threshold: float, top_k: int,
 def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
                 phrase_map: np.ndarray, info: LetterboxInfo, threshold: float = 0.05,
                 nms_iou: float = 0.6, pre_nms_top_k: int = 1000, max_detections: int = 100,
-                use_native: bool = True, phrases: Sequence[str] | None = None) -> Detections:
+                use_native: bool = True, phrases: Sequence[str] | None = None,
+                min_per_phrase: int = 0) -> Detections:
     """The detector outputs of ONE image (no batch dim) -> Detections in source pixels.
 
     boxes float32 [N, 4] xyxy network-input pixels; token_logits float32 [N, T]; centerness
@@ -218,6 +219,9 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     per phrase keep scores > threshold, then its pre_nms_top_k best; decode boxes to source
     pixels (clipped); NMS per phrase at nms_iou; the best max_detections overall, best first.
     ``phrases`` names the P phrases in the result (default "0", "1", ...).
+
+    ``min_per_phrase`` > 0 (evaluation: R@10 needs ten boxes of every phrase) instead keeps
+    each phrase's best ``max(min_per_phrase, max_detections // P)`` detections.
     """
     boxes = np.asarray(boxes).reshape(-1, 4)
     token_logits = np.asarray(token_logits)
@@ -240,5 +244,19 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     anchor, phrase = (cand // num_phrases, cand % num_phrases) if num_phrases else (cand, cand)
     cand_boxes = decode_boxes(boxes[anchor], info, use_native)
     cand_scores = scores.ravel()[cand]
-    keep = nms(cand_boxes, cand_scores, nms_iou, phrase, use_native)[:max_detections]
+    keep = nms(cand_boxes, cand_scores, nms_iou, phrase, use_native)
+    if min_per_phrase > 0:
+        keep = keep[_first_per_class(phrase[keep], max(min_per_phrase, max_detections // max(1, num_phrases)))]
+    else:
+        keep = keep[:max_detections]
     return Detections(cand_boxes[keep], cand_scores[keep], phrase[keep].astype(np.int32), names)
+
+
+def _first_per_class(classes: np.ndarray, per_class: int) -> np.ndarray:
+    """bool mask: the first ``per_class`` entries of every class (order preserved)."""
+    order = np.argsort(classes, kind="stable")
+    sorted_classes = classes[order]
+    starts = np.searchsorted(sorted_classes, sorted_classes, side="left")
+    rank = np.empty(len(classes), np.int64)
+    rank[order] = np.arange(len(classes)) - starts
+    return rank < per_class

@@ -100,6 +100,7 @@ class _PostParams:
     nms_iou: float         # per-phrase NMS IoU
     pre_nms_top_k: int     # candidates per phrase before NMS
     max_detections: int    # kept per image
+    min_per_phrase: int    # > 0: keep each phrase's best max(this, max_detections // P) instead
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def _engine_options(path: Path, backend: str, threads: int | None, verify: bool)
 
 
 def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
-                 max_detections) -> _PostParams:
+                 max_detections, min_per_phrase: int = 0) -> _PostParams:
     raw = manifest.get("postprocess") or {}
 
     def pick(value, key, default):
@@ -126,7 +127,7 @@ def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
 
     p = _PostParams(float(pick(threshold, "threshold", 0.05)), float(pick(nms_iou, "nms_iou", 0.6)),
                     int(pick(pre_nms_top_k, "pre_nms_top_k", 1000)),
-                    int(pick(max_detections, "max_detections", 100)))
+                    int(pick(max_detections, "max_detections", 100)), int(min_per_phrase))
     if not 0.0 <= p.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {p.threshold}")
     if not 0.0 <= p.nms_iou <= 1.0:
@@ -161,7 +162,7 @@ class Detector:
                  threads: int | None = None, threshold: float | None = None,
                  max_detections: int | None = None, nms_iou: float | None = None,
                  pre_nms_top_k: int | None = None, prompt_cache_size: int = 8,
-                 use_native: bool = True, verify: bool = True):
+                 use_native: bool = True, verify: bool = True, min_per_phrase: int = 0):
         if prompt_cache_size < 1:
             raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
         if isinstance(package_or_engine, engines.PackageEngines):
@@ -171,7 +172,8 @@ class Detector:
             self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify))
         try:
             self.manifest = self.engines.manifest
-            self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k, max_detections)
+            self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k, max_detections,
+                                     min_per_phrase)
             self.tokenizer = _tokenizer(self.engines.package, self.manifest)
             self.preprocessor = Preprocessor.from_manifest(self.manifest, use_native=use_native)
         except BaseException:
@@ -272,7 +274,8 @@ class Detector:
         dets = postprocess(out[pkg.BOXES][0], out[pkg.TOKEN_LOGITS][0], out[pkg.CENTERNESS][0],
                            entry.encoded.phrase_map, info, threshold=p.threshold, nms_iou=p.nms_iou,
                            pre_nms_top_k=p.pre_nms_top_k, max_detections=p.max_detections,
-                           use_native=self.use_native, phrases=entry.encoded.phrases)
+                           use_native=self.use_native, phrases=entry.encoded.phrases,
+                           min_per_phrase=p.min_per_phrase)
         t4 = time.perf_counter()
         self.last_prompt = entry.encoded
         self.last_timing = StageTimes(pre=pre_ms, text=(t1 - t0) * 1e3,

@@ -20,7 +20,7 @@ from fiber.data.synth import SynthConfig, generate
 from runtime.types import Detections
 from train import evaluate as ev
 from train import fine
-from train.predictor import TorchPredictor, cap_per_phrase
+from train.predictor import TorchPredictor
 
 CFG = get_config("fiber-tiny-test")
 S = CFG.swin.img_size
@@ -131,14 +131,6 @@ def test_ground_truth_through_the_predictor_scores_100(data_dir):
     for k in ("R@1", "R@5", "R@10", "R@1_relation", "R@1_no_relation", "refexp", "mAP", "AP50", "AP75"):
         assert m[k] == pytest.approx(100.0), (k, m[k])
     assert m["phrases"] > 0 and m["refexps"] > 0
-
-
-def test_cap_per_phrase_keeps_the_best_of_each_phrase():
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], np.float32)
-    dets = Detections(np.tile([[0, 0, 1, 1]], (6, 1)), scores, np.array([0, 0, 0, 1, 0, 1]), ("a", "b"))
-    capped = cap_per_phrase(dets, 2)
-    assert capped.scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.4])
-    assert capped.phrase_index.tolist() == [0, 0, 1, 1]
 
 
 def test_bad_checkpoint_and_data_are_one_clear_line(fine_run, data_dir, tmp_path, capsys):

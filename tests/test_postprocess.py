@@ -249,3 +249,23 @@ def test_runtime_modules_do_not_import_torch():
             "runtime.types; bad = [m for m in ('torch', 'fiber') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=post.__file__.rsplit("/", 2)[0])
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_min_per_phrase_keeps_the_best_of_every_phrase(use_native):
+    # 6 well separated boxes; phrase 0 owns tokens 0-1 and scores high on every box, phrase 1
+    # (token 2) scores lower everywhere: a plain top-2 would keep only phrase-0 boxes.
+    boxes = np.array([[i * 20, 0, i * 20 + 10, 10] for i in range(6)], np.float32)
+    logits = np.zeros((6, 3), np.float32)
+    logits[:, :2] = np.linspace(4, 2, 6)[:, None]
+    logits[:, 2] = np.linspace(1, -1, 6)
+    phrase_map = np.array([[1, 1, 0], [0, 0, 1]], np.float32)
+    info = LetterboxInfo(scale=1.0, new_w=200, new_h=200, src_w=200, src_h=200)
+    args = (boxes, logits, np.full(6, 5.0, np.float32), phrase_map, info)
+    top2 = postprocess(*args, threshold=0.0, max_detections=2, use_native=use_native)
+    assert top2.phrase_index.tolist() == [0, 0]
+    per = postprocess(*args, threshold=0.0, max_detections=2, min_per_phrase=3, use_native=use_native)
+    assert sorted(per.phrase_index.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert np.all(np.diff(per.scores) <= 0)  # still best first
+    for p in (0, 1):  # each phrase keeps its own best boxes, in order
+        assert per.boxes[per.phrase_index == p][:, 0].tolist() == [0.0, 20.0, 40.0]

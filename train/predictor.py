@@ -6,9 +6,9 @@
 Same steps as the runtime ``Detector`` on a model package, in torch: tokenise with the runtime
 ``PromptTokenizer`` (bucket-padded), ``encode_text`` once per prompt (cached), letterbox with
 ``runtime.preprocess.Preprocessor``, ``detect``, then ``runtime.postprocess.postprocess``.
-Evaluation defaults: threshold 0 (recall), NMS 0.6 per phrase, and per phrase at least
-``min_per_phrase`` (10, for R@10) of its best boxes; ``max_detections`` (100) per image
-otherwise, as COCO. The harness calls one image at a time, so nothing is batched across images.
+Post-processing defaults: the evaluation protocol's (``fiber.data.evaluation.EVAL_POSTPROCESS``),
+the same the package accuracy numbers use. The harness calls one image at a time, so nothing is
+batched across images.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torch import nn
 from common.package import DEFAULT_BUCKETS
 from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from fiber.config import ModelConfig
+from fiber.data.evaluation import EVAL_POSTPROCESS
 from fiber.models import FiberForGrounding
 from runtime.postprocess import postprocess
 from runtime.preprocess import Preprocessor
@@ -36,11 +37,11 @@ from train.tasks import resolve_checkpoint_dir
 
 @dataclass(frozen=True)
 class PostConfig:
-    threshold: float = 0.0          # keep every phrase score above this (0: rank everything)
-    nms_iou: float = 0.6            # per-phrase NMS IoU
-    pre_nms_top_k: int = 1000       # per phrase, before NMS
-    max_detections: int = 100       # per image (COCO), unless min_per_phrase needs more
-    min_per_phrase: int = 10        # best boxes kept per phrase whatever max_detections says
+    threshold: float = EVAL_POSTPROCESS["threshold"]            # keep phrase scores above this
+    nms_iou: float = EVAL_POSTPROCESS["nms_iou"]                # per-phrase NMS IoU
+    pre_nms_top_k: int = EVAL_POSTPROCESS["pre_nms_top_k"]      # per phrase, before NMS
+    max_detections: int = EVAL_POSTPROCESS["max_detections"]    # per image (COCO)
+    min_per_phrase: int = EVAL_POSTPROCESS["min_per_phrase"]    # best boxes kept per phrase
 
 
 def load_grounding_model(path: str | Path, device: torch.device | str = "cpu"
@@ -113,19 +114,8 @@ class TorchPredictor:
         mask = torch.from_numpy(enc.attention_mask).to(self.device)
         boxes, logits, ctr = self.model.detect(torch.from_numpy(x).to(self.device), hidden, mask)
         p = self.post
-        num_phrases = len(enc.phrases)
-        dets = postprocess(boxes[0].float().cpu().numpy(), logits[0].float().cpu().numpy(),
+        return postprocess(boxes[0].float().cpu().numpy(), logits[0].float().cpu().numpy(),
                            ctr[0].float().cpu().numpy(), enc.phrase_map, info,
                            threshold=p.threshold, nms_iou=p.nms_iou, pre_nms_top_k=p.pre_nms_top_k,
-                           max_detections=p.pre_nms_top_k * max(1, num_phrases), phrases=enc.phrases)
-        return cap_per_phrase(dets, max(p.min_per_phrase, p.max_detections // max(1, num_phrases)))
-
-
-def cap_per_phrase(dets: Detections, per_phrase: int) -> Detections:
-    """The best ``per_phrase`` detections of every phrase (``dets`` is sorted best first)."""
-    keep = np.zeros(len(dets), bool)
-    counts = np.zeros(len(dets.phrases), np.int64)
-    for i, p in enumerate(dets.phrase_index.tolist()):
-        if counts[p] < per_phrase:
-            keep[i], counts[p] = True, counts[p] + 1
-    return Detections(dets.boxes[keep], dets.scores[keep], dets.phrase_index[keep], dets.phrases)
+                           max_detections=p.max_detections, phrases=enc.phrases,
+                           min_per_phrase=p.min_per_phrase)

@@ -9,6 +9,11 @@ Protocols (percent): R@1/5/10 over every phrase with a box of every grounding en
 referring expressions; Flickr30k ANY-box), also split by the entry's ``has_relation``; referring
 accuracy (top-1 IoU >= 0.5) over ``task == "refexp"`` entries; COCO mAP (pycocotools) over the
 detection file with one prompt of all category names in sorted id order.
+
+Post-processing is part of the protocol (``EVAL_POSTPROCESS``): every predictor that reports
+numbers (torch, packages through the runtime, every backend) ranks with it, so R@5/R@10 and mAP
+are comparable: threshold 0 (rank everything), per-phrase NMS at 0.6, and each phrase's best 10
+boxes kept (R@10 needs ten), otherwise 100 detections per image (COCO).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from fiber.data.metrics import coco_map, recall_at_k, referring_accuracy
 from fiber.data.prompts import build_detection_prompt
 
 KS = (1, 5, 10)
+EVAL_POSTPROCESS = {"threshold": 0.0, "nms_iou": 0.6, "pre_nms_top_k": 1000, "max_detections": 100,
+                    "min_per_phrase": 10}
 Predict = Callable[[np.ndarray, str, list], Any]
 
 
