@@ -54,7 +54,7 @@ from torch import nn
 
 from fiber.backbone import FusedOutput
 from fiber.box_ops import paired_generalized_box_iou
-from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint_dir
 from fiber.config import ModelConfig
 from fiber.heads.grounding import GroundingOutput
 from fiber.losses import GroundingTarget
@@ -63,7 +63,7 @@ from train.data import GroundingTrainDataset, Stage2Options, load_stage2
 from train.fine import DEFAULTS as FINE_DEFAULTS
 from train.loop import add_train_args, fit, train_config_from_args
 from train.tasks import (TEXT_INITS, FineOptions, FineTask, init_text_tower, model_config,
-                         progress_bar, resolve_checkpoint_dir, run_cli)
+                         progress_bar, run_cli)
 
 KD_PROJ_PREFIX = "kd_proj."
 KD_TERMS = ("logits", "box", "ctr", "feat")

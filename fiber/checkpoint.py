@@ -71,9 +71,25 @@ def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tenso
     return path
 
 
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run folder -> ``RUN/final``; a checkpoint folder (``model.safetensors`` +
+    ``config.json``, e.g. ``RUN/checkpoints/step-*``) -> itself; CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "final" / WEIGHTS_FILE).is_file():
+        return path / "final"
+    hint = " (the run has checkpoints but no final/: pass RUN/checkpoints/step-N)" \
+        if (path / "checkpoints").is_dir() else ""
+    raise CheckpointError(f"checkpoint {path}: neither a checkpoint folder ({WEIGHTS_FILE} + "
+                          f"{CONFIG_FILE}) nor a finished run (final/){hint}")
+
+
 def load_checkpoint(path: str | Path, expect_name: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
-    """Read a checkpoint folder -> (state_dict, cfg, meta).
+    """Read a checkpoint folder (or a finished run folder -> its ``final/``) -> (state_dict, cfg, meta).
 
     meta is config.json without its ``model`` entry. ``expect_name``: refuse a checkpoint whose
     config has another name. Raises CheckpointError naming the folder/file and the problem.
@@ -84,6 +100,8 @@ def load_checkpoint(path: str | Path, expect_name: str | None = None
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: no such directory")
+    if not (path / WEIGHTS_FILE).is_file() and (path / "final" / WEIGHTS_FILE).is_file():
+        path = path / "final"
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: missing {name}")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.package import DEFAULT_BUCKETS
-from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint_dir
 from fiber.config import ModelConfig
 from fiber.data.evaluation import EVAL_POSTPROCESS
 from fiber.models import FiberForGrounding
@@ -32,7 +32,7 @@ from runtime.tokenize import EncodedPrompt, PromptTokenizer
 from runtime.types import Detections
 from train.data import build_tokenizer
 from train.distributed import resolve_device
-from train.tasks import resolve_checkpoint_dir
+
 
 
 @dataclass(frozen=True)

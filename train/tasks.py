@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fiber.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
+from fiber.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_dir
 from fiber.config import ModelConfig, get_config, list_configs
 from fiber.data.formats import DataFormatError
 from fiber.losses import GroundingLoss, GroundingTarget, mask_tokens_for_mlm
@@ -199,22 +199,6 @@ def _prefixes(keys: tuple[str, ...]) -> str:
     heads = dict.fromkeys(k.split(".")[0] for k in keys)
     shown = list(heads)[:6]
     return ", ".join(shown) + (", ..." if len(heads) > len(shown) else "")
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A run folder -> ``RUN/final``; a checkpoint folder (``model.safetensors`` +
-    ``config.json``, e.g. ``RUN/checkpoints/step-*``) -> itself; CheckpointError otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: no such directory")
-    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "final" / WEIGHTS_FILE).is_file():
-        return path / "final"
-    hint = " (the run has checkpoints but no final/: pass RUN/checkpoints/step-N)" \
-        if (path / "checkpoints").is_dir() else ""
-    raise CheckpointError(f"checkpoint {path}: neither a checkpoint folder ({WEIGHTS_FILE} + "
-                          f"{CONFIG_FILE}) nor a finished run (final/){hint}")
 
 
 def load_init(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], InitReport]:
