@@ -64,12 +64,39 @@ def test_resume_is_not_trivially_equal(uninterrupted, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+_WORKER_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from _toy_task import ToyCrash, ToyTask, tiny_config
+from train.loop import fit
+task, cfg, run = {task!r}, {cfg!r}, Path({run!r})
+try:
+    fit(ToyTask(crash_at=4, **task), tiny_config(**cfg), run)
+except ToyCrash:
+    pass
+else:
+    sys.exit("the crashing run did not crash")
+fit(ToyTask(**task), tiny_config(**cfg), run, resume=True)
+"""
+
+
 def test_worker_processes_and_resume_keep_the_data_order(uninterrupted, tmp_path):
+    """DataLoader worker processes (fork) only prefetch: the crashed-and-resumed run with 2 workers
+    equals the uninterrupted one without. It trains in a fresh interpreter, as the CLIs do: forking
+    workers from this pytest process, after other tests loaded OpenVINO / ONNX Runtime / modelopt
+    (their thread pools), crashed the parent with SIGSEGV in CI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     run = tmp_path / "run"
-    cfg = tiny_config(**{**CFG, "num_workers": 2})
-    with pytest.raises(ToyCrash):
-        fit(ToyTask(crash_at=4, **TASK), cfg, run)
-    fit(ToyTask(**TASK), cfg, run, resume=True)
+    code = _WORKER_RUN.format(tests=str(Path(__file__).parent), task=TASK,
+                              cfg={**CFG, "num_workers": 2}, run=str(run))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(uninterrupted, run)
 
 

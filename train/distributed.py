@@ -212,7 +212,3 @@ def micro_batch_loader(dataset: Sequence, collate: Callable[[list], Any], order:
     return DataLoader(items, batch_size=None, shuffle=False, num_workers=num_workers,
                       collate_fn=_identity, pin_memory=env.device.type == "cuda",
                       generator=torch.Generator().manual_seed(order.seed))
-
-
-def _identity(x: Any) -> Any:
-    return x
