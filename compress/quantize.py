@@ -44,7 +44,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -56,7 +56,7 @@ from common.package import sha256_file
 from compress.serving import (TOKENIZER_SRC, EvalData, evaluate_engines, find_data, resolve_buckets,
                               torch_engines)
 from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_model_state,
-                              save_checkpoint)
+                              resolve_checkpoint_dir, save_checkpoint)
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
 
@@ -482,6 +482,13 @@ class QuantizeResult:
     meta: dict[str, Any]
 
 
+def _checkpoint_dir(checkpoint: str | Path) -> Path:
+    try:
+        return resolve_checkpoint_dir(checkpoint)
+    except CheckpointError as e:
+        raise QuantizeError(str(e)) from None
+
+
 def load_fine(checkpoint: str | Path, expect_name: str | None = None) -> tuple[FiberForGrounding, ModelConfig]:
     try:
         state, mcfg, meta = load_checkpoint(checkpoint, expect_name=expect_name)
@@ -507,6 +514,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
         raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    cfg = replace(cfg, checkpoint=str(_checkpoint_dir(cfg.checkpoint)))  # RUN -> RUN/final
     fp32, mcfg = load_fine(cfg.checkpoint, cfg.config)
     buckets = resolve_buckets(mcfg, cfg.buckets)
     items, held = split_data(find_data(cfg.data), cfg.calib_images, cfg.eval_entries)
@@ -643,7 +651,8 @@ def load_quantized(qdir: str | Path, checkpoint: str | Path, mcfg: ModelConfig
     if meta.get("config") != mcfg.to_dict():
         raise QuantizeError(f"{qdir} was made for config '{meta.get('model')}', the checkpoint is "
                             f"'{mcfg.name}' (or the configs differ)")
-    digest = sha256_file(Path(checkpoint) / WEIGHTS_FILE)
+    checkpoint = _checkpoint_dir(checkpoint)
+    digest = sha256_file(checkpoint / WEIGHTS_FILE)
     if meta["checkpoint"].get("sha256") != digest:
         raise QuantizeError(f"{qdir} was calibrated on another checkpoint ({meta['checkpoint'].get('path')}); "
                             f"re-run compress.quantize on {checkpoint}")

@@ -142,6 +142,21 @@ def test_qdir_of_another_checkpoint_refused(work, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+
+def test_qdir_applies_to_the_run_folder_of_its_checkpoint(work, tmp_path):
+    """A run folder (RUN/final inside) names the same weights as RUN/final: QDIR applies to it."""
+    import shutil
+
+    from fiber.checkpoint import load_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(work["ckpt"], run / "final")
+    _, mcfg, _ = load_checkpoint(run)
+    qmodel, fp32, info = quantize.load_quantized(work["qdir"], run, mcfg)
+    assert info and sum(1 for _ in qmodel.parameters()) == sum(1 for _ in fp32.parameters())
+    with pytest.raises(quantize.QuantizeError, match="neither a checkpoint folder"):
+        quantize.load_quantized(work["qdir"], tmp_path, mcfg)
+
+
 # ----------------------------------------------------------------------------- the INT8 package
 
 def test_int8_graphs_are_explicit_qdq(work):
