@@ -135,9 +135,18 @@ def _read_config_json(file: Path) -> dict[str, Any]:
     return meta
 
 
+TRAINING_ONLY_PREFIXES = ("kd_proj.",)
+
+
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
-    """Strict ``load_state_dict`` with one clear message for unknown keys, missing keys or shapes."""
+    """Strict ``load_state_dict`` with one clear message for unknown keys, missing keys or shapes.
+
+    Training-only tensors (``TRAINING_ONLY_PREFIXES``: the feature projections a distillation run
+    checkpoints for resume) are skipped when ``model`` has no such module, so a mid-run KD
+    checkpoint evaluates and exports as the plain student it holds."""
     own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k in own or not k.startswith(TRAINING_ONLY_PREFIXES)}
     unknown = sorted(set(state_dict) - set(own))
     missing = sorted(set(own) - set(state_dict))
     wrong = [(k, tuple(own[k].shape), tuple(state_dict[k].shape)) for k in sorted(set(own) & set(state_dict))

@@ -291,6 +291,18 @@ def test_load_model_state_names_unknown_and_wrong_keys():
         load_model_state(model, bad)
 
 
+def test_load_model_state_skips_distillation_projections_only():
+    """A mid-run KD checkpoint carries kd_proj.* (for resume): the plain model loads without them,
+    any other extra key is still an error."""
+    state, cfg = tiny_state()
+    model = build_backbone(cfg)
+    inner = {k[len("backbone."):]: v for k, v in state.items()}
+    load_model_state(model, {**inner, "kd_proj.text.weight": torch.zeros(3, 3)})
+    assert torch.equal(model.state_dict()["image.norm3.weight"], inner["image.norm3.weight"])
+    with pytest.raises(CheckpointError, match=r"unknown key 'kd_projection.x'"):
+        load_model_state(model, {**inner, "kd_projection.x": torch.zeros(1)})
+
+
 # -- CLI --------------------------------------------------------------------------------------
 def test_cli_converts_the_golden_file(tmp_path, capsys):
     args = get_args_parser().parse_args(["convert-official", str(GOLDEN), "--config", "fiber-golden",
