@@ -51,6 +51,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_versioned_json(path: Path, fmt: str, max_version: int, sections: tuple[str, ...],
+                        what: str, remedy: str, error: type[Exception]) -> dict[str, Any]:
+    """Parse a ``{"format": fmt, "format_version": N, ...}`` file (package manifest, engine.json):
+    ``error`` with the path and the problem when it is unreadable, of another format, of a newer
+    version than this code reads (``remedy`` says what to do) or lacks one of ``sections``."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable {what}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{path}: 'format' is not {fmt!r}")
+    version = doc.get("format_version")
+    if not isinstance(version, int):
+        raise error(f"{path}: 'format_version' missing or not an integer")
+    if version > max_version:
+        raise error(f"{path}: {what.split()[0]} format_version {version} is newer than this fiber-edge "
+                    f"reads ({max_version}); {remedy}")
+    for key in sections:
+        if key not in doc:
+            raise error(f"{path}: {what} has no {key!r} section")
+    return doc
+
+
 def read_manifest(package: str | Path) -> dict[str, Any]:
     """Parse ``package/manifest.json`` and check its format and version (not the hashes)."""
     package = Path(package)
@@ -59,24 +82,9 @@ def read_manifest(package: str | Path) -> dict[str, Any]:
         raise PackageError(f"{package}: not a folder (expected a model package)")
     if not path.is_file():
         raise PackageError(f"{package}: no {MANIFEST} (not a model package)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PackageError(f"{path}: unreadable manifest: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PackageError(f"{path}: 'format' is not {FORMAT!r}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise PackageError(f"{path}: 'format_version' missing or not an integer")
-    if version > FORMAT_VERSION:
-        raise PackageError(
-            f"{path}: package format_version {version} is newer than this fiber-edge reads "
-            f"({FORMAT_VERSION}); upgrade fiber-edge or re-export the package"
-        )
-    for key in ("files", "graphs", "input", "text"):
-        if key not in manifest:
-            raise PackageError(f"{path}: manifest has no {key!r} section")
-    return manifest
+    return read_versioned_json(path, FORMAT, FORMAT_VERSION, ("files", "graphs", "input", "text"),
+                               "package manifest", "upgrade fiber-edge or re-export the package",
+                               PackageError)
 
 
 def verify_files(package: str | Path, manifest: dict[str, Any]) -> None:

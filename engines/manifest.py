@@ -24,7 +24,6 @@ exactly as in the package manifest.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -151,22 +150,10 @@ def read_engine_manifest(engine_dir: str | Path) -> dict[str, Any]:
     path = Path(engine_dir) / ENGINE_JSON
     if not path.is_file():
         raise EngineError(f"{engine_dir}: no {ENGINE_JSON} (not an engine folder)")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EngineError(f"{path}: unreadable engine manifest: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != ENGINE_FORMAT:
-        raise EngineError(f"{path}: 'format' is not {ENGINE_FORMAT!r}")
-    version = m.get("format_version")
-    if not isinstance(version, int):
-        raise EngineError(f"{path}: 'format_version' missing or not an integer")
-    if version > ENGINE_FORMAT_VERSION:
-        raise EngineError(f"{path}: engine format_version {version} is newer than this fiber-edge reads "
-                          f"({ENGINE_FORMAT_VERSION}); upgrade fiber-edge or rebuild the engine")
-    for key in ("backend", "tensorrt", "device", "package", "graphs", "build"):
-        if key not in m:
-            raise EngineError(f"{path}: engine manifest has no {key!r} section")
-    return m
+    return pkg.read_versioned_json(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
+                                   ("backend", "tensorrt", "device", "package", "graphs", "build"),
+                                   "engine manifest", "upgrade fiber-edge or rebuild the engine",
+                                   EngineError)
 
 
 def package_record(package: Path, manifest: Mapping[str, Any], engine_dir: Path) -> dict[str, Any]:

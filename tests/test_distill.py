@@ -35,12 +35,7 @@ STUDENT = register_config(dataclasses.replace(
 KD_KEYS = {"kd_logits", "kd_box", "kd_ctr", "kd_feat"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(seed: int = 0) -> FiberForGrounding:

@@ -17,7 +17,6 @@ from fiber.data.evaluation import evaluate, load_image_rgb
 from fiber.data.formats import load_detection, load_grounding
 from fiber.data.prompts import build_detection_prompt
 from fiber.data.synth import SynthConfig, generate
-from runtime.types import Detections
 from train import evaluate as ev
 from train import fine
 from train.predictor import TorchPredictor
@@ -28,12 +27,7 @@ METRICS = ("R@1", "R@5", "R@10", "R@1_relation", "R@1_no_relation", "R@10_no_rel
            "mAP", "AP50", "AP75", "phrases", "refexps", "detection_images")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
