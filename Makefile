@@ -132,7 +132,7 @@ distill-nano: $(KD_RUN)/final/model.safetensors
 REPORT_PACKAGE ?= models/fiber-nano-int8
 REPORT_COMPARE ?= $(wildcard models/fiber-nano)
 REPORT_TEACHER ?= $(firstword $(wildcard models/fiber-t) $(patsubst %/final/model.safetensors,%,$(wildcard $(TEACHER_RUN)/fine/final/model.safetensors)))
-REPORT_CHECKPOINT ?= $(patsubst %/final/model.safetensors,%,$(wildcard $(KD_RUN)/final/model.safetensors))
+REPORT_CHECKPOINT ?= $(patsubst %/final/model.safetensors,%,$(wildcard $(NANO_CKPT)/final/model.safetensors))
 REPORT_OUT ?= docs/report
 REPORT_ARGS ?=
 
