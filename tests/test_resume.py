@@ -64,21 +64,18 @@ def test_resume_is_not_trivially_equal(uninterrupted, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-_WORKER_RUN = """
-import sys
-from pathlib import Path
-sys.path.insert(0, {tests!r})
-from _toy_task import ToyCrash, ToyTask, tiny_config
-from train.loop import fit
-task, cfg, run = {task!r}, {cfg!r}, Path({run!r})
-try:
-    fit(ToyTask(crash_at=4, **task), tiny_config(**cfg), run)
-except ToyCrash:
-    pass
-else:
-    sys.exit("the crashing run did not crash")
-fit(ToyTask(**task), tiny_config(**cfg), run, resume=True)
-"""
+def _toy_cli(run, dump, task: dict, cfg: dict, resume: bool = False):
+    """One ToyTask training in a fresh interpreter through tests/_toy_task.py (exit 3 = ToyCrash)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "tests/_toy_task.py"), "--out", str(run), "--dump", str(dump),
+           "--task", json.dumps(task), "--cfg", json.dumps(cfg)] + (["--resume"] if resume else [])
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_worker_processes_and_resume_keep_the_data_order(uninterrupted, tmp_path):
@@ -86,17 +83,12 @@ def test_worker_processes_and_resume_keep_the_data_order(uninterrupted, tmp_path
     equals the uninterrupted one without. It trains in a fresh interpreter, as the CLIs do: forking
     workers from this pytest process, after other tests loaded OpenVINO / ONNX Runtime / modelopt
     (their thread pools), crashed the parent with SIGSEGV in CI."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    run = tmp_path / "run"
-    code = _WORKER_RUN.format(tests=str(Path(__file__).parent), task=TASK,
-                              cfg={**CFG, "num_workers": 2}, run=str(run))
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    cfg = {**CFG, "num_workers": 2}
+    crashed = _toy_cli(run, dump, {**TASK, "crash_at": 4}, cfg)
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    resumed = _toy_cli(run, dump, TASK, cfg, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(uninterrupted, run)
 
 
