@@ -482,7 +482,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, feeds: Sequence[dict[str, np.n
             target = _reshape_target([v[r.input[1]] for v in values], [d[r.input[0]] for d in data_shapes])
             if target is not None:
                 new_targets[r.output[0]] = target
-    _replace_with_constants(model, g, folded, new_targets)
+    _replace_with_constants(model, folded, new_targets)
     drop_unused(model)
     try:
         _check_same_outputs(original, model, [*feeds, check])
@@ -567,20 +567,16 @@ def _resolve_target(target: np.ndarray, shape: np.ndarray) -> np.ndarray | None:
     return out if (out >= 0).all() and int(np.prod(out)) == int(np.prod(shape)) else None
 
 
-def _replace_with_constants(model: onnx.ModelProto, g: "_Graph", folded: dict[str, np.ndarray],
+def _replace_with_constants(model: onnx.ModelProto, folded: dict[str, np.ndarray],
                             targets: dict[str, np.ndarray]) -> None:
     """Consumers of each folded tensor read an initializer; the Reshapes in ``targets`` (keyed by
     their output) read their new target."""
     for name, value in folded.items():
+        if any(out.name == name for out in model.graph.output):
+            raise OnnxExportError(f"graph output {name!r} is constant")
         const = f"{name}/folded"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), const))
-        for consumer in g.consumers[name]:
-            for k, i in enumerate(consumer.input):
-                if i == name:
-                    consumer.input[k] = const
-        for out in model.graph.output:
-            if out.name == name:
-                raise OnnxExportError(f"graph output {name!r} is constant")
+        _rewire(model, name, const)
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.output[0] in targets:
             const = f"{node.output[0]}/target"
