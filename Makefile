@@ -93,36 +93,48 @@ ablation-late: | data
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --late-fusion --data $(SYNTH_TRAIN) --init runs/abl-late/coarse --out runs/abl-late/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint runs/abl-late/fine --data $(SYNTH_VAL) --json runs/abl-late/eval.json
 
-# ---- teacher -> student distillation (issue 4). train-teacher: fiber-t, stage 1 + stage 2 with the
-# text tower from MiniLM-L6, then evaluation; sized for ~90-120 min on this 2-core CPU at 1 thread
-# (measured at batch 16 on the shared, busy machine: coarse ~45-50 s/step, fine ~9-12 s/step).
-# distill-nano: the fiber-nano student initialised from the teacher where shapes allow and trained
-# with KD for the same steps, batch and seed as the fine stage of train-nano (KD vs the student
-# alone at the same budget), then evaluation. A KD step also runs the teacher's forward: ~2.6x a
-# plain fine step (5-7 s at batch 16, so ~1.7-2.3 h for 1200 steps). It needs the teacher (make
-# builds it first if missing). An interrupted step: rerun its command with --resume.
+# ---- teacher -> student distillation (issue 4). train-teacher: fiber-t, stage 2 only (the nano
+# ablation showed stage 1 does not pay at these budgets) with the text tower from MiniLM-L6, then
+# evaluation; measured at batch 16 on this idle 2-core CPU with 2 threads: 4.4 samples/s, so
+# ~75 min for 1200 steps. kd-compare: KD against the student alone at equal steps, batch, lr and
+# seed, both stage 2 only: `make -j2 kd-compare` trains the two at 1 thread each side by side, then
+# evaluates both. The KD student starts from the teacher where keys and shapes fit (the text
+# tower), the student alone from MiniLM-L6. A KD step also runs the teacher's forward. An
+# interrupted training step: rerun its command with --resume. distill-nano = the KD half.
 TEACHER_RUN ?= runs/teacher
-TEACHER_COARSE_STEPS ?= 40
-TEACHER_FINE_STEPS ?= 1500
+TEACHER_FINE_STEPS ?= 1200
 TEACHER_THREADS ?= $(NANO_THREADS)
+KD_STEPS ?= 600
+KD_THREADS ?= 1
 KD_RUN ?= runs/nano-kd
+ALONE_RUN ?= runs/nano-alone
 
-.PHONY: train-teacher distill-nano
+.PHONY: train-teacher distill-nano kd-compare
 
-$(TEACHER_RUN)/coarse/final/model.safetensors: | data
-	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.coarse --config fiber-t --data $(SYNTH_TRAIN) --out $(TEACHER_RUN)/coarse --text-init minilm --max-steps $(TEACHER_COARSE_STEPS) --batch-size $(NANO_BATCH) --amp $(TRAIN_AMP) --seed 0
+$(TEACHER_RUN)/final/model.safetensors: | data
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init none --text-init minilm --out $(TEACHER_RUN) --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 
-$(TEACHER_RUN)/fine/final/model.safetensors: $(TEACHER_RUN)/coarse/final/model.safetensors
-	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init $(TEACHER_RUN)/coarse --out $(TEACHER_RUN)/fine --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
+$(TEACHER_RUN)/eval.json: $(TEACHER_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.evaluate --checkpoint $(TEACHER_RUN) --data $(SYNTH_VAL) --json $@
 
-train-teacher: $(TEACHER_RUN)/fine/final/model.safetensors
-	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.evaluate --checkpoint $(TEACHER_RUN)/fine --data $(SYNTH_VAL) --json $(TEACHER_RUN)/eval.json
+train-teacher: $(TEACHER_RUN)/eval.json
 
-$(KD_RUN)/final/model.safetensors: $(TEACHER_RUN)/fine/final/model.safetensors
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN)/fine --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(KD_RUN) --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
+$(KD_RUN)/final/model.safetensors: $(TEACHER_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN) --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(KD_RUN) --max-steps $(KD_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 
-distill-nano: $(KD_RUN)/final/model.safetensors
-	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint $(KD_RUN) --data $(SYNTH_VAL) --json $(KD_RUN)/eval.json
+$(KD_RUN)/eval.json: $(KD_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m train.evaluate --checkpoint $(KD_RUN) --data $(SYNTH_VAL) --json $@
+
+$(ALONE_RUN)/final/model.safetensors: | data
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init none --text-init minilm --out $(ALONE_RUN) --max-steps $(KD_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
+
+$(ALONE_RUN)/eval.json: $(ALONE_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m train.evaluate --checkpoint $(ALONE_RUN) --data $(SYNTH_VAL) --json $@
+
+distill-nano: $(KD_RUN)/eval.json
+
+kd-compare: $(KD_RUN)/eval.json $(ALONE_RUN)/eval.json
+	@$(PY) -c "import json,sys; [print(f'{p:28s}', '  '.join(f'{k} {json.load(open(p))[\"metrics\"][k]:.1f}' for k in ('R@1', 'R@5', 'R@10', 'R@1_relation', 'refexp', 'mAP'))) for p in sys.argv[1:]]" $^
 
 # ---- benchmark report (issue 7): docs/report/ (report.md, report.json, PNG plots) for the shipped
 # INT8 package against its FP32 twin, the teacher and the PyTorch eager student when present, on
@@ -131,7 +143,7 @@ distill-nano: $(KD_RUN)/final/model.safetensors
 # REPORT_ARGS: e.g. --quick, --limit 300, --threads 1, --backend onnxruntime.
 REPORT_PACKAGE ?= models/fiber-nano-int8
 REPORT_COMPARE ?= $(wildcard models/fiber-nano)
-REPORT_TEACHER ?= $(firstword $(wildcard models/fiber-t) $(patsubst %/final/model.safetensors,%,$(wildcard $(TEACHER_RUN)/fine/final/model.safetensors)))
+REPORT_TEACHER ?= $(firstword $(wildcard models/fiber-t) $(patsubst %/final/model.safetensors,%,$(wildcard $(TEACHER_RUN)/final/model.safetensors)))
 REPORT_CHECKPOINT ?= $(patsubst %/final/model.safetensors,%,$(wildcard $(NANO_CKPT)/final/model.safetensors))
 REPORT_OUT ?= docs/report
 REPORT_ARGS ?=

@@ -6,8 +6,9 @@
 The package (docs/architecture.md, "Model package"), written into a temp folder and renamed at the
 end (a failed export leaves nothing):
 
-    text.onnx          embeddings + the unfused text layers (FP32 in every package: it runs once
-                       per prompt)
+    text.onnx          embeddings + the unfused text layers (FP32 compute in every package: it runs
+                       once per prompt); the word-embedding table (most of the file) stored as
+                       per-row int8 rows read back by Gather -> Cast -> Sub -> Mul (--text-words fp32: as is)
     detector.onnx      Swin, the fused layers of both sides, FPN, head, box decode; FP32, or INT8
                        with explicit Q/DQ (modelopt PTQ from ``compress.quantize``) that TensorRT
                        (strongly typed) and ONNX Runtime run
@@ -56,6 +57,7 @@ from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
 
+TEXT_WORDS = ("int8", "fp32")   # how text.onnx stores its word-embedding table
 FP32_TOL = 1e-3     # ONNX vs PyTorch, relative to 1 + max |torch|: FP32 graphs must agree this well
 # OpenVINO's int8 kernels vs the plain-ONNX reference of an INT8 detector, relative to 1 + max |ref|:
 # a float difference in front of any QuantizeLinear can flip a rounding by one quantisation step,
@@ -87,6 +89,7 @@ class ExportConfig:
     cpu_int8: str = cpu_int8.DEFAULT       # CPU variant of INT8 packages (compress.cpu_int8.METHODS)
     eval_limit: int | None = None          # evaluate only the first N entries / images
     threads: int | None = None             # ONNX Runtime threads of the accuracy runs
+    text_words: str = "int8"               # text.onnx word-embedding table: "int8" (per row) or "fp32"
 
 
 @dataclass
@@ -135,24 +138,28 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
-                 buckets: Sequence[int], cpu_method: str) -> dict[str, Any]:
+                 buckets: Sequence[int], cpu_method: str, text_words: str = "int8") -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
-    ``tmp``; check ONNX against PyTorch. Returns the manifest's ``graphs`` and ``parity`` parts."""
+    ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
+    table as per-row int8 (the text parity check is then against the model with that table read
+    back), "fp32" as it is. Returns the manifest's ``graphs`` and ``parity`` parts."""
     x = example_inputs(cfg, buckets[0])
-    text_graph = onnx_utils.export_text(model, x, tmp / pkg.TEXT_GRAPH)
+    text_model, words = (model, None) if text_words == "fp32" else int8_word_embeddings(model)
+    text_graph, words_info = onnx_utils.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     hidden = onnx_utils.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
     det_model = qmodel if qmodel is not None else model
     det_graph = onnx_utils.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None)
     det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     det_out = onnx_utils.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
-    parity = _parity(model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
+    parity = _parity(text_model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
     shutil.copyfile(TOKENIZER_SRC, tmp / pkg.TOKENIZER)
     (tmp / pkg.REFERENCE_DIR).mkdir()
     np.savez(tmp / pkg.reference_file("text"), **text_in, **{pkg.TEXT_HIDDEN: hidden})
     np.savez(tmp / pkg.reference_file("detector"), **det_in, **det_out)
     graphs = {"text": _graph_entry(pkg.TEXT_GRAPH, text_graph, "fp32"),
               "detector": _graph_entry(pkg.DETECTOR_GRAPH, det_graph, "int8" if qmodel is not None else "fp32")}
+    graphs["text"]["word_embeddings"] = words_info or {"dtype": "float32"}
     graphs["detector"]["cpu_file"] = None
     graphs["detector"]["cpu_backend"] = "onnxruntime"
     if qmodel is not None:
@@ -164,9 +171,23 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
         graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH
         graphs["detector"]["cpu_variant"] = info
     if qmodel is not None:
-        graphs["text"]["note"] = "FP32 on purpose: text.onnx runs once per prompt, not per frame"
+        graphs["text"]["note"] = "FP32 compute on purpose: text.onnx runs once per prompt, not per frame"
         graphs["detector"]["qdq"] = onnx_utils.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
     return {"graphs": graphs, "parity": parity}
+
+
+def int8_word_embeddings(model: FiberForGrounding) -> tuple[FiberForGrounding, tuple[np.ndarray, np.ndarray]]:
+    """A copy of ``model`` whose word-embedding table holds its per-row int8 values read back, and
+    those ``(q, scale)`` (onnx_utils.quantize_rows); ``model`` is not changed."""
+    import copy
+
+    words = model.backbone.text.embeddings.word_embeddings
+    q, scale = onnx_utils.quantize_rows(words.weight.detach().float().numpy())
+    text_model = copy.deepcopy(model)
+    with torch.no_grad():
+        text_model.backbone.text.embeddings.word_embeddings.weight.copy_(
+            torch.from_numpy(onnx_utils.dequantize_rows(q, scale)))
+    return text_model, (q, scale)
 
 
 def check_openvino(graph: Path, reference: Path, tol: float = OPENVINO_TOL) -> dict[str, Any]:
@@ -289,6 +310,8 @@ def export_package(cfg: ExportConfig) -> ExportResult:
     FileExistsError (existing out without overwrite), ValueError for bad data."""
     if cfg.int8 is not None and cfg.data is None:
         raise ExportError("--int8 needs --data (a held-out split): the accuracy guard compares INT8 with FP32 R@1")
+    if cfg.text_words not in TEXT_WORDS:
+        raise ExportError(f"--text-words {cfg.text_words!r} is not one of {list(TEXT_WORDS)}")
     if cfg.cpu_int8 not in cpu_int8.METHODS:
         raise ExportError(f"--cpu-int8 {cfg.cpu_int8!r} is not one of {list(cpu_int8.METHODS)}")
     out = Path(cfg.out)
@@ -334,7 +357,7 @@ def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
 
 def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta
                    ) -> dict[str, Any]:
-    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8)
+    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words)
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
     extra: dict[str, Any] = {"checkpoint": {"path": str(cfg.checkpoint), "task": meta.get("task")}}
@@ -354,7 +377,7 @@ def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData,
                 "seconds": round(time.perf_counter() - t0, 1)}
     fp32_dir = scratch / "fp32"       # the same checkpoint as an FP32 package, for the baseline
     fp32_dir.mkdir()
-    parts = write_graphs(fp32_dir, model, None, mcfg, buckets, "none")
+    parts = write_graphs(fp32_dir, model, None, mcfg, buckets, "none", cfg.text_words)
     write_manifest(fp32_dir, build_manifest("fp32-baseline", mcfg, buckets, parts, file_table(fp32_dir),
                                             "fp32", {}))
     out = {"fp32": evaluate_package(fp32_dir, data, False, cfg.threads),
@@ -396,6 +419,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="package name (default: <config>[-int8])")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N entries/images")
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime CPU threads")
+    p.add_argument("--text-words", default="int8", choices=TEXT_WORDS,
+                   help="text.onnx's word-embedding table: per-row int8 (4x smaller file) or fp32")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing package folder")
     return p
@@ -405,7 +430,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(checkpoint=args.checkpoint, out=args.out, int8=args.int8, data=args.data,
                         max_drop=args.max_drop, buckets=args.buckets, overwrite=args.overwrite,
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
-                        eval_limit=args.eval_limit, threads=args.threads)
+                        eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -83,7 +83,10 @@ def work(tmp_path_factory):
     model = FiberForGrounding(get_config(CONFIG))
     from safetensors.torch import load_file
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    return {"root": root, "ckpt": ckpt, "data": data, "package": out, "model": model.eval()}
+    # the package's weights: the checkpoint with text.onnx's word table as per-row int8 (the default)
+    shipped, _ = export.int8_word_embeddings(model.eval())
+    return {"root": root, "ckpt": ckpt, "data": data, "package": out, "model": shipped.eval(),
+            "model_fp32_words": model}
 
 
 # ----------------------------------------------------------------------------- parity
@@ -124,6 +127,63 @@ def test_split_pair_equals_unsplit_model(work):
         [pkg.TOKEN_LOGITS], {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden[::-1].copy(),
                              pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]})[0]
     assert rel_diff(other, out[1]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- int8 word table
+
+def test_int8_gather_table_equals_the_dequantised_rows():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 6)).astype(np.float32)
+    table[7] = 0.0                                          # an all-zero row (padding) stays zero
+    q, scale = onnx_utils.quantize_rows(table)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale[7] == 1.0
+    assert np.abs(onnx_utils.dequantize_rows(q, scale) - table).max() <= scale.max() / 2 + 1e-7
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+         helper.make_node("Relu", ["rows"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 6])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    info = onnx_utils.int8_gather_table(model, "table", q, scale)
+    onnx.checker.check_model(model, full_check=True)
+    assert info == {"bytes_fp32": 50 * 6 * 4, "bytes": 50 * 6 + 50 * 4}
+    assert not [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and list(i.dims) == [50, 6]]
+    assert not [i for i in model.graph.initializer if i.data_type == TensorProto.INT8]   # TensorRT refuses those
+    ids = np.array([[0, 7, 49], [3, 3, 12]], dtype=np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, np.maximum(onnx_utils.dequantize_rows(q, scale)[ids], 0))
+    other = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "table"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 6])],
+        [numpy_helper.from_array(table, "table")]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx_utils.OnnxExportError, match="only as Gather data"):
+        onnx_utils.int8_gather_table(other, "table", q, scale)
+
+
+def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path):
+    """The shipped text.onnx (int8 word table) vs an fp32-table export of the same checkpoint: a
+    smaller file whose hidden states stay close to the FP32 table's; the fp32 export equals the
+    checkpoint itself."""
+    manifest = json.loads((work["package"] / pkg.MANIFEST).read_text())
+    words = manifest["graphs"]["text"]["word_embeddings"]
+    assert words["dtype"] == "int8" and words["bytes"] < words["bytes_fp32"] / 3
+    model = work["model_fp32_words"]
+    x = random_prompt_inputs(model.cfg, 2, 12, seed=5)
+    fp32_graph, info = onnx_utils.export_text(model, x, tmp_path / "text-fp32.onnx")
+    assert info is None
+    assert (work["package"] / pkg.TEXT_GRAPH).stat().st_size < (tmp_path / "text-fp32.onnx").stat().st_size
+    feeds = {k: x[k] for k in pkg.TEXT_INPUTS}
+    int8_hidden = ort_session(work["package"] / pkg.TEXT_GRAPH).run(None, feeds)[0]
+    fp32_hidden = ort_session(tmp_path / "text-fp32.onnx").run(None, feeds)[0]
+    with torch.no_grad():
+        want = model.encode_text(*(torch.from_numpy(x[k]) for k in pkg.TEXT_INPUTS)).numpy()
+    assert rel_diff(fp32_hidden, want) < TOL
+    assert 0 < rel_diff(int8_hidden, fp32_hidden) < 0.05
+    cos = (int8_hidden * fp32_hidden).sum(-1) / np.linalg.norm(int8_hidden, axis=-1) / np.linalg.norm(fp32_hidden, axis=-1)
+    assert cos.min() > 0.999
 
 
 # ----------------------------------------------------------------------------- package contents
