@@ -186,6 +186,53 @@ def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path)
     assert cos.min() > 0.999
 
 
+def test_repack_turns_an_fp32_word_table_into_the_exporters_int8_one(work, tmp_path):
+    """A package exported with --text-words fp32, repacked: the same text.onnx outputs as the int8
+    export of the same checkpoint, a valid manifest (hashes, table info, re-measured accuracy),
+    every other file unchanged; an int8 table or an existing --out is refused."""
+    old = tmp_path / "fp32-words"
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(old), "--buckets", BUCKETS,
+                     "--data", str(work["data"]), "--text-words", "fp32", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    before = json.loads((old / pkg.MANIFEST).read_text())
+    assert before["graphs"]["text"]["word_embeddings"] == {"dtype": "float32"}
+    new = tmp_path / "repacked"
+    result = run_cli("compress.repack", "--package", str(old), "--out", str(new), "--data", str(work["data"]),
+                     "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = pkg.load_package_manifest(new)                   # hashes match the files
+    assert manifest["graphs"]["text"]["word_embeddings"]["dtype"] == "int8"
+    assert manifest["accuracy"]["fp32"].keys() == before["accuracy"]["fp32"].keys()
+    assert 0 < manifest["repack"]["text_hidden_max_rel_diff_vs_before"] < 0.05
+    assert (new / pkg.TEXT_GRAPH).stat().st_size < (old / pkg.TEXT_GRAPH).stat().st_size
+    assert (new / pkg.DETECTOR_GRAPH).read_bytes() == (old / pkg.DETECTOR_GRAPH).read_bytes()
+    x = random_prompt_inputs(work["model"].cfg, 2, 9, seed=11)
+    feeds = {k: x[k] for k in pkg.TEXT_INPUTS}
+    got = ort_session(new / pkg.TEXT_GRAPH).run(None, feeds)[0]
+    want = ort_session(work["package"] / pkg.TEXT_GRAPH).run(None, feeds)[0]
+    assert rel_diff(got, want) < 1e-6
+    with np.load(new / pkg.reference_file("text")) as z:
+        assert rel_diff(ort_session(new / pkg.TEXT_GRAPH).run(None, {k: z[k] for k in pkg.TEXT_INPUTS})[0],
+                        z[pkg.TEXT_HIDDEN]) < 1e-6
+    again = run_cli("compress.repack", "--package", str(new), "--out", str(tmp_path / "again"))
+    assert again.returncode == 2 and "int8 already" in again.stderr and not (tmp_path / "again").exists()
+    exists = run_cli("compress.repack", "--package", str(old), "--out", str(new))
+    assert exists.returncode == 2 and "already exists" in exists.stderr
+
+
+def test_repack_guard_refuses_a_drop_and_writes_nothing(work, tmp_path, monkeypatch):
+    from compress import repack
+
+    old = tmp_path / "fp32-words"
+    assert run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(old), "--buckets", BUCKETS,
+                   "--data", str(work["data"]), "--text-words", "fp32", "--threads", "1").returncode == 0
+    r1 = json.loads((old / pkg.MANIFEST).read_text())["accuracy"]["fp32"]["R@1"]
+    monkeypatch.setattr(repack, "evaluate_package", lambda *a, **k: {"R@1": r1 - 1.5})
+    with pytest.raises(export.AccuracyGuardError, match="fp32 R@1 .* 1.50 points below"):
+        repack.repack(old, tmp_path / "new", str(work["data"]), max_drop=1.0)
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["fp32-words"]
+
+
 # ----------------------------------------------------------------------------- package contents
 
 def test_graphs_pass_full_check(work):
