@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ def repack(package: Path, out: Path, data_dir: str | None, baseline: Path | None
 
 def _remeasure(folder: Path, before: dict, data, base_fp32: dict | None, max_drop: float,
                threads: int | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
     after = dict(before, split=data.source)
     for key, (cpu_file, backend) in RUNS.items():
         if key not in before or (key == "fp32" and "int8" in before):
@@ -118,6 +120,7 @@ def _remeasure(folder: Path, before: dict, data, base_fp32: dict | None, max_dro
     if "int8" in before:
         after["fp32"] = base_fp32 if base_fp32 is not None else before["fp32"]
         after["fp32_source"] = "--baseline" if base_fp32 is not None else "not re-measured (no --baseline)"
+    after["seconds"] = round(time.perf_counter() - t0, 1)
     return after
 
 
