@@ -72,7 +72,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.parametrize("module", ["runtime.detect", "engines.build", "train.coarse", "train.fine",
                                     "train.evaluate", "compress.distill", "compress.quantize",
-                                    "compress.export", "benchmarks.report", "fiber.data.synth",
+                                    "compress.export", "compress.repack", "benchmarks.report", "fiber.data.synth",
                                     "fiber.checkpoint"])
 def test_every_cli_in_the_readme_answers_help(module):
     if f"python -m {module}" not in README and f"{module.split('.')[0]}/" not in README:
