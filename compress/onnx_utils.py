@@ -125,14 +125,26 @@ def export_text(model, x: dict[str, np.ndarray], path: Path,
     graph = onnx.load(str(path))
     if count_ops(graph, "QuantizeLinear"):
         raise OnnxExportError("text.onnx has Q/DQ nodes: the text prefix must stay FP32")
-    info = None
-    if int8_words is not None:
-        tables = [n.input[0] for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == pkg.INPUT_IDS]
-        if len(tables) != 1:
-            raise OnnxExportError(f"text.onnx: expected one Gather reading {pkg.INPUT_IDS}, found {len(tables)}")
-        info = {"table": tables[0], "dtype": "int8", "scale": "per row, symmetric (max |row| / 127)",
-                **int8_gather_table(graph, tables[0], *int8_words)}
+    info = None if int8_words is None else int8_word_table(graph, *int8_words)
     return _finish(graph, path, {}), info
+
+
+def word_table(graph: onnx.ModelProto) -> str:
+    """The name of a text graph's word-embedding table: the one initializer Gathered by ``input_ids``."""
+    inits = {i.name for i in graph.graph.initializer}
+    tables = [n.input[0] for n in graph.graph.node
+              if n.op_type == "Gather" and n.input[1] == pkg.INPUT_IDS and n.input[0] in inits]
+    if len(tables) != 1:
+        raise OnnxExportError(f"a text graph has one Gather of an initializer by {pkg.INPUT_IDS}, "
+                              f"this one has {len(tables)} (not a fiber-edge text graph, or already int8)")
+    return tables[0]
+
+
+def int8_word_table(graph: onnx.ModelProto, q: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
+    """``int8_gather_table`` on the text graph's word table; the manifest's ``word_embeddings``."""
+    table = word_table(graph)
+    return {"table": table, "dtype": "int8", "scale": "per row, symmetric (max |row| / 127)",
+            **int8_gather_table(graph, table, q, scale)}
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

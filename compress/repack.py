@@ -46,16 +46,11 @@ RUNS = {"fp32": (False, "onnxruntime"), "int8": (False, "onnxruntime"),
 def shrink_text_graph(path: Path) -> dict[str, Any]:
     """Rewrite ``path`` (a text.onnx) in place with its word table as per-row int8; the table info."""
     graph = onnx.load(str(path))
-    tables = [n.input[0] for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == pkg.INPUT_IDS]
-    inits = {i.name: i for i in graph.graph.initializer}
-    if len(tables) != 1 or tables[0] not in inits:
-        raise ExportError(f"{path}: expected one Gather reading {pkg.INPUT_IDS} from a float table "
-                          "(already int8, or not a fiber-edge text graph)")
-    table = onnx.numpy_helper.to_array(inits[tables[0]])
+    name = onnx_utils.word_table(graph)
+    table = onnx.numpy_helper.to_array(next(i for i in graph.graph.initializer if i.name == name))
     if table.dtype != np.float32 or table.ndim != 2:
-        raise ExportError(f"{path}: the word table {tables[0]!r} is {table.dtype} {table.shape}, not float32 2-D")
-    info = {"table": tables[0], "dtype": "int8", "scale": "per row, symmetric (max |row| / 127)",
-            **onnx_utils.int8_gather_table(graph, tables[0], *onnx_utils.quantize_rows(table))}
+        raise ExportError(f"{path}: the word table is {table.dtype} {table.shape}, not float32 2-D")
+    info = onnx_utils.int8_word_table(graph, *onnx_utils.quantize_rows(table))
     onnx_utils.save(graph, path)
     onnx_utils.check_graph(path)
     return info
