@@ -169,10 +169,12 @@ export-nano: setup
 
 # repack-nano: the shipped packages' text.onnx word table -> per-row int8 (compress.repack: for
 # packages exported before that was the default, whose checkpoint is not kept), accuracy re-measured.
+REPACK_ARGS ?=
 repack-nano: $(NANO_EVAL_DATA)/grounding.json
-	$(PY) -m compress.repack --package models/fiber-nano --out models/fiber-nano --data $(NANO_EVAL_DATA) --overwrite
+	$(PY) -m compress.repack --package models/fiber-nano --out models/fiber-nano --data $(NANO_EVAL_DATA) \
+		--overwrite $(REPACK_ARGS)
 	$(PY) -m compress.repack --package models/fiber-nano-int8 --out models/fiber-nano-int8 \
-		--data $(NANO_EVAL_DATA) --baseline models/fiber-nano --overwrite
+		--data $(NANO_EVAL_DATA) --baseline models/fiber-nano --overwrite $(REPACK_ARGS)
 
 package-nano: export-nano
 	$(PY) -m compress.quantize --checkpoint $(NANO_CKPT) --config fiber-nano --data $(NANO_CALIB_DATA) \
