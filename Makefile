@@ -155,8 +155,9 @@ report: $(SYNTH_VAL)/grounding.json
 
 # Model packages of the fiber-nano student (compress.export / compress.quantize): the FP32 package,
 # then INT8 (modelopt PTQ calibrated on the training split, sensitivity pass, accuracy guard against
-# the held-out split). The shipped packages come from the train-nano student (runs/nano/fine: at
-# equal steps KD did not beat it, docs/results.md); the distilled one: make package-nano NANO_CKPT=$(KD_RUN)
+# the held-out split). The shipped packages come from the train-nano student (runs/nano/fine, 2400
+# steps; KD beat the student alone at 600 steps each but is not run at that length yet,
+# docs/results.md); a distilled one: make package-nano NANO_CKPT=$(KD_RUN)
 NANO_CKPT ?= $(NANO_RUN)/fine
 NANO_CALIB_DATA ?= data/synth-train
 NANO_EVAL_DATA ?= data/synth-val
