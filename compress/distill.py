@@ -397,16 +397,19 @@ class DistillTask(FineTask):
     def loss(self, model: DistillStudent, batch: dict, step: int) -> dict[str, torch.Tensor]:
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         out, feats = model.forward_with_features(image, model.encode_text(ids, mask), mask)
+        targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
+        gt = self.loss_fn(out, targets, mask)
+        parts = {k: v for k, v in gt.items() if k != "loss"}
+        w = self.kd_options.weights
+        if not any(getattr(w, t) for t in KD_TERMS):
+            # every KD weight 0: the init-only ablation (the teacher's init, GT loss only); no teacher pass
+            return {"loss": gt["loss"], "loss_gt": gt["loss"], "loss_kd": gt["loss"].new_zeros(()), **parts}
         with torch.no_grad():
             t_out, t_feats = self.teacher.forward_with_features(
                 image, self.teacher.encode_text(ids, mask), mask)
-        targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
-        gt = self.loss_fn(out, targets, mask)
         kd = distillation_losses(out, t_out, model.kd_proj(feats), model.kd_proj.targets(t_feats),
                                  mask, self.kd_options)
-        w = self.kd_options.weights
         loss_kd = sum(getattr(w, t) * kd[f"kd_{t}"] for t in KD_TERMS)
-        parts = {k: v for k, v in gt.items() if k != "loss"}
         return {"loss": gt["loss"] + loss_kd, "loss_gt": gt["loss"], "loss_kd": loss_kd, **parts, **kd}
 
     def final_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

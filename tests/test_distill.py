@@ -261,3 +261,24 @@ def test_cli_refusals(teacher_ckpt, data_dir, tmp_path, capsys):
         distill.get_args_parser().parse_args(["--teacher", "t", "--student-config", "s", "--data", "d",
                                               "--out", "o", "--kd-weights", "logits=1,foo=2"])
     assert e.value.code == 2
+
+
+def test_zero_kd_weights_train_on_the_gt_loss_without_the_teacher(data_dir):
+    """Every KD weight 0 (the init-only ablation): the loss is the GT loss of the same student and
+    the teacher never runs; with weights on, the teacher runs and adds to it."""
+    teacher = _teacher()
+    data = load_stage2(data_dir, TEACHER)
+    off = DistillTask(STUDENT, teacher, data, DistillOptions(weights=KDWeights(0, 0, 0, 0)))
+    on = DistillTask(STUDENT, teacher, data, DistillOptions())
+    batch = _batch(off)
+    torch.manual_seed(0)
+    model = off.build_model().eval()
+    calls = []
+    real = teacher.forward_with_features
+    teacher.forward_with_features = lambda *a, **k: calls.append(1) or real(*a, **k)
+    with torch.no_grad():
+        got = off.loss(model, batch, 0)
+        assert not calls and got["loss_kd"].item() == 0 and got["loss"].item() == got["loss_gt"].item()
+        with_kd = on.loss(model, batch, 0)
+    assert calls and abs(with_kd["loss_gt"].item() - got["loss"].item()) < 1e-6
+    assert with_kd["loss"].item() > with_kd["loss_gt"].item()
