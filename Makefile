@@ -109,7 +109,7 @@ KD_THREADS ?= 1
 KD_RUN ?= runs/nano-kd
 ALONE_RUN ?= runs/nano-alone
 
-.PHONY: train-teacher distill-nano kd-compare
+.PHONY: train-teacher distill-nano kd-compare ablation-kd-init
 
 $(TEACHER_RUN)/final/model.safetensors: | data
 	OMP_NUM_THREADS=$(TEACHER_THREADS) $(PY) -m train.fine --config fiber-t --data $(SYNTH_TRAIN) --init none --text-init minilm --out $(TEACHER_RUN) --max-steps $(TEACHER_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
@@ -130,6 +130,13 @@ $(ALONE_RUN)/final/model.safetensors: | data
 
 $(ALONE_RUN)/eval.json: $(ALONE_RUN)/final/model.safetensors
 	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m train.evaluate --checkpoint $(ALONE_RUN) --data $(SYNTH_VAL) --json $@
+
+# ablation-kd-init: the KD student's init from the teacher without the KD losses (every weight 0:
+# no teacher pass), same steps; separates what the init and what the teacher's targets bring.
+INIT_ONLY_RUN ?= runs/nano-initonly
+ablation-kd-init: $(TEACHER_RUN)/final/model.safetensors
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m compress.distill --teacher $(TEACHER_RUN) --student-config fiber-nano --data $(SYNTH_TRAIN) --out $(INIT_ONLY_RUN) --max-steps $(KD_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0 --kd-weights logits=0,box=0,ctr=0,feat=0
+	OMP_NUM_THREADS=$(KD_THREADS) $(PY) -m train.evaluate --checkpoint $(INIT_ONLY_RUN) --data $(SYNTH_VAL) --json $(INIT_ONLY_RUN)/eval.json
 
 distill-nano: $(KD_RUN)/eval.json
 
