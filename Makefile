@@ -95,9 +95,9 @@ ablation-late: | data
 
 # ---- teacher -> student distillation (issue 4). train-teacher: fiber-t, stage 2 only (the nano
 # ablation showed stage 1 does not pay at these budgets) with the text tower from MiniLM-L6, then
-# evaluation; measured at batch 16 on this idle 2-core CPU with 2 threads: 4.4 samples/s, so
-# 82 min for 1200 steps (4942 s measured). kd-compare: KD against the student alone at equal steps, batch, lr and
-# seed, both stage 2 only: `make -j2 kd-compare` trains the two at 1 thread each side by side, then
+# evaluation; measured at batch 16 on this 2-core CPU with 2 threads: 4.3 samples/s when nothing
+# else ran, 4942 s (82 min) for 1200 steps with other jobs now and then. kd-compare: KD against
+# the student alone at equal steps, batch, lr and seed, both stage 2 only: `make -j2 kd-compare` trains the two at 1 thread each side by side, then
 # evaluates both. The KD student starts from the teacher where keys and shapes fit (the text
 # tower), the student alone from MiniLM-L6. A KD step also runs the teacher's forward. An
 # interrupted training step: rerun its command with --resume. distill-nano = the KD half.

@@ -138,7 +138,7 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
-                 buckets: Sequence[int], cpu_method: str, text_words: str = "int8") -> dict[str, Any]:
+                 buckets: Sequence[int], cpu_method: str, text_words: str) -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
     ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
     table as per-row int8 (the text parity check is then against the model with that table read

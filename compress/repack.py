@@ -74,7 +74,6 @@ def repack(package: Path, out: Path, data_dir: str | None, baseline: Path | None
             raise ExportError(f"--baseline {baseline}: not an FP32 package with measured accuracy")
         base_fp32 = base["accuracy"]["fp32"]
     data = find_data(data_dir) if data_dir else None
-    old_text = package / pkg.TEXT_GRAPH
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in manifest["files"]:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +86,7 @@ def repack(package: Path, out: Path, data_dir: str | None, baseline: Path | None
         np.savez(tmp / pkg.reference_file("text"), **feeds, **{pkg.TEXT_HIDDEN: hidden})
         manifest["graphs"]["text"]["word_embeddings"] = words
         manifest["repack"] = {"tool": "compress.repack", "from": str(package),
-                              "text_onnx_sha256_before": pkg.sha256_file(old_text),
+                              "text_onnx_sha256_before": manifest["files"][pkg.TEXT_GRAPH]["sha256"],
                               "text_hidden_max_rel_diff_vs_before": round(max_rel_diff(hidden, ref[pkg.TEXT_HIDDEN]), 6)}
         manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)

@@ -172,7 +172,7 @@ def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path)
     assert words["dtype"] == "int8" and words["bytes"] < words["bytes_fp32"] / 3
     model = work["model_fp32_words"]
     x = random_prompt_inputs(model.cfg, 2, 12, seed=5)
-    fp32_graph, info = onnx_utils.export_text(model, x, tmp_path / "text-fp32.onnx")
+    _, info = onnx_utils.export_text(model, x, tmp_path / "text-fp32.onnx")
     assert info is None
     assert (work["package"] / pkg.TEXT_GRAPH).stat().st_size < (tmp_path / "text-fp32.onnx").stat().st_size
     feeds = {k: x[k] for k in pkg.TEXT_INPUTS}
@@ -186,14 +186,21 @@ def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path)
     assert cos.min() > 0.999
 
 
-def test_repack_turns_an_fp32_word_table_into_the_exporters_int8_one(work, tmp_path):
-    """A package exported with --text-words fp32, repacked: the same text.onnx outputs as the int8
-    export of the same checkpoint, a valid manifest (hashes, table info, re-measured accuracy),
-    every other file unchanged; an int8 table or an existing --out is refused."""
-    old = tmp_path / "fp32-words"
+@pytest.fixture(scope="module")
+def fp32_words(work):
+    """The work checkpoint exported with --text-words fp32 (read only: repack writes elsewhere)."""
+    old = work["root"] / "fp32-words"
     result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(old), "--buckets", BUCKETS,
                      "--data", str(work["data"]), "--text-words", "fp32", "--threads", "1")
     assert result.returncode == 0, result.stderr
+    return old
+
+
+def test_repack_turns_an_fp32_word_table_into_the_exporters_int8_one(work, fp32_words, tmp_path):
+    """A package exported with --text-words fp32, repacked: the same text.onnx outputs as the int8
+    export of the same checkpoint, a valid manifest (hashes, table info, re-measured accuracy),
+    every other file unchanged; an int8 table or an existing --out is refused."""
+    old = fp32_words
     before = json.loads((old / pkg.MANIFEST).read_text())
     assert before["graphs"]["text"]["word_embeddings"] == {"dtype": "float32"}
     new = tmp_path / "repacked"
@@ -220,17 +227,15 @@ def test_repack_turns_an_fp32_word_table_into_the_exporters_int8_one(work, tmp_p
     assert exists.returncode == 2 and "already exists" in exists.stderr
 
 
-def test_repack_guard_refuses_a_drop_and_writes_nothing(work, tmp_path, monkeypatch):
+def test_repack_guard_refuses_a_drop_and_writes_nothing(work, fp32_words, tmp_path, monkeypatch):
     from compress import repack
 
-    old = tmp_path / "fp32-words"
-    assert run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(old), "--buckets", BUCKETS,
-                   "--data", str(work["data"]), "--text-words", "fp32", "--threads", "1").returncode == 0
+    old = fp32_words
     r1 = json.loads((old / pkg.MANIFEST).read_text())["accuracy"]["fp32"]["R@1"]
     monkeypatch.setattr(repack, "evaluate_package", lambda *a, **k: {"R@1": r1 - 1.5})
     with pytest.raises(export.AccuracyGuardError, match="fp32 R@1 .* 1.50 points below"):
         repack.repack(old, tmp_path / "new", str(work["data"]), max_drop=1.0)
-    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["fp32-words"]
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- package contents
