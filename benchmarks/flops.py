@@ -351,16 +351,23 @@ def checkpoint_flops(checkpoint: str | Path, tokens: int = pkg.DEFAULT_BUCKETS[0
     from train.predictor import load_grounding_model
 
     model, _ = load_grounding_model(checkpoint)
+    dims = {"batch": 1, "tokens": tokens}
+    return {g: {"file": f"{checkpoint} ({g})", "dims": dims, "flops": v, "gflops": giga(v),
+                "shapes_from": "torch.utils.flop_counter"} for g, v in model_flops(model, tokens).items()}
+
+
+def model_flops(model: Any, tokens: int = pkg.DEFAULT_BUCKETS[0]) -> dict[str, int]:
+    """``{"text": FLOPs, "detector": FLOPs}`` of a grounding model (``encode_text`` / ``detect``) at
+    batch 1 and ``tokens`` text tokens; the weights do not matter, only the config."""
+    import torch
+
     s = model.cfg.swin.img_size
     ids = torch.ones(1, tokens, dtype=torch.int64)
     mask = torch.ones(1, tokens, dtype=torch.int64)
     with torch.inference_mode():
         hidden = model.encode_text(ids, mask)
-    counts = {"text": torch_flops(model.encode_text, ids, mask),
-              "detector": torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)}
-    dims = {"batch": 1, "tokens": tokens}
-    return {g: {"file": f"{checkpoint} ({g})", "dims": dims, "flops": v, "gflops": giga(v),
-                "shapes_from": "torch.utils.flop_counter"} for g, v in counts.items()}
+    return {"text": torch_flops(model.encode_text, ids, mask),
+            "detector": torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -361,11 +361,50 @@ def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfi
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
     extra: dict[str, Any] = {"checkpoint": {"path": str(cfg.checkpoint), "task": meta.get("task")}}
+    distilled = distillation_record(meta, model)
+    if distilled is not None:
+        extra["distillation"] = distilled
     if quant is not None:
         extra["quantization"] = quant["info"]
     manifest = build_manifest(name, mcfg, buckets, parts, file_table(tmp), precision, extra)
     write_manifest(tmp, manifest)
     return manifest
+
+
+def distillation_record(meta: dict[str, Any], student: FiberForGrounding) -> dict[str, Any] | None:
+    """The manifest's ``distillation`` for a checkpoint written by compress.distill (None otherwise):
+    the teacher and its config, the KD weights, both detectors' GFLOPs at batch 1 (from the
+    configs) and the teacher's held-out accuracy when its run folder holds train.evaluate's
+    ``eval.json`` (``TEACHER_RUN/eval.json`` next to ``TEACHER_RUN/final``)."""
+    kd = meta.get("distill")
+    if not isinstance(kd, dict):
+        return None
+    from benchmarks.flops import giga, model_flops
+    from fiber.config import get_config
+
+    record: dict[str, Any] = {k: kd.get(k) for k in ("teacher", "teacher_config", "weights")}
+    tokens = pkg.DEFAULT_BUCKETS[0]
+    student_flops = model_flops(student, tokens)["detector"]
+    try:
+        teacher_flops = model_flops(FiberForGrounding(get_config(kd.get("teacher_config"))).eval(),
+                                    tokens)["detector"]
+    except (KeyError, ValueError, TypeError):
+        teacher_flops = None          # a teacher config that is not a named one: FLOPs not known here
+    record["detector_gflops"] = {"student": giga(student_flops),
+                                 "teacher": giga(teacher_flops) if teacher_flops else None,
+                                 "tokens": tokens}
+    record["flops_ratio"] = round(teacher_flops / student_flops, 2) if teacher_flops else None
+    record["teacher_accuracy"] = None
+    teacher_eval = Path(str(kd.get("teacher", ""))).parent / "eval.json"
+    if kd.get("teacher") and teacher_eval.is_file():
+        try:
+            ev = json.loads(teacher_eval.read_text())
+            record["teacher_accuracy"] = {"split": ev.get("split"), "step": ev.get("step"),
+                                          **{k: round(float(ev["metrics"][k]), 3)
+                                             for k in ("R@1", "R@5", "R@10", "mAP") if k in ev["metrics"]}}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                      # unreadable: the record says "not known" rather than failing
+    return record
 
 
 def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData, quant, scratch: Path

@@ -282,3 +282,24 @@ def test_zero_kd_weights_train_on_the_gt_loss_without_the_teacher(data_dir):
         with_kd = on.loss(model, batch, 0)
     assert calls and abs(with_kd["loss_gt"].item() - got["loss"].item()) < 1e-6
     assert with_kd["loss"].item() > with_kd["loss_gt"].item()
+
+
+def test_export_records_the_teacher_flops_and_accuracy(teacher_ckpt, data_dir, tmp_path):
+    from compress.export import distillation_record
+
+    out = tmp_path / "kd"
+    assert _cli(teacher_ckpt, data_dir, out, "--max-steps", "1") == 0
+    model, meta = load_grounding_model(out)
+    (teacher_ckpt.parent / "eval.json").write_text(json.dumps(
+        {"split": "synth-val", "step": 7, "metrics": {"R@1": 41.25, "R@5": 90.0, "R@10": 95.5, "mAP": 12.0}}))
+    try:
+        rec = distillation_record(meta, model)
+    finally:
+        (teacher_ckpt.parent / "eval.json").unlink()
+    assert rec["teacher_config"] == TEACHER.name and rec["teacher"] == meta["distill"]["teacher"]
+    gf = rec["detector_gflops"]
+    assert 0 < gf["student"] < gf["teacher"]          # the student is the narrower Swin, K = 2
+    assert rec["flops_ratio"] == pytest.approx(gf["teacher"] / gf["student"], rel=0.01)
+    assert rec["teacher_accuracy"] == {"split": "synth-val", "step": 7, "R@1": 41.25, "R@5": 90.0,
+                                       "R@10": 95.5, "mAP": 12.0}
+    assert distillation_record({"task": "fine"}, model) is None      # trained alone: no record
