@@ -386,10 +386,10 @@ def distillation_record(meta: dict[str, Any], student: FiberForGrounding) -> dic
     tokens = pkg.DEFAULT_BUCKETS[0]
     student_flops = model_flops(student, tokens)["detector"]
     try:
-        teacher_flops = model_flops(FiberForGrounding(get_config(kd.get("teacher_config"))).eval(),
-                                    tokens)["detector"]
-    except (KeyError, ValueError, TypeError):
-        teacher_flops = None          # a teacher config that is not a named one: FLOPs not known here
+        teacher_cfg = get_config(str(kd.get("teacher_config")))
+    except ValueError:
+        teacher_cfg = None            # a teacher config that is not a named one: FLOPs not known here
+    teacher_flops = model_flops(FiberForGrounding(teacher_cfg).eval(), tokens)["detector"] if teacher_cfg else None
     record["detector_gflops"] = {"student": giga(student_flops),
                                  "teacher": giga(teacher_flops) if teacher_flops else None,
                                  "tokens": tokens}

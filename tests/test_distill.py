@@ -303,3 +303,6 @@ def test_export_records_the_teacher_flops_and_accuracy(teacher_ckpt, data_dir, t
     assert rec["teacher_accuracy"] == {"split": "synth-val", "step": 7, "R@1": 41.25, "R@5": 90.0,
                                        "R@10": 95.5, "mAP": 12.0}
     assert distillation_record({"task": "fine"}, model) is None      # trained alone: no record
+    unnamed = distillation_record({**meta, "distill": {**meta["distill"], "teacher_config": "not-registered"}}, model)
+    assert unnamed["flops_ratio"] is None and unnamed["detector_gflops"]["teacher"] is None
+    assert unnamed["detector_gflops"]["student"] == gf["student"]
