@@ -18,6 +18,7 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WINDOW_RULES = ("coarse", "fixed-pad")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class SwinConfig:
     depths: tuple[int, ...] = (2, 2, 6, 2)    # blocks per stage (exactly 4 stages)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: int | None = None            # None = official coarse rule int(img_size / 32)
+    window_rule: str = "coarse"               # "coarse": square img_size input, a stage whose grid fits
+                                              # one window uses the grid as window, no shift (official
+                                              # coarse code); "fixed-pad": any H x W, fixed window, every
+                                              # block pads its grid to a multiple of it, odd blocks
+                                              # always shift (official fine code)
     mlp_ratio: float = 4.0                    # MLP hidden = mlp_ratio * C
     qkv_bias: bool = True
     drop_path_rate: float = 0.1               # stochastic depth, linear over all blocks
@@ -44,14 +50,22 @@ class SwinConfig:
         return tuple(self.embed_dim * 2**s for s in range(len(self.depths)))
 
     @property
+    def pads_to_window(self) -> bool:
+        """True for the official fine rule: any H x W input, grids padded to the window."""
+        return self.window_rule == "fixed-pad"
+
+    @property
     def stage_resolutions(self) -> tuple[int, ...]:
-        """Token-grid side per stage (square inputs only)."""
+        """Token-grid side per stage for the square ``img_size`` input."""
         base = self.img_size // self.patch_size
         return tuple(base // 2**s for s in range(len(self.depths)))
 
     def stage_window(self, stage: int) -> tuple[int, int]:
-        """(window, shift) of a stage's shifted blocks: the standard rule ``if min(res) <= window:
-        window = min(res), shift = 0``; otherwise shift = window // 2."""
+        """(window, shift) of a stage's shifted blocks. "coarse": the standard rule ``if min(res) <=
+        window: window = min(res), shift = 0``; otherwise shift = window // 2. "fixed-pad": always
+        (window, window // 2), whatever the grid."""
+        if self.pads_to_window:
+            return self.window, self.window // 2
         res = self.stage_resolutions[stage]
         if res <= self.window:
             return res, 0
@@ -63,8 +77,12 @@ class SwinConfig:
         _check(self.img_size % (self.patch_size * 8) == 0,
                f"swin: img_size {self.img_size} must be a multiple of patch_size*8 = {self.patch_size * 8}")
         _check(self.window >= 1, f"swin: window size must be >= 1, got {self.window}")
+        _check(self.window_rule in WINDOW_RULES,
+               f"swin: window_rule must be one of {', '.join(WINDOW_RULES)}, got {self.window_rule!r}")
         for s, (dim, heads) in enumerate(zip(self.stage_dims, self.num_heads)):
             _check(dim % heads == 0, f"swin: stage {s + 1} dim {dim} not divisible by {heads} heads")
+            if self.pads_to_window:
+                continue
             win, _ = self.stage_window(s)
             res = self.stage_resolutions[s]
             _check(res % win == 0,
@@ -105,6 +123,8 @@ class TextConfig:
 class FusionConfig:
     num_fused_layers: int = 4                 # K fused layers per side (official FIBER-B: 6)
     i2t_prenorm: bool = True                  # norm_i2t_i on the i2t query (coarse / fine v3: True, v2: False)
+    t2i_norm: bool = True                     # crossattention_t2i.output.LayerNorm exists (coarse layout;
+                                              # never applied); the fine layouts have no such tensor
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,7 @@ class HeadConfig:
     prior_prob: float = 0.01                  # initial foreground probability of the logits
     proj_dim: int = 256                       # token / region projection width
     use_p6: bool = False                      # extra stride-64 FPN level (official: P6 + P7)
+    use_p7: bool = False                      # stride-128 level from ReLU(P6) (official LastLevelP6P7); needs use_p6
     gn_groups: int = 16                       # GroupNorm groups in the head tower (official 16)
     queue_size: int = 1024                    # ITC feature queue length (official 4096)
 
@@ -237,6 +258,26 @@ def list_configs() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# A config whose official coarse and fine releases differ in architecture names its fine variant
+# here: the task of a checkpoint (its layout) decides which one describes it.
+_FINE_VARIANTS: dict[str, str] = {}
+
+
+def config_for_task(cfg: ModelConfig | str, task: str) -> ModelConfig:
+    """The config that describes ``cfg``'s model for ``task`` ("coarse" or "fine").
+
+    ``fiber-b`` is the official coarse model (Swin window rule of the coarse code, ``norm_i2t_i``,
+    ``crossattention_t2i.output.LayerNorm``); for the fine task it becomes ``fiber-b-fine`` (fixed
+    12 x 12 windows with padding, fusion v2, FPN P3-P7). Every other config serves both tasks.
+    """
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    if task not in ("coarse", "fine"):
+        raise ValueError(f"unknown task '{task}'; known: coarse, fine")
+    if task == "fine" and cfg.name in _FINE_VARIANTS:
+        return get_config(_FINE_VARIANTS[cfg.name])
+    return cfg
+
+
 _ROBERTA_BASE = TextConfig(vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12,
                            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
                            pad_token_id=1, layer_norm_eps=1e-5, position_style="roberta")
@@ -253,6 +294,34 @@ register_config(ModelConfig(
     fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=True),
     head=HeadConfig(fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, queue_size=4096),
     max_text_len=256,  # official fine-grained MAX_QUERY_LEN
+))
+
+# Official FIBER-B fine-grained (detection / grounding, microsoft/FIBER fine_grained/): the same
+# towers, Swin with fixed 12 x 12 windows over any H x W (padded), fusion v2 (no norm_i2t_i, no
+# crossattention_t2i LayerNorm), FPN P3-P7, DyHead. Refexp releases use v3: i2t_prenorm=True.
+register_config(ModelConfig(
+    name="fiber-b-fine",
+    swin=SwinConfig(img_size=800, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                    window_size=12, window_rule="fixed-pad", drop_path_rate=0.4),
+    text=_ROBERTA_BASE,
+    fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=False, t2i_norm=False),
+    head=HeadConfig(fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, use_p7=True, queue_size=4096),
+    max_text_len=256,  # official MAX_QUERY_LEN
+))
+_FINE_VARIANTS["fiber-b"] = "fiber-b-fine"
+
+# The fine golden-parity config (tests/data/golden/fine/README.md §1): FIBER-B's fine model with
+# widths shrunk (Swin 8/16/32/64, text 32-d, FPN and DyHead 32), same depths, windows and fusion v2.
+register_config(ModelConfig(
+    name="fiber-golden-fine",
+    swin=SwinConfig(img_size=224, embed_dim=8, depths=(2, 2, 18, 2), num_heads=(1, 2, 4, 8),
+                    window_size=12, window_rule="fixed-pad", drop_path_rate=0.0),
+    text=TextConfig(vocab_size=1000, hidden_size=32, num_layers=12, num_heads=4,
+                    intermediate_size=128, max_position_embeddings=64, type_vocab_size=1,
+                    pad_token_id=1, layer_norm_eps=1e-5, position_style="roberta", dropout=0.0),
+    fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=False, t2i_norm=False),
+    head=HeadConfig(fpn_channels=32, num_convs=6, proj_dim=32, use_p6=True, use_p7=True, gn_groups=16),
+    max_text_len=16,  # MAX_QUERY_LEN of the golden run
 ))
 
 # The golden-parity config (tests/data/golden/PROVENANCE.md §1): FIBER-B's fusion topology shrunk.

@@ -23,6 +23,7 @@ class HeadOptions:
     prior_prob: float = 0.01    # focal-loss prior: bias0 = -log((1 - p) / p)
     proj_dim: int = 64          # region-token alignment width (GLIP: = tower channels, 256)
     use_p6: bool = False        # extra stride-64 level from a strided 3x3 conv on P5
+    use_p7: bool = False        # stride-128 level from a strided 3x3 conv on ReLU(P6) (needs use_p6)
     gn_groups: int = 16         # GroupNorm groups in the tower (FIBER: 16)
     queue_size: int = 1024      # ITC feature queue length (official: 4096)
 
