@@ -78,6 +78,8 @@ def read_manifest(package: str | Path) -> dict[str, Any]:
     """Parse ``package/manifest.json`` and check its format and version (not the hashes)."""
     package = Path(package)
     path = package / MANIFEST
+    if not package.exists():
+        raise PackageError(f"{package}: does not exist (expected a model package folder)")
     if not package.is_dir():
         raise PackageError(f"{package}: not a folder (expected a model package)")
     if not path.is_file():

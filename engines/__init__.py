@@ -95,6 +95,8 @@ def load(path: str | Path, backend: str = "auto", **opts: Any) -> PackageEngines
         raise EngineError(f"backend {backend!r} is not one of {list(BACKENDS)}")
     if (path / ENGINE_JSON).is_file():
         return _load_engine_dir(path, backend, opts)
+    if not path.exists():
+        raise EngineError(f"{path}: does not exist (expected a model package or an engine folder)")
     if not (path / pkg.MANIFEST).is_file():
         raise EngineError(f"{path}: neither a model package ({pkg.MANIFEST}) nor an engine folder ({ENGINE_JSON})")
     if backend in ("tensorrt", "tensorrt-rtx"):

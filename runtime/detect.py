@@ -15,9 +15,14 @@ Each input writes one JSON line to ``--json`` (``-`` = stdout, streamed; a file 
 run ends): ``{"image", ["frame",] "prompt", "phrases", "detections": [{"phrase_index", "phrase",
 "box": [x1, y1, x2, y2], "score"}], "timing_ms": {"pre", "text", "network", "post", "total"}}``
 (boxes in source pixels; "warnings" when the prompt was truncated), or ``{"image", ["frame",]
-"error"}`` for an input that failed; the run goes on. Exit status: 0 every input processed, 1
-some failed, 2 arguments, package or source unusable (one line on stderr), 130 Ctrl-C before
-the first input.
+"error"}`` for an input that failed (a missing or unreadable image file among the inputs is
+one failed input); the run goes on. Exit status: 0 every input processed, 1 some or all inputs
+failed, 2 arguments, package or source unusable (one line on stderr), 130 Ctrl-C before the
+first input, 141 (as for SIGPIPE) when the reader of ``--json -`` went away (``| head -1``).
+
+Detection mode (default): phrases scoring above the package's calibrated threshold, NMS per
+phrase (``--one-label-per-box``: across phrases). Grounding mode (``--per-phrase K``): each
+phrase's best K boxes whatever their score. The first stderr line names the backend.
 
 While running, a prompt typed on stdin (a TTY, or with ``--prompt-from-stdin``) replaces the
 current one; Ctrl-C or the end of the stream stops cleanly. Network-only and end-to-end FPS and
@@ -26,6 +31,7 @@ a per-stage timing table are printed at the end (and every ``--stats-every`` s f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -52,6 +58,7 @@ PROG = "fiber-detect"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PACKAGES = ("fiber-nano-int8", "fiber-nano")  # first found under ./models or <repo>/models
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "ort", "onnxruntime", "openvino")
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,8 +82,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     where.add_argument("--package", help="model package folder (default: models/fiber-nano-int8)")
     where.add_argument("--engine", help="TensorRT engine folder (python -m engines.build)")
     m.add_argument("--backend", default="auto", choices=BACKENDS)
-    m.add_argument("--threshold", type=float, help="phrase score threshold (default: the package's)")
+    m.add_argument("--threshold", type=float,
+                   help="phrase score threshold (default: the package's calibrated one; 0 with --per-phrase)")
     m.add_argument("--max-detections", type=int, help="per input (default: the package's)")
+    mode = m.add_mutually_exclusive_group()
+    mode.add_argument("--per-phrase", type=int, metavar="K",
+                      help="grounding mode: each phrase's best K boxes (Flickr30k/MDETR protocol; "
+                           "every phrase is taken to be in the image)")
+    mode.add_argument("--one-label-per-box", action=argparse.BooleanOptionalAction, default=False,
+                      help="detection mode: NMS across phrases, so a box keeps only its highest-scoring "
+                           "phrase (default: per-phrase NMS, as FIBER/GLIP evaluate)")
     m.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime / OpenVINO")
     out = p.add_argument_group("outputs")
     out.add_argument("--json", metavar="OUT.jsonl", help="one JSON line per input ('-' = stdout)")
@@ -132,7 +147,7 @@ def _input_specs(args: argparse.Namespace) -> list[SourceSpec]:
     if not args.requests and not uris:
         raise UsageError("no input: give --camera N, --video FILE, --image FILE..., a URI, or --requests FILE.jsonl")
     try:
-        return parse_inputs(uris)
+        return parse_inputs(uris, missing_as_image=True)  # a missing file: one failed input
     except SourceError as e:
         raise UsageError(str(e)) from None
 
@@ -148,6 +163,8 @@ def _check_args(args: argparse.Namespace, specs: list[SourceSpec]) -> None:
         raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.max_detections is not None and args.max_detections < 1:
         raise UsageError(f"--max-detections must be >= 1, got {args.max_detections}")
+    if args.per_phrase is not None and args.per_phrase < 1:
+        raise UsageError(f"--per-phrase must be >= 1 (boxes per phrase), got {args.per_phrase}")
     streams = [s for s in specs if s.kind != "images"]
     if args.save and Path(args.save).suffix.lower() in VIDEO_EXTENSIONS:
         if len(streams) != 1 or len(specs) != 1:
@@ -156,12 +173,17 @@ def _check_args(args: argparse.Namespace, specs: list[SourceSpec]) -> None:
 
 
 def _detector(args: argparse.Namespace) -> Detector:
+    grounding = args.per_phrase is not None
+    threshold = 0.0 if grounding and args.threshold is None else args.threshold
     cfg = DetectorConfig(package=str(_package(args)), backend=args.backend, threads=args.threads,
-                         threshold=args.threshold, max_detections=args.max_detections)
+                         threshold=threshold, max_detections=args.max_detections,
+                         per_phrase=args.per_phrase or 0, one_label_per_box=args.one_label_per_box)
     try:
         return build_detector(cfg)
     except (EngineError, ValueError, OSError) as e:
-        raise UsageError(f"package {cfg.package}: {e}") from None
+        what = "engine" if args.engine else "package"
+        text = str(e)  # most messages start with the path already: say it once
+        raise UsageError(f"{what} {text}" if text.startswith(cfg.package) else f"{what} {cfg.package}: {text}") from None
 
 
 def _check_prompt(detector: Detector, prompt: str | None) -> None:
@@ -171,6 +193,18 @@ def _check_prompt(detector: Detector, prompt: str | None) -> None:
         detector.prepare(prompt)
     except ValueError as e:
         raise UsageError(f"--prompt {prompt!r}: {e}") from None
+
+
+def backend_line(detector: Detector, threads: int | None) -> str:
+    """``fiber-detect: <model> on <backend>[, N threads][: hint]``: the backend chosen, and how to
+    get the faster one when a package made for OpenVINO runs on ONNX Runtime for want of it."""
+    line = f"{PROG}: {detector.name} on {detector.backend}" + (f", {threads} threads" if threads else "")
+    wanted = (detector.manifest.get("graphs", {}).get("detector", {}) or {}).get("cpu_backend")
+    if (detector.backend == "onnxruntime" and wanted == "openvino"
+            and importlib.util.find_spec("openvino") is None):
+        line += (" (OpenVINO runs this package 2-3x faster on x86 CPUs: "
+                 "pip install 'fiber-edge[openvino]')")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +325,7 @@ class Runner:
         self.prompts: PromptInput | None = None
         self.show = False
         self.stop = False
+        self.announced = False
         if args.save or args.show:
             draw_backend()  # import OpenCV before the clock starts
 
@@ -376,6 +411,9 @@ class Runner:
     def run(self, items: Iterator[Item], with_frame: bool, sink: VideoSink | ImageSink | None,
             live: bool) -> None:
         """Process items until they end, --max-frames or q/Esc (Ctrl-C propagates)."""
+        if not self.announced:  # the run's first log line: what runs this model, and how
+            print(backend_line(self.detector, self.args.threads), file=sys.stderr, flush=True)
+            self.announced = True
         last_stats = t_wait = time.perf_counter()
         if self.stats.start is None:
             self.stats.start = t_wait
@@ -483,6 +521,19 @@ def main(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
             return 130
+        except BrokenPipeError:  # `... --json - | head -1`: the reader left; stop quietly
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured)
+        pass
 
 
 def cli() -> None:

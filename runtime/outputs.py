@@ -132,8 +132,9 @@ def make_sink(save: str | None, spec: SourceSpec | None, fps: float | None) -> V
 class StageStats:
     """Per-stage milliseconds: means over the run, percentiles over the last ``window`` values.
 
-    End-to-end FPS = inputs / wall time from the first request for an input to the end of the
-    last one (waiting for the source included); network-only FPS = 1000 / mean network ms.
+    End-to-end FPS = processed inputs / wall time from the first request for an input to the end
+    of the last one (waiting for the source included); network-only FPS = 1000 / mean network ms.
+    No FPS when no input was processed (every input failed).
     """
 
     def __init__(self, window: int = 2048):
@@ -154,11 +155,13 @@ class StageStats:
 
     def fps_line(self) -> str:
         wall = (self.end - self.start) if self.start is not None and self.end is not None else 0.0
+        head = f"{self.frames} inputs ({self.ok} ok, {self.failed} failed) in {wall:.2f} s"
+        if not self.ok:  # failed inputs cost ~nothing: a rate over them would be meaningless
+            return f"{head} | no input was processed, so no FPS"
         net = self.mean("network")
         net_fps = f"{1000.0 / net:.1f}" if net > 0 else "-"
-        e2e = f"{self.frames / wall:.1f}" if wall > 0 and self.frames else "-"
-        return (f"{self.frames} inputs ({self.ok} ok, {self.failed} failed) in {wall:.2f} s | "
-                f"network-only {net_fps} FPS | end-to-end {e2e} FPS")
+        e2e = f"{self.ok / wall:.1f}" if wall > 0 else "-"
+        return f"{head} | network-only {net_fps} FPS | end-to-end {e2e} FPS"
 
     def table(self) -> str:
         rows = [f"{'stage':<8} {'mean ms':>9} {'p50':>9} {'p90':>9} {'max':>9} {'count':>7}"]

@@ -211,7 +211,8 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
                 phrase_map: np.ndarray, info: LetterboxInfo, threshold: float = 0.05,
                 nms_iou: float = 0.6, pre_nms_top_k: int = 1000, max_detections: int = 100,
                 use_native: bool = True, phrases: Sequence[str] | None = None,
-                min_per_phrase: int = 0) -> Detections:
+                min_per_phrase: int = 0, per_phrase: int = 0,
+                one_label_per_box: bool = False) -> Detections:
     """The detector outputs of ONE image (no batch dim) -> Detections in source pixels.
 
     boxes float32 [N, 4] xyxy network-input pixels; token_logits float32 [N, T]; centerness
@@ -222,6 +223,11 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
 
     ``min_per_phrase`` > 0 (evaluation: R@10 needs ten boxes of every phrase) instead keeps
     each phrase's best ``max(min_per_phrase, max_detections // P)`` detections.
+
+    ``per_phrase`` K > 0 (grounding, the Flickr30k/MDETR protocol): each phrase's best K boxes
+    after its NMS, whatever ``max_detections`` says (P x K at most), best first.
+    ``one_label_per_box`` (detection): NMS across phrases instead of per phrase, so overlapping
+    boxes of different phrases keep only the highest-scoring (box, phrase).
     """
     boxes = np.asarray(boxes).reshape(-1, 4)
     token_logits = np.asarray(token_logits)
@@ -232,9 +238,9 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
             f"need boxes [N, 4], token_logits [N, T], phrase_map [P, T]; got {list(boxes.shape)},"
             f" {list(token_logits.shape)}, {list(phrase_map.shape)}"
         )
-    if pre_nms_top_k < 0 or max_detections < 0:
-        raise ValueError(f"pre_nms_top_k and max_detections must be >= 0, got "
-                         f"{pre_nms_top_k}, {max_detections}")
+    if pre_nms_top_k < 0 or max_detections < 0 or per_phrase < 0:
+        raise ValueError(f"pre_nms_top_k, max_detections and per_phrase must be >= 0, got "
+                         f"{pre_nms_top_k}, {max_detections}, {per_phrase}")
     names = tuple(str(p) for p in range(num_phrases)) if phrases is None else tuple(phrases)
     if len(names) != num_phrases:
         raise ValueError(f"{len(names)} phrase names for a phrase_map of {num_phrases} rows")
@@ -244,8 +250,10 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     anchor, phrase = (cand // num_phrases, cand % num_phrases) if num_phrases else (cand, cand)
     cand_boxes = decode_boxes(boxes[anchor], info, use_native)
     cand_scores = scores.ravel()[cand]
-    keep = nms(cand_boxes, cand_scores, nms_iou, phrase, use_native)
-    if min_per_phrase > 0:
+    keep = nms(cand_boxes, cand_scores, nms_iou, None if one_label_per_box else phrase, use_native)
+    if per_phrase > 0:
+        keep = keep[_first_per_class(phrase[keep], per_phrase)]
+    elif min_per_phrase > 0:
         keep = keep[_first_per_class(phrase[keep], max(min_per_phrase, max_detections // max(1, num_phrases)))]
     else:
         keep = keep[:max_detections]

@@ -79,13 +79,16 @@ class DetectorConfig:
     prompt_cache_size: int = 8         # encoded prompts (+ text_hidden) kept, least recently used out
     use_native: bool = True            # C extension for pre/post (False: the numpy references)
     verify: bool = True                # check the package files' sha256 on load
+    per_phrase: int = 0                # > 0: grounding, each phrase's best K boxes (Flickr30k protocol)
+    one_label_per_box: bool = False    # detection: NMS across phrases, a box keeps its best phrase
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
     return Detector(cfg.package, backend=cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
                     max_detections=cfg.max_detections, nms_iou=cfg.nms_iou,
                     pre_nms_top_k=cfg.pre_nms_top_k, prompt_cache_size=cfg.prompt_cache_size,
-                    use_native=cfg.use_native, verify=cfg.verify)
+                    use_native=cfg.use_native, verify=cfg.verify, per_phrase=cfg.per_phrase,
+                    one_label_per_box=cfg.one_label_per_box)
 
 
 @dataclass
@@ -101,6 +104,8 @@ class _PostParams:
     pre_nms_top_k: int     # candidates per phrase before NMS
     max_detections: int    # kept per image
     min_per_phrase: int    # > 0: keep each phrase's best max(this, max_detections // P) instead
+    per_phrase: int = 0    # > 0: keep each phrase's best K (grounding)
+    one_label_per_box: bool = False  # NMS across phrases instead of per phrase
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
@@ -119,7 +124,8 @@ def _engine_options(path: Path, backend: str, threads: int | None, verify: bool)
 
 
 def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
-                 max_detections, min_per_phrase: int = 0) -> _PostParams:
+                 max_detections, min_per_phrase: int = 0, per_phrase: int = 0,
+                 one_label_per_box: bool = False) -> _PostParams:
     raw = manifest.get("postprocess") or {}
 
     def pick(value, key, default):
@@ -127,11 +133,14 @@ def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
 
     p = _PostParams(float(pick(threshold, "threshold", 0.05)), float(pick(nms_iou, "nms_iou", 0.6)),
                     int(pick(pre_nms_top_k, "pre_nms_top_k", 1000)),
-                    int(pick(max_detections, "max_detections", 100)), int(min_per_phrase))
+                    int(pick(max_detections, "max_detections", 100)), int(min_per_phrase),
+                    int(per_phrase), bool(one_label_per_box))
     if not 0.0 <= p.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {p.threshold}")
     if not 0.0 <= p.nms_iou <= 1.0:
         raise ValueError(f"nms_iou must be in [0, 1], got {p.nms_iou}")
+    if p.per_phrase < 0:
+        raise ValueError(f"per_phrase must be >= 1 (or 0: off), got {p.per_phrase}")
     if p.max_detections < 1 or p.pre_nms_top_k < 1:
         raise ValueError(f"max_detections and pre_nms_top_k must be >= 1, got "
                          f"{p.max_detections}, {p.pre_nms_top_k}")
@@ -154,7 +163,8 @@ class Detector:
     package_or_engine: a package folder, an engine folder, or already loaded
     ``engines.PackageEngines`` (the Detector then owns and closes it). backend: see
     ``engines.load``. threads: CPU threads for ONNX Runtime / OpenVINO. threshold, nms_iou,
-    pre_nms_top_k, max_detections: override the manifest's ``postprocess`` section.
+    pre_nms_top_k, max_detections: override the manifest's ``postprocess`` section. per_phrase K
+    > 0: grounding, each phrase's best K boxes; one_label_per_box: NMS across phrases.
     Raises engines.EngineError (package/engine/backend unusable) or ValueError (bad settings).
     """
 
@@ -162,7 +172,8 @@ class Detector:
                  threads: int | None = None, threshold: float | None = None,
                  max_detections: int | None = None, nms_iou: float | None = None,
                  pre_nms_top_k: int | None = None, prompt_cache_size: int = 8,
-                 use_native: bool = True, verify: bool = True, min_per_phrase: int = 0):
+                 use_native: bool = True, verify: bool = True, min_per_phrase: int = 0,
+                 per_phrase: int = 0, one_label_per_box: bool = False):
         if prompt_cache_size < 1:
             raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
         if isinstance(package_or_engine, engines.PackageEngines):
@@ -173,7 +184,7 @@ class Detector:
         try:
             self.manifest = self.engines.manifest
             self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k, max_detections,
-                                     min_per_phrase)
+                                     min_per_phrase, per_phrase, one_label_per_box)
             self.tokenizer = _tokenizer(self.engines.package, self.manifest)
             self.preprocessor = Preprocessor.from_manifest(self.manifest, use_native=use_native)
         except BaseException:
@@ -275,7 +286,8 @@ class Detector:
                            entry.encoded.phrase_map, info, threshold=p.threshold, nms_iou=p.nms_iou,
                            pre_nms_top_k=p.pre_nms_top_k, max_detections=p.max_detections,
                            use_native=self.use_native, phrases=entry.encoded.phrases,
-                           min_per_phrase=p.min_per_phrase)
+                           min_per_phrase=p.min_per_phrase, per_phrase=p.per_phrase,
+                           one_label_per_box=p.one_label_per_box)
         t4 = time.perf_counter()
         self.last_prompt = entry.encoded
         self.last_timing = StageTimes(pre=pre_ms, text=(t1 - t0) * 1e3,

@@ -149,16 +149,34 @@ def parse_uri(uri: str | int | Path | Sequence[str | Path]) -> SourceSpec:
     return SourceSpec("images", (str(path),), text)
 
 
-def parse_inputs(uris: Iterable[str | int]) -> list[SourceSpec]:
-    """parse_uri for each input, with consecutive image inputs merged into one source."""
+def parse_inputs(uris: Iterable[str | int], missing_as_image: bool = False) -> list[SourceSpec]:
+    """parse_uri for each input, with consecutive image inputs merged into one source.
+
+    ``missing_as_image``: a path that does not exist (and has no video extension) becomes an
+    image input whose decode fails ("no such file"), so a run over several inputs reports it
+    as one failed input and goes on, instead of refusing the whole run.
+    """
     out: list[SourceSpec] = []
     for uri in uris:
-        spec = parse_uri(uri)
+        spec = _missing_image(uri) if missing_as_image else None
+        spec = spec or parse_uri(uri)
         if spec.kind == "images" and out and out[-1].kind == "images":
             last = out.pop()
             spec = SourceSpec("images", last.location + spec.location, f"{last.uri}, {spec.uri}")
         out.append(spec)
     return out
+
+
+def _missing_image(uri: Any) -> SourceSpec | None:
+    """An images spec for a plain path that does not exist (not a scheme, not a video name)."""
+    if not isinstance(uri, (str, Path)):
+        return None
+    text = _strip(str(uri), "file://")
+    path = Path(text)
+    if ("://" in text or text.startswith("/dev/video") or path.exists() or path.is_symlink()
+            or path.suffix.lower() in VIDEO_EXTENSIONS):
+        return None
+    return SourceSpec("images", (text,), str(uri))
 
 
 # ---------------------------------------------------------------------------------------------

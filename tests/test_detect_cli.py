@@ -399,7 +399,8 @@ sys.exit(main(get_args_parser().parse_args(args + [{str(video)!r}])))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines() == ["fiber-detect: error: cameras, streams and videos need OpenCV: pip "
+    assert proc.stderr.splitlines() == ["fiber-detect: toy on onnxruntime",  # the image run's first line
+                                        "fiber-detect: error: cameras, streams and videos need OpenCV: pip "
                                         "install opencv-python-headless (or the system OpenCV on a Jetson)"]
     assert (tmp_path / "s" / "x.png").is_file()  # drawn with Pillow
 
