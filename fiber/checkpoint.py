@@ -5,19 +5,26 @@ A checkpoint is a folder written atomically::
     model.safetensors   the full model state_dict (keys as in the composite models, e.g. backbone.*)
     config.json         {"format": "fiber-edge-checkpoint", "format_version": 1,
                          "model": ModelConfig.to_dict(), "task": ..., <extra meta>}
+    tokenizer.json      (optional) the tokenizer the model was trained with; export and the runtime
+                        use it instead of the default WordPiece asset
 
-``convert_official`` maps an official coarse (``vit_model.*``, ``text_transformer.*``, optionally
-under Lightning's ``state_dict``) or fine-grained (``fusion_backbone.backbone.body.*``,
-``fusion_backbone.language_backbone.body.model.*``, under ``model``, optional ``module.``) state
-dict onto ``backbone.image.*`` / ``backbone.text.*``.
+``convert_official`` maps an official checkpoint onto our keys; the layout decides the task:
+
+- coarse (``vit_model.*``, ``text_transformer.*``, optionally under Lightning's ``state_dict``):
+  the backbone (``backbone.image.*`` / ``backbone.text.*``); task heads are dropped and reported.
+- fine (``fusion_backbone.*`` + ``rpn.*`` under ``model`` or ``model_ema``, optional ``module.``):
+  the whole detector: backbone, FPN (``fpn.*``) and DyHead / token head (``head.*``). Fusion v2 or
+  v3 is read from the keys (v3 has ``norm_i2t_i``). A fine release needs its tokenizer
+  (``--tokenizer DIR``: roberta-base's ``vocab.json`` + ``merges.txt``, or a ``tokenizer.json``).
 
 CLI::
 
-    python -m fiber.checkpoint convert-official CKPT --config fiber-b --out DIR
+    python -m fiber.checkpoint convert-official CKPT --config fiber-b --out DIR [--tokenizer DIR]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -31,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.atomic import atomic_dir
-from fiber.config import ModelConfig, get_config
+from fiber.config import ModelConfig, config_for_task, get_config
 
 FORMAT = "fiber-edge-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 BACKBONE_PREFIX = "backbone."
 
 
@@ -46,11 +54,13 @@ class CheckpointError(ValueError):
 
 # -- our format ---------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
-                    extra_meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                    extra_meta: Mapping[str, Any] | None = None, overwrite: bool = False,
+                    tokenizer: Any = None) -> Path:
     """Write ``path/model.safetensors`` + ``path/config.json`` atomically (all or nothing).
 
     extra_meta: JSON-able top-level entries for config.json (e.g. ``{"task": "fine"}``); it may not
-    override ``format``, ``format_version`` or ``model``.
+    override ``format``, ``format_version`` or ``model``. tokenizer: a ``tokenizers.Tokenizer``
+    stored as ``tokenizer.json`` (the model's own; absent = the default WordPiece asset).
     """
     from safetensors.torch import save_file
 
@@ -68,6 +78,8 @@ def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tenso
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path}: extra_meta is not JSON-serialisable ({e})") from None
         (tmp / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
     return path
 
 
@@ -175,20 +187,27 @@ def _few(keys: list[str], n: int = 5) -> str:
 LAYOUT_PREFIXES = {
     "coarse": {"vit_model.": "backbone.image.", "text_transformer.": "backbone.text."},
     "fine": {"fusion_backbone.backbone.body.": "backbone.image.",
-             "fusion_backbone.language_backbone.body.model.": "backbone.text."},
+             "fusion_backbone.language_backbone.body.model.": "backbone.text.",
+             "fusion_backbone.backbone.fpn.": "fpn.",
+             "rpn.head.": "head."},
 }
 BUFFER_SUFFIXES = ("attn_mask", "relative_position_index", "position_ids")
+BUFFER_PREFIXES = ("rpn.anchor_generator.",)  # cell anchors: rebuilt from the config
 QUEUE_KEYS = {"image_queue", "text_queue", "image_input_queue", "text_input_queue",
               "text_input_mask_queue", "queue_ptr", "queue_total"}
 # Task heads and projections of the official models (fiber.md §1.4, §6): dropped, reported.
 HEAD_PREFIXES = ("cross_modal_", "itm_score.", "rank_output.", "mlm_score.", "vqa_classifier.",
                  "nlvr2_classifier.", "snli_classifier.", "text_transformer.pooler.",
                  "vit_model.head.",  # Swin's ImageNet classifier, if the file kept it
-                 "fusion_backbone.backbone.fpn.", "rpn.", "roi_heads.")
+                 "roi_heads.")
 HEAD_KEYS = {"temp", "logit_scale"}
+# The fine head's class logits: frozen, multiplied by 0 in the loss, never scored. A model without
+# them drops them (reported); one with them (key compatibility) loads them.
+FROZEN_FINE_KEYS = ("head.cls_logits.",)
 # Swin stage norms that the coarse layout does not have (it has only the final norm).
 COARSE_FRESH = ("backbone.image.norm1.", "backbone.image.norm2.")
 _UNUSED_ALPHA = re.compile(r"^backbone\.text\.encoder\.layer\.\d+\.alpha_t2i$")
+_V3_KEY = ".attn.norm_i2t_i."
 
 
 @dataclass
@@ -197,6 +216,8 @@ class ConversionReport:
     source: str
     layout: str
     config: str
+    fusion: str = ""                                              # fine: "v2" | "v3"
+    weights: str = ""                                             # fine: "model" | "model_ema"
     mapped: int = 0
     missing_initialised: list[str] = field(default_factory=list)  # absent from the layout, fresh init
     resized: list[str] = field(default_factory=list)              # relative-position tables, bicubic
@@ -209,8 +230,10 @@ class ConversionReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"{self.source}: official {self.layout} layout -> config '{self.config}'",
-                 f"  mapped backbone/fusion tensors: {self.mapped}"]
+        what = "detector (backbone + FPN + head)" if self.layout == "fine" else "backbone/fusion"
+        extra = f", fusion {self.fusion}, weights '{self.weights}'" if self.layout == "fine" else ""
+        lines = [f"{self.source}: official {self.layout} layout{extra} -> config '{self.config}'",
+                 f"  mapped {what} tensors: {self.mapped}"]
         for title, keys in (("initialised (not in this layout)", self.missing_initialised),
                             ("resized (bicubic, new window)", self.resized),
                             ("dropped buffers", self.dropped_buffers),
@@ -237,21 +260,27 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read as a checkpoint ({type(e).__name__}: {first})") from None
 
 
-def unwrap_official(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensor dict inside a Lightning (``state_dict``) or maskrcnn (``model``) file, with any
-    ``module.`` prefix stripped."""
+def unwrap_official(obj: Any, source: str = "checkpoint", ema: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensor dict inside a Lightning (``state_dict``) or maskrcnn (``model`` / ``model_ema``)
+    file, with any ``module.`` prefix stripped, and which entry it came from ("" for a bare dict).
+
+    ema: take ``model_ema`` (an error when the file has none); a file holding only ``model_ema``
+    gives it without asking."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
+    wrappers = [w for w in ("state_dict", "model", "model_ema") if isinstance(obj.get(w), Mapping)]
+    if ema and "model_ema" not in wrappers:
+        raise CheckpointError(f"{source}: --ema given but the file has no 'model_ema' entry")
+    entry = "model_ema" if ema or wrappers == ["model_ema"] else (wrappers[0] if wrappers else "")
+    if entry:
+        obj = obj[entry]
     out = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: entry '{key}' is a {type(value).__name__}, not a tensor")
         out[key[len("module."):] if key.startswith("module.") else key] = value
-    return out
+    return out, entry
 
 
 def detect_layout(keys: list[str], source: str = "checkpoint") -> str:
@@ -263,8 +292,38 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> str:
                           f"text_transformer.* or fusion_backbone.*); found {_few(sorted(keys), 3)}")
 
 
-def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """``backbone.*`` key -> shape of the model for ``cfg`` (built on the meta device: no memory)."""
+def detect_fusion_version(keys: list[str]) -> str:
+    """Fine fusion "v3" (an LN on the i2t query, ``norm_i2t_i``) or "v2" (none; the released
+    pre-training, COCO and LVIS models)."""
+    return "v3" if any(_V3_KEY in k for k in keys) else "v2"
+
+
+def fine_config(cfg: ModelConfig, version: str, source: str = "checkpoint") -> ModelConfig:
+    """The config a fine release of ``version`` converts into.
+
+    A model family (e.g. ``fiber-b``) names its fine variant (``config_for_task``) and takes the
+    file's fusion version; a config that is already the fine detector must have that version."""
+    variant = config_for_task(cfg, "fine")
+    prenorm = version == "v3"
+    if variant is cfg:
+        if cfg.fusion.i2t_prenorm != prenorm:
+            have = "v3" if cfg.fusion.i2t_prenorm else "v2"
+            raise CheckpointError(f"{source}: fusion {version} checkpoint, but config '{cfg.name}' is "
+                                  f"fusion {have} (i2t_prenorm={cfg.fusion.i2t_prenorm}); pick the "
+                                  f"config of the checkpoint's fusion version")
+        return cfg
+    return variant.replace(fusion=dataclasses.replace(variant.fusion, i2t_prenorm=prenorm))
+
+
+def target_shapes(cfg: ModelConfig, task: str = "coarse") -> dict[str, tuple[int, ...]]:
+    """Our key -> shape for ``cfg``: the backbone (coarse) or the whole detector (fine), built on
+    the meta device (no memory)."""
+    if task == "fine":
+        from fiber.models import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg, "fine")
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     from fiber.backbone import build_backbone
 
     with torch.device("meta"):
@@ -284,25 +343,33 @@ def resize_relative_position_table(table: torch.Tensor, rows: int) -> torch.Tens
     return grid[0].permute(1, 2, 0).reshape(rows, -1)
 
 
-def convert_official(state_dict_or_path: Any, cfg: ModelConfig | str
-                     ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """Map an official FIBER state dict (or file) onto ``backbone.*`` keys of ``cfg``'s model.
+def convert_official(state_dict_or_path: Any, cfg: ModelConfig | str, ema: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], ConversionReport, ModelConfig]:
+    """Map an official FIBER state dict (or file) onto our keys -> (state, report, config).
 
-    Every backbone and fusion tensor of the model must be provided (except the Swin stage norms
-    ``norm1``/``norm2``, absent from the coarse layout: LayerNorm init, reported) with the right
-    shape; relative-position tables of another window are resized bicubically. Buffers, task heads
-    and unused gates are dropped and reported. Raises CheckpointError naming key and shapes.
-    Floating tensors come back as float32 (on the source's device).
+    Coarse files give ``backbone.*`` of ``cfg``; every backbone and fusion tensor must be provided
+    (except the Swin stage norms ``norm1``/``norm2``, absent from the coarse layout: LayerNorm init,
+    reported). Fine files give the whole detector of ``fine_config(cfg, version)`` (the returned
+    config): every backbone, FPN and head tensor must be provided and none may be left over (the
+    frozen ``cls_logits`` are dropped and reported when the model has none). Relative-position
+    tables of another window are resized bicubically; buffers, task heads and unused gates are
+    dropped and reported. Raises CheckpointError naming key and shapes. Floating tensors come back
+    as float32 (on the source's device).
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     source = "state_dict"
     if isinstance(state_dict_or_path, (str, Path)):
         source = str(state_dict_or_path)
         state_dict_or_path = read_official(state_dict_or_path)
-    official = unwrap_official(state_dict_or_path, source)
+    official, entry = unwrap_official(state_dict_or_path, source, ema)
     layout = detect_layout(list(official), source)
     report = ConversionReport(source=source, layout=layout, config=cfg.name)
-    want = target_shapes(cfg)
+    if layout == "fine":
+        report.fusion = detect_fusion_version(list(official))
+        report.weights = entry or "model"
+        cfg = fine_config(cfg, report.fusion, source)
+        report.config = cfg.name
+    want = target_shapes(cfg, layout)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(official):
         ours = _map_key(key, layout, report)
@@ -312,17 +379,21 @@ def convert_official(state_dict_or_path: Any, cfg: ModelConfig | str
             if _UNUSED_ALPHA.match(ours):
                 report.dropped_unused.append(key)
                 continue
-            raise CheckpointError(f"{source}: backbone tensor '{key}' has no place in config "
+            if ours.startswith(FROZEN_FINE_KEYS):
+                report.dropped_heads.append(key)
+                continue
+            what = "backbone" if ours.startswith(BACKBONE_PREFIX) else "head/FPN"
+            raise CheckpointError(f"{source}: {what} tensor '{key}' has no place in config "
                                   f"'{cfg.name}' (maps to '{ours}'){_hint(ours, cfg)}")
         out[ours] = _fit_shape(official[key], want[ours], key, ours, source, report)
     _fill_missing(out, want, layout, cfg, source, report)
     report.mapped = len(out) - len(report.missing_initialised)
-    return out, report
+    return out, report, cfg
 
 
 def _map_key(key: str, layout: str, report: ConversionReport) -> str | None:
     """Our key for an official key, or None when the key is dropped (recorded in the report)."""
-    if key.rsplit(".", 1)[-1] in BUFFER_SUFFIXES or key in QUEUE_KEYS:
+    if key.rsplit(".", 1)[-1] in BUFFER_SUFFIXES or key in QUEUE_KEYS or key.startswith(BUFFER_PREFIXES):
         report.dropped_buffers.append(key)
         return None
     if key.startswith(HEAD_PREFIXES) or key in HEAD_KEYS:
@@ -355,7 +426,8 @@ def _fill_missing(out: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]
     fresh = [k for k in missing if layout == "coarse" and k.startswith(COARSE_FRESH)]
     hard = sorted(set(missing) - set(fresh))
     if hard:
-        raise CheckpointError(f"{source}: missing backbone/fusion tensor{_s(hard)} for config "
+        what = "backbone/fusion" if all(k.startswith(BACKBONE_PREFIX) for k in hard) else "detector"
+        raise CheckpointError(f"{source}: missing {what} tensor{_s(hard)} for config "
                               f"'{cfg.name}': {_few(hard)}{_hint(hard[0], cfg)}")
     for k in fresh:  # LayerNorm defaults
         out[k] = torch.ones(want[k]) if k.endswith(".weight") else torch.zeros(want[k])
@@ -369,14 +441,53 @@ def _hint(key: str, cfg: ModelConfig) -> str:
     return ""
 
 
+# -- tokenizer ----------------------------------------------------------------------------
+def tokenizer_file(checkpoint_dir: str | Path) -> Path | None:
+    """The checkpoint's own ``tokenizer.json``, or None (the model uses the default asset)."""
+    path = resolve_checkpoint_dir(checkpoint_dir) / TOKENIZER_FILE
+    return path if path.is_file() else None
+
+
+def checkpoint_tokenizer(folder: str | Path | None, cfg: ModelConfig, layout: str, source: str):
+    """The tokenizer to store with a converted checkpoint (a ``tokenizers.Tokenizer``) or None.
+
+    A fine release of a RoBERTa-style config needs one (official FIBER tokenises with roberta-base,
+    which cannot be downloaded here); its vocabulary must fit the checkpoint's embedding table."""
+    from fiber.tokenizer_files import TokenizerFileError, roberta_tokenizer, tokenizer_vocab_size
+
+    if folder is None:
+        if layout == "fine" and cfg.text.position_style == "roberta":
+            raise CheckpointError(f"{source}: a fine FIBER release tokenises with roberta-base's "
+                                  f"byte-level BPE: pass --tokenizer DIR holding its vocab.json + "
+                                  f"merges.txt (or a tokenizer.json); it cannot be downloaded here")
+        return None
+    try:
+        tok = roberta_tokenizer(folder)
+    except TokenizerFileError as e:
+        raise CheckpointError(str(e)) from None
+    rows = tokenizer_vocab_size(tok)
+    if rows > cfg.text.vocab_size:
+        raise CheckpointError(f"tokenizer {folder}: its vocabulary has {rows} ids but the checkpoint's "
+                              f"word-embedding table has {cfg.text.vocab_size} rows (wrong tokenizer?)")
+    return tok
+
+
 # -- CLI ----------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fiber.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert-official", help="convert an official FIBER .ckpt/.pt/.pth/.safetensors")
+    conv = sub.add_parser("convert-official", help="convert an official FIBER .ckpt/.pt/.pth/.safetensors",
+                          description="Convert an official FIBER checkpoint (coarse or fine; the file's "
+                                      "layout decides) into a fiber-edge checkpoint folder.")
     conv.add_argument("ckpt", type=Path, help="official checkpoint file")
-    conv.add_argument("--config", required=True, help="registered config name, e.g. fiber-b")
+    conv.add_argument("--config", required=True,
+                      help="registered config name, e.g. fiber-b (coarse and fine releases alike)")
     conv.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    conv.add_argument("--tokenizer", type=Path, default=None,
+                      help="folder with the model's tokenizer: vocab.json + merges.txt (roberta-base) "
+                           "or a tokenizer.json; stored with the checkpoint (needed for fine releases)")
+    conv.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
+                      help="convert the file's 'model_ema' weights instead of 'model'")
     conv.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                       help="replace an existing output folder")
     return parser
@@ -385,9 +496,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = get_config(args.config)
-        state, report = convert_official(args.ckpt, cfg)
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+        state, report, cfg = convert_official(args.ckpt, cfg, ema=args.ema)
+        tok = checkpoint_tokenizer(args.tokenizer, cfg, report.layout, str(args.ckpt))
         meta = {"task": report.layout, "source": str(args.ckpt), "conversion": report.to_dict()}
-        save_checkpoint(args.out, state, cfg, meta, overwrite=args.overwrite)
+        save_checkpoint(args.out, state, cfg, meta, overwrite=args.overwrite, tokenizer=tok)
     except (CheckpointError, ValueError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

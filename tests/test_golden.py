@@ -32,7 +32,7 @@ def golden_io() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def model() -> FusedBackbone:
     cfg = get_config("fiber-golden")
-    state, report = convert_official(GOLDEN / "fiber_small_official.safetensors", cfg)
+    state, report, _ = convert_official(GOLDEN / "fiber_small_official.safetensors", cfg)
     assert report.layout == "coarse" and not report.unexpected
     # the coarse layout has only the final norm: norm1/norm2 (stages 2-3) are fresh LayerNorms
     assert sorted(report.missing_initialised) == sorted(
