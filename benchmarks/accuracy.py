@@ -158,7 +158,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", default=[], help="fine checkpoint: PyTorch eager (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="first N grounding entries and detection images")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on stderr")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     return p
 

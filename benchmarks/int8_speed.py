@@ -145,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=16, help="text tokens T (3 of them padding)")
     p.add_argument("--rounds", type=int, default=30, help="alternation rounds")
     p.add_argument("--block", type=int, default=5, help="runs per engine per round (the first is dropped)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per path before timing")
     p.add_argument("--repeats", type=int, default=1, help="run the whole alternation this many times")
     p.add_argument("--json", default=None, help="also write the results here")
     return p

@@ -537,7 +537,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="an image file instead of the generated 640x480 scene")
     p.add_argument("--prompt", default=None, help="a prompt instead of the scene's object names")
     p.add_argument("--prepost-frames", type=int, default=200, help="frames for C vs numpy vs OpenCV (0: skip)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on stderr")
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     return p
 

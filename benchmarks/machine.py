@@ -265,8 +265,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the peak and the GEMM")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per measured GEMM")
     p.add_argument("--size", type=int, default=1024, help="GEMM size n (n x n x n)")
-    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json", default=None)
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the peak FLOP/s (a few seconds); --no-measure: only describe")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the description as JSON")
     return p
 
 

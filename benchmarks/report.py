@@ -498,7 +498,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=None, help="latency rounds (default 50; --quick 5)")
     p.add_argument("--limit", type=int, default=None, help="evaluation entries/images (default all; --quick 8)")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False, help="few runs, few images")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on stderr")
     return p
 
 

@@ -685,7 +685,7 @@ def load_quantized(qdir: str | Path, checkpoint: str | Path, mcfg: ModelConfig
 # ----------------------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
     p.add_argument("--data", required=True, help="data folder (grounding.json / detection.json + images)")
     p.add_argument("--out", required=True, help="QDIR to write")
@@ -699,13 +699,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=1.0, help="allowed INT8 R@1 drop (points)")
     p.add_argument("--eval-entries", type=int, default=64, help="held-out grounding entries (tail of DATA)")
     p.add_argument("--qat-steps", type=int, default=0, help="quantisation-aware fine-tuning steps")
-    p.add_argument("--qat-lr", type=float, default=1e-5)
+    p.add_argument("--qat-lr", type=float, default=1e-5, help="learning rate of the QAT steps")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
                    help="also quantise the attention matmuls that run through fiber.layers.Attend")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace an existing --out folder")
     return p
 
 

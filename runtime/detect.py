@@ -81,7 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     where = m.add_mutually_exclusive_group()
     where.add_argument("--package", help="model package folder (default: models/fiber-nano-int8)")
     where.add_argument("--engine", help="TensorRT engine folder (python -m engines.build)")
-    m.add_argument("--backend", default="auto", choices=BACKENDS)
+    m.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: TensorRT for an engine folder; for a package OpenVINO when installed and the "
+                        "package prefers it, else ONNX Runtime")
     m.add_argument("--threshold", type=float,
                    help="phrase score threshold (default: the package's calibrated one; 0 with --per-phrase)")
     m.add_argument("--max-detections", type=int, help="per input (default: the package's)")

@@ -169,3 +169,21 @@ def test_one_label_per_box_keeps_the_best_phrase(use_native):
     assert [(d.phrase, tuple(np.round(d.box))) for d in one] == [("b", (20, 20, 30, 30)), ("a", (0, 0, 10, 10))]
     grounding = postprocess(boxes, logits, ctr, pm, per_phrase=1, max_detections=1, **{**kw, "threshold": 0.0})
     assert sorted(d.phrase for d in grounding) == ["a", "b"]  # K per phrase whatever max_detections says
+
+
+# ----------------------------------------------------------------------------- --help
+
+CLIS = ("train.fine", "train.coarse", "train.evaluate", "compress.export", "compress.quantize", "compress.repack",
+        "compress.distill", "engines.build", "runtime.detect", "benchmarks.report", "benchmarks.latency",
+        "benchmarks.accuracy", "benchmarks.int8_speed", "benchmarks.machine", "benchmarks.flops")
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_flag_has_help_and_the_description_is_whole(module):
+    import importlib
+
+    parser = importlib.import_module(module).get_args_parser()
+    missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert not missing, f"{module}: flags without help: {missing}"
+    assert parser.description and parser.description.rstrip().endswith("."), parser.description
+    parser.format_help()  # every help string formats (a stray % would raise)

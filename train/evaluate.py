@@ -94,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="only the first N grounding entries and detection images")
     p.add_argument("--split-name", default=None, help="name recorded in the report (default: data folder name)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on stderr")
     return p
 
 

@@ -56,8 +56,8 @@ class TrainConfig:
     grad_accum: int = 1                     # micro-steps per optimiser step, per process
     lr: float = 1e-4                        # base lr; groups scale it by their "lr_mult"
     weight_decay: float = 0.01              # AdamW decay for groups that do not set their own
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW beta1 beta2
+    eps: float = 1e-8                       # AdamW epsilon
     warmup_steps: int | None = None         # warm-up length in steps; overrides warmup_frac
     warmup_frac: float = 0.0                # warm-up length as a fraction of max_steps
     warmup_start: float = 0.0               # lr factor the warm-up starts from (GLIP: 1e-3)
@@ -118,17 +118,40 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: TrainConfig = Trai
     """The ``TrainConfig`` options as ``--max-steps``, ``--batch-size``, ... (shared by every
     training CLI); ``defaults`` lets a stage set its own recipe. Read back with ``from_args``."""
     g = parser.add_argument_group("training loop")
+    helps = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = helps.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         if isinstance(default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif isinstance(default, tuple):
-            g.add_argument(flag, type=float, nargs="+", default=default)
+            g.add_argument(flag, type=float, nargs="+", default=default,
+                           help=f"{text} (default: {' '.join(map(str, default))})")
         elif f.name in _OPTIONAL_ARGS:
             g.add_argument(flag, type=_OPTIONAL_ARGS[f.name], default=default,
-                           help="a number, or 'none'")
+                           help=f"{text}: a number, or 'none' (default: {default})")
         else:
-            g.add_argument(flag, type=type(default), default=default)
+            g.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: its ``# comment``} from a dataclass's source, continuation comment lines joined:
+    the one place a config field is described doubles as its ``--help`` text."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2).strip()
+        elif last and re.match(r"^\s+#\s*(.*)$", line):
+            out[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return out
 
 
 def _optional(kind: type):
