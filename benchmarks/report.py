@@ -24,7 +24,8 @@ network-only FPS, cached vs uncached prompt. ``--quick``: few runs and a few eva
 Bad input does not stop the report: a package that does not verify, a backend named in
 ``--backend`` that is not installed, a data folder without annotations each leave their part marked
 "not measured: <reason>" (also on stderr). Exit status: 0 everything requested was measured; 1 the
-report was written with parts not measured; 2 bad arguments, or the report could not be written.
+report was written with parts not measured; 2 bad arguments (checked before anything is measured:
+a ``--data`` folder or a package path that does not exist), or the report could not be written.
 Backends of the default list that are absent here (e.g. TensorRT on a CPU machine) are listed as
 "not available" and do not change the exit status.
 """
@@ -512,6 +513,13 @@ def config_from_args(args: argparse.Namespace) -> ReportConfig:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    if not Path(args.data).is_dir():  # before minutes of benchmarks, not after
+        raise ValueError(f"--data {args.data}: " + ("is not a folder" if Path(args.data).exists()
+                                                     else "does not exist"))
+    for flag, path in [("--package", args.package), *(("--compare", c) for c in args.compare),
+                       ("--teacher", args.teacher), ("--checkpoint", args.checkpoint)]:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag} {path}: does not exist")
     backends, explicit = parse_backends(args.backend)
     base = QUICK if args.quick else FULL
     settings = Settings(**{**asdict(base), **({"runs": args.runs} if args.runs else {}),

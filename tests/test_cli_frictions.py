@@ -187,3 +187,19 @@ def test_every_flag_has_help_and_the_description_is_whole(module):
     assert not missing, f"{module}: flags without help: {missing}"
     assert parser.description and parser.description.rstrip().endswith("."), parser.description
     parser.format_help()  # every help string formats (a stray % would raise)
+
+
+# ----------------------------------------------------------------------------- benchmarks.report
+
+@pytest.mark.parametrize("flag", ["--data", "--package", "--compare", "--teacher"])
+def test_report_checks_paths_before_benchmarking(toy, tmp_path, capsys, monkeypatch, flag):
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: pytest.fail("benchmarked before checking"))
+    paths = {"--package": str(toy), "--data": str(tmp_path)}
+    paths[flag] = str(tmp_path / "nonexistent")
+    argv = [a for k, v in paths.items() for a in (k, v)] + ["--out", str(tmp_path / "rep")]
+    assert report.main(report.get_args_parser().parse_args(argv)) == 2
+    err = capsys.readouterr().err
+    assert err == f"benchmarks.report: {flag} {tmp_path / 'nonexistent'}: does not exist\n"
+    assert not (tmp_path / "rep").exists()
