@@ -48,7 +48,7 @@ import onnx
 from onnx import helper
 
 from common import package as pkg
-from compress import onnx_utils
+from compress import onnx_export, onnx_graph
 
 METHODS = ("qdq-dynamic", "dynamic", "none")
 DEFAULT = "qdq-dynamic"
@@ -85,11 +85,11 @@ def _dynamic(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: Path) ->
 
     with tempfile.TemporaryDirectory(prefix="fiber-cpu-int8-") as scratch:
         fp32 = Path(scratch) / "detector.fp32.onnx"
-        onnx_utils.export_detector(model, x, hidden, fp32, qdq=False)
+        onnx_export.export_detector(model, x, hidden, fp32, qdq=False)
         with _quiet_root_logger():  # onnxruntime.quantization logs advice on the root logger
             quantize_dynamic(fp32, path, op_types_to_quantize=["MatMul"], per_channel=True,
                              weight_type=QuantType.QInt8)
-    onnx_utils.check_graph(path)
+    onnx_graph.check_graph(path)
     return {"method": "dynamic", "tool": "onnxruntime.quantization.quantize_dynamic",
             "op_types": ["MatMul"], "weights": "int8 per-channel", "activations": "uint8 per-tensor, dynamic"}
 
@@ -98,8 +98,8 @@ def _qdq_dynamic(qdq_path: Path, path: Path) -> dict[str, Any]:
     model = onnx.load(str(qdq_path))
     fused = qdq_to_dynamic(model)
     model.graph.name = "detector_cpu"
-    onnx_utils.save(model, path)
-    onnx_utils.check_graph(path)
+    onnx_graph.save(model, path)
+    onnx_graph.check_graph(path)
     return {"method": "qdq-dynamic", "from": pkg.DETECTOR_GRAPH, "fused_matmuls": fused,
             "op": f"{MS_DOMAIN}.DynamicQuantizeMatMul", "weights": "the Q/DQ file's int8 weights and scales",
             "activations": "uint8 per-tensor, dynamic"}
@@ -112,7 +112,7 @@ def qdq_to_dynamic(model: onnx.ModelProto) -> int:
     A following ``Add`` of a 1-D constant bias of N values is folded into the op's bias input.
     Returns the number of MatMuls rewritten.
     """
-    g = onnx_utils.graph_index(model)
+    g = onnx_graph.GraphIndex(model)
     replace: dict[str, onnx.NodeProto] = {}    # first output of the MatMul -> its replacement
     remove: set[str] = set()                   # first outputs of folded bias Adds
     for node in model.graph.node:
@@ -134,7 +134,7 @@ def qdq_to_dynamic(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     fused = len(replace)
-    onnx_utils.drop_unused(model)
+    onnx_graph.drop_unused(model)
     if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused
@@ -157,7 +157,7 @@ def _is_weight_dq(g, dq) -> bool:
     if w.data_type != onnx.TensorProto.INT8 or len(w.dims) != 2 or len(dq.input) < 3:
         return False
     scale = g.const(dq.input[1])
-    axis = onnx_utils.attr(dq, "axis", 1)
+    axis = onnx_graph.attr(dq, "axis", 1)
     return scale is not None and (scale.size == 1 or (axis in (1, -1) and scale.size == w.dims[1]))
 
 

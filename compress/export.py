@@ -50,7 +50,7 @@ import torch
 import engines
 from common import package as pkg
 from common.atomic import atomic_dir
-from compress import cpu_int8, onnx_utils
+from compress import cpu_int8, onnx_export, onnx_graph, word_table
 from compress.serving import (TOKENIZER_SRC, EvalData, evaluate_engines, find_data, package_sections,
                               resolve_buckets)
 from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
@@ -145,13 +145,13 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     back), "fp32" as it is. Returns the manifest's ``graphs`` and ``parity`` parts."""
     x = example_inputs(cfg, buckets[0])
     text_model, words = (model, None) if text_words == "fp32" else int8_word_embeddings(model)
-    text_graph, words_info = onnx_utils.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
+    text_graph, words_info = onnx_export.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
-    hidden = onnx_utils.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
+    hidden = onnx_export.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
     det_model = qmodel if qmodel is not None else model
-    det_graph = onnx_utils.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None)
+    det_graph = onnx_export.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None)
     det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
-    det_out = onnx_utils.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
+    det_out = onnx_export.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
     parity = _parity(text_model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
     shutil.copyfile(TOKENIZER_SRC, tmp / pkg.TOKENIZER)
     (tmp / pkg.REFERENCE_DIR).mkdir()
@@ -172,21 +172,21 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
         graphs["detector"]["cpu_variant"] = info
     if qmodel is not None:
         graphs["text"]["note"] = "FP32 compute on purpose: text.onnx runs once per prompt, not per frame"
-        graphs["detector"]["qdq"] = onnx_utils.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
+        graphs["detector"]["qdq"] = onnx_graph.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
     return {"graphs": graphs, "parity": parity}
 
 
 def int8_word_embeddings(model: FiberForGrounding) -> tuple[FiberForGrounding, tuple[np.ndarray, np.ndarray]]:
     """A copy of ``model`` whose word-embedding table holds its per-row int8 values read back, and
-    those ``(q, scale)`` (onnx_utils.quantize_rows); ``model`` is not changed."""
+    those ``(q, scale)`` (word_table.quantize_rows); ``model`` is not changed."""
     import copy
 
     words = model.backbone.text.embeddings.word_embeddings
-    q, scale = onnx_utils.quantize_rows(words.weight.detach().float().numpy())
+    q, scale = word_table.quantize_rows(words.weight.detach().float().numpy())
     text_model = copy.deepcopy(model)
     with torch.no_grad():
         text_model.backbone.text.embeddings.word_embeddings.weight.copy_(
-            torch.from_numpy(onnx_utils.dequantize_rows(q, scale)))
+            torch.from_numpy(word_table.dequantize_rows(q, scale)))
     return text_model, (q, scale)
 
 
@@ -213,8 +213,8 @@ def check_openvino(graph: Path, reference: Path, tol: float = OPENVINO_TOL) -> d
 def _parity(model, det_model, text_in, hidden, det_in, det_out, quantised: bool) -> dict[str, Any]:
     """ONNX (optimisations off) vs PyTorch on the reference inputs; FP32 must agree within FP32_TOL."""
     with torch.inference_mode():
-        t_hidden = model.encode_text(*(onnx_utils.to_torch(text_in[k]) for k in pkg.TEXT_INPUTS)).numpy()
-        t_det = det_model.detect(*(onnx_utils.to_torch(det_in[k]) for k in pkg.DETECTOR_INPUTS))
+        t_hidden = model.encode_text(*(onnx_export.to_torch(text_in[k]) for k in pkg.TEXT_INPUTS)).numpy()
+        t_det = det_model.detect(*(onnx_export.to_torch(det_in[k]) for k in pkg.DETECTOR_INPUTS))
     diffs = {"text_hidden": max_rel_diff(hidden, t_hidden)}
     diffs.update({name: max_rel_diff(det_out[name], t.numpy()) for name, t in zip(pkg.DETECTOR_OUTPUTS, t_det)})
     limits = {k: FP32_TOL for k in diffs} if not quantised else {"text_hidden": FP32_TOL}
@@ -226,8 +226,8 @@ def _parity(model, det_model, text_in, hidden, det_in, det_out, quantised: bool)
 
 
 def _graph_entry(file: str, graph: onnx.ModelProto, precision: str) -> dict[str, Any]:
-    return {"file": file, "precision": precision, "inputs": onnx_utils.io_specs(graph, "input"),
-            "outputs": onnx_utils.io_specs(graph, "output")}
+    return {"file": file, "precision": precision, "inputs": onnx_graph.io_specs(graph, "input"),
+            "outputs": onnx_graph.io_specs(graph, "output")}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -477,7 +477,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = export_package(config_from_args(args))
-    except (ExportError, FileExistsError, ValueError, onnx_utils.OnnxExportError, engines.EngineError) as e:
+    except (ExportError, FileExistsError, ValueError, onnx_graph.OnnxExportError, engines.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = result.manifest

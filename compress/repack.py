@@ -5,7 +5,7 @@
 
 For packages exported before ``compress.export`` stored that table as int8 (``--text-words``), or
 whose checkpoint is gone: text.onnx is rewritten the way the exporter writes it
-(``onnx_utils.quantize_rows`` + ``int8_gather_table`` on the one Gather that reads ``input_ids``),
+(``word_table.quantize_rows`` + ``int8_gather_table`` on the one Gather that reads ``input_ids``),
 reference/text.npz is recomputed (ONNX Runtime, optimisations off), every other file is copied
 unchanged, and the manifest's ``graphs.text.word_embeddings``, ``files`` and ``accuracy`` are
 rewritten, with what was done under ``repack`` (the old text.onnx's sha256 and the new hidden
@@ -33,7 +33,7 @@ import onnx
 import engines
 from common import package as pkg
 from common.atomic import atomic_dir
-from compress import onnx_utils
+from compress import onnx_export, onnx_graph, word_table
 from compress.export import (AccuracyGuardError, ExportError, evaluate_package, file_table, max_rel_diff,
                              openvino_installed, write_manifest)
 from compress.serving import find_data
@@ -46,13 +46,13 @@ RUNS = {"fp32": (False, "onnxruntime"), "int8": (False, "onnxruntime"),
 def shrink_text_graph(path: Path) -> dict[str, Any]:
     """Rewrite ``path`` (a text.onnx) in place with its word table as per-row int8; the table info."""
     graph = onnx.load(str(path))
-    name = onnx_utils.word_table(graph)
+    name = word_table.word_table(graph)
     table = onnx.numpy_helper.to_array(next(i for i in graph.graph.initializer if i.name == name))
     if table.dtype != np.float32 or table.ndim != 2:
         raise ExportError(f"{path}: the word table is {table.dtype} {table.shape}, not float32 2-D")
-    info = onnx_utils.int8_word_table(graph, *onnx_utils.quantize_rows(table))
-    onnx_utils.save(graph, path)
-    onnx_utils.check_graph(path)
+    info = word_table.int8_word_table(graph, *word_table.quantize_rows(table))
+    onnx_graph.save(graph, path)
+    onnx_graph.check_graph(path)
     return info
 
 
@@ -82,7 +82,7 @@ def repack(package: Path, out: Path, data_dir: str | None, baseline: Path | None
         with np.load(package / pkg.reference_file("text")) as z:
             ref = {k: z[k] for k in z.files}
         feeds = {k: ref[k] for k in pkg.TEXT_INPUTS}
-        hidden = onnx_utils.ort_reference(tmp / pkg.TEXT_GRAPH, feeds)[pkg.TEXT_HIDDEN]
+        hidden = onnx_export.ort_reference(tmp / pkg.TEXT_GRAPH, feeds)[pkg.TEXT_HIDDEN]
         np.savez(tmp / pkg.reference_file("text"), **feeds, **{pkg.TEXT_HIDDEN: hidden})
         manifest["graphs"]["text"]["word_embeddings"] = words
         manifest["repack"] = {"tool": "compress.repack", "from": str(package),
@@ -134,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         m = repack(args.package, args.out, args.data, args.baseline, args.max_drop, args.threads, args.overwrite)
-    except (ExportError, FileExistsError, ValueError, onnx_utils.OnnxExportError, engines.EngineError) as e:
+    except (ExportError, FileExistsError, ValueError, onnx_graph.OnnxExportError, engines.EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     w = m["graphs"]["text"]["word_embeddings"]

@@ -1,4 +1,5 @@
-"""compress.export (FP32 packages) and compress.onnx_utils on the tiny config with random weights.
+"""compress.export (FP32 packages) and the ONNX rewrites (onnx_export, word_table, qdq,
+shape_folding) on the tiny config with random weights.
 
 Parity: ONNX Runtime vs PyTorch for two text lengths and batch sizes; the split text/detector pair
 vs the unsplit torch forward. The manifest is checked against the files with an independent
@@ -23,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import engines
 from common import package as pkg
-from compress import export, onnx_utils
+from compress import export, onnx_export, onnx_graph, qdq, shape_folding, word_table
 from fiber.checkpoint import save_checkpoint
 from fiber.config import get_config
 from fiber.models import FiberForGrounding
@@ -135,9 +136,9 @@ def test_int8_gather_table_equals_the_dequantised_rows():
     rng = np.random.default_rng(0)
     table = rng.standard_normal((50, 6)).astype(np.float32)
     table[7] = 0.0                                          # an all-zero row (padding) stays zero
-    q, scale = onnx_utils.quantize_rows(table)
+    q, scale = word_table.quantize_rows(table)
     assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale[7] == 1.0
-    assert np.abs(onnx_utils.dequantize_rows(q, scale) - table).max() <= scale.max() / 2 + 1e-7
+    assert np.abs(word_table.dequantize_rows(q, scale) - table).max() <= scale.max() / 2 + 1e-7
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
          helper.make_node("Relu", ["rows"], ["out"])], "g",
@@ -145,7 +146,7 @@ def test_int8_gather_table_equals_the_dequantised_rows():
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 6])],
         [numpy_helper.from_array(table, "table")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    info = onnx_utils.int8_gather_table(model, "table", q, scale)
+    info = word_table.int8_gather_table(model, "table", q, scale)
     onnx.checker.check_model(model, full_check=True)
     assert info == {"bytes_fp32": 50 * 6 * 4, "bytes": 50 * 6 + 50 * 4}
     assert not [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and list(i.dims) == [50, 6]]
@@ -153,14 +154,14 @@ def test_int8_gather_table_equals_the_dequantised_rows():
     ids = np.array([[0, 7, 49], [3, 3, 12]], dtype=np.int64)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"ids": ids})[0]
-    np.testing.assert_array_equal(got, np.maximum(onnx_utils.dequantize_rows(q, scale)[ids], 0))
+    np.testing.assert_array_equal(got, np.maximum(word_table.dequantize_rows(q, scale)[ids], 0))
     other = helper.make_model(helper.make_graph(
         [helper.make_node("MatMul", ["x", "table"], ["out"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 6])],
         [numpy_helper.from_array(table, "table")]), opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(onnx_utils.OnnxExportError, match="only as Gather data"):
-        onnx_utils.int8_gather_table(other, "table", q, scale)
+    with pytest.raises(onnx_graph.OnnxExportError, match="only as Gather data"):
+        word_table.int8_gather_table(other, "table", q, scale)
 
 
 def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path):
@@ -172,7 +173,7 @@ def test_text_graph_with_int8_words_is_smaller_and_close_to_fp32(work, tmp_path)
     assert words["dtype"] == "int8" and words["bytes"] < words["bytes_fp32"] / 3
     model = work["model_fp32_words"]
     x = random_prompt_inputs(model.cfg, 2, 12, seed=5)
-    _, info = onnx_utils.export_text(model, x, tmp_path / "text-fp32.onnx")
+    _, info = onnx_export.export_text(model, x, tmp_path / "text-fp32.onnx")
     assert info is None
     assert (work["package"] / pkg.TEXT_GRAPH).stat().st_size < (tmp_path / "text-fp32.onnx").stat().st_size
     feeds = {k: x[k] for k in pkg.TEXT_INPUTS}
@@ -343,11 +344,11 @@ def test_bad_buckets_refused(work, tmp_path):
 def test_failed_export_leaves_nothing(work, tmp_path, monkeypatch):
     """A failure after text.onnx was written: no package and no temp folder remain."""
     def broken(*args, **kwargs):
-        raise onnx_utils.OnnxExportError("injected failure")
+        raise onnx_graph.OnnxExportError("injected failure")
 
-    monkeypatch.setattr(onnx_utils, "export_detector", broken)
+    monkeypatch.setattr(onnx_export, "export_detector", broken)
     out = tmp_path / "pkg"
-    with pytest.raises(onnx_utils.OnnxExportError, match="injected"):
+    with pytest.raises(onnx_graph.OnnxExportError, match="injected"):
         export.export_package(export.ExportConfig(checkpoint=str(work["ckpt"]), out=str(out), buckets=(16,)))
     assert list(tmp_path.iterdir()) == []
 
@@ -387,7 +388,7 @@ def test_clean_qdq_folds_weights_and_merges_pairs():
     xq = np.clip(np.rint(x / 0.05), -128, 127) * np.float32(0.05)
     wq = np.clip(np.rint(w / scale[:, None]), -128, 127) * scale[:, None]
     expected = 2 * xq @ wq.T
-    stats = onnx_utils.clean_qdq(model)
+    stats = qdq.clean_qdq(model)
     assert stats["noop_casts"] == 1 and stats["merged_qdq"] == 1 and stats["folded_weights"] == 1
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
@@ -450,7 +451,7 @@ def _expected(x: np.ndarray) -> np.ndarray:
 
 def test_fold_shape_arithmetic_keeps_batch_and_tokens_dynamic():
     model = _shape_graph()
-    stats = onnx_utils.fold_shape_arithmetic(model, [_x(1, 4), _x(2, 7), _x(3, 2)], _x(2, 5))
+    stats = shape_folding.fold_shape_arithmetic(model, [_x(1, 4), _x(2, 7), _x(3, 2)], _x(2, 5))
     ops = [n.op_type for n in model.graph.node]
     assert ops == ["Reshape", "Transpose", "Reshape", "Add"] and stats["nodes_after"] == 4
     assert stats["reshapes"] == 2 and stats["nodes_before"] == 16
@@ -467,8 +468,8 @@ def test_fold_shape_arithmetic_keeps_batch_and_tokens_dynamic():
 def test_fold_shape_arithmetic_refuses_what_the_examples_cannot_tell():
     model = _shape_graph()
     before = model.SerializeToString()
-    with pytest.raises(onnx_utils.OnnxExportError, match=r"broke the graph for inputs \{'x': \(3, 4, 6\)\}"):
-        onnx_utils.fold_shape_arithmetic(model, [_x(2, 4), _x(2, 4)], _x(3, 4))   # batch looked fixed
+    with pytest.raises(onnx_graph.OnnxExportError, match=r"broke the graph for inputs \{'x': \(3, 4, 6\)\}"):
+        shape_folding.fold_shape_arithmetic(model, [_x(2, 4), _x(2, 4)], _x(3, 4))   # batch looked fixed
     assert model.SerializeToString() == before                                  # restored
 
 
@@ -479,7 +480,7 @@ def test_exported_detector_has_constant_reshape_targets(work):
     computed = [n.name for n in det.graph.node if n.op_type == "Reshape" and n.input[1] not in inits
                 and producers[n.input[1]].op_type != "Constant"]
     assert computed == []
-    assert onnx_utils.count_ops(det, "Shape").get("Shape", 0) <= 8      # only Resize / Expand sizes remain
+    assert onnx_graph.count_ops(det, "Shape").get("Shape", 0) <= 8      # only Resize / Expand sizes remain
 
 
 def ort_session_from(model: onnx.ModelProto) -> ort.InferenceSession:

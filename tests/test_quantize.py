@@ -271,7 +271,7 @@ def _calibrated(fp32, attention: bool, args):
 def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
     """--attention: q, k, probabilities and v of every Attend (text self-attention, t2i) are
     quantised; the exported Q/DQ graph computes what the fake-quantised model does."""
-    from compress import onnx_utils
+    from compress import onnx_export
     from fiber.config import get_config
     from fiber.models import FiberForGrounding
     from test_export import random_prompt_inputs
@@ -299,7 +299,7 @@ def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
     # the Q/DQ graph: both inputs of those MatMuls come through DequantizeLinear
     onnx_x = {pkg.IMAGE: x[pkg.IMAGE][:1], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK][:1]}
     path = tmp_path / "det.onnx"
-    graph = onnx_utils.export_detector(qattn, onnx_x, hidden[:1].numpy(), path, qdq=True)
+    graph = onnx_export.export_detector(qattn, onnx_x, hidden[:1].numpy(), path, qdq=True)
     producer = {o: n for n in graph.graph.node for o in n.output}
     inits = {i.name for i in graph.graph.initializer}
     act_matmuls = [n for n in graph.graph.node if n.op_type == "MatMul"
@@ -309,7 +309,7 @@ def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
     assert len(act_matmuls) >= 2 * len(attends)
     feeds = {pkg.IMAGE: onnx_x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden[:1].numpy(),
              pkg.ATTENTION_MASK: onnx_x[pkg.ATTENTION_MASK]}
-    got = onnx_utils.ort_reference(path, feeds)
+    got = onnx_export.ort_reference(path, feeds)
     with torch.inference_mode():
         want = qattn.detect(*(torch.from_numpy(feeds[k]) for k in pkg.DETECTOR_INPUTS))
     for name, w in zip(pkg.DETECTOR_OUTPUTS, want):
