@@ -100,9 +100,24 @@ def load(path: str | Path, backend: str = "auto", **opts: Any) -> PackageEngines
     if not (path / pkg.MANIFEST).is_file():
         raise EngineError(f"{path}: neither a model package ({pkg.MANIFEST}) nor an engine folder ({ENGINE_JSON})")
     if backend in ("tensorrt", "tensorrt-rtx"):
-        raise EngineError(f"{path} is a model package; build a {backend} engine from it first: "
-                          f"python -m engines.build --package {path} --backend {backend} --out ENGINE_DIR")
+        raise EngineError(_build_first(path, backend))
     return _load_package(path, backend, opts)
+
+
+def _build_first(package: Path, backend: str) -> str:
+    """Why a package cannot run on TensorRT as it is, with a build command for the TensorRT
+    flavour that is installed here (not the one asked for when only the other one is)."""
+    from engines.trt import INSTALL_HINTS, installed_backends
+
+    found = installed_backends()
+    build = "python -m engines.build --package {} --backend {} --out ENGINE_DIR"
+    if backend in found:
+        return f"{package} is a model package; build a {backend} engine from it first: {build.format(package, backend)}"
+    if found:
+        return (f"{package} is a model package, and {backend} is not installed here but {found[0]} is: "
+                f"build a {found[0]} engine from it first: {build.format(package, found[0])}")
+    return (f"{package} is a model package; build a {backend} engine from it first, on the target device: "
+            f"{build.format(package, backend)} (here: {INSTALL_HINTS[backend]})")
 
 
 def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:

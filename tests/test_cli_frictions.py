@@ -203,3 +203,25 @@ def test_report_checks_paths_before_benchmarking(toy, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err == f"benchmarks.report: {flag} {tmp_path / 'nonexistent'}: does not exist\n"
     assert not (tmp_path / "rep").exists()
+
+
+# ----------------------------------------------------------------------------- TensorRT flavours
+
+@pytest.mark.parametrize("installed,asked,suggested", [
+    (["tensorrt-rtx"], "tensorrt", "tensorrt-rtx"),
+    (["tensorrt"], "tensorrt-rtx", "tensorrt"),
+    (["tensorrt", "tensorrt-rtx"], "tensorrt", "tensorrt"),
+    ([], "tensorrt", "tensorrt"),
+])
+def test_tensorrt_on_a_package_suggests_the_installed_flavour(toy, monkeypatch, installed, asked, suggested):
+    import engines
+    from engines import trt
+
+    monkeypatch.setattr(trt, "installed_backends", lambda: list(installed))
+    with pytest.raises(engines.EngineError) as e:
+        engines.load(toy, asked)
+    text = str(e.value)
+    assert f"python -m engines.build --package {toy} --backend {suggested} --out ENGINE_DIR" in text
+    assert f"--backend {asked if asked != suggested else 'none'} " not in text
+    if not installed:
+        assert "not installed" in text

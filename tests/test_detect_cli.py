@@ -329,7 +329,7 @@ def test_camera_that_disappears_is_retried_then_exit_2(toy, tmp_path, capsys, mo
     (["IMG"], "--prompt is required"),
     (["IMG", "--prompt", ". ."], "has no phrases"),
     (["IMG", "--prompt", ""], "prompt is empty"),
-    (["IMG", "--prompt", "x", "--backend", "tensorrt"], "build a tensorrt engine"),
+    (["IMG", "--prompt", "x", "--backend", "tensorrt"], "engine from it first"),
     (["IMG", "--prompt", "x", "--max-frames", "0"], "--max-frames"),
     (["--camera", "0", "--prompt", "x", "--resolution", "big"], "--resolution"),
     (["BROKEN_VIDEO", "--prompt", "x"], "cannot open it as a video"),

@@ -2,8 +2,10 @@
 
 FPN (maskrcnn_benchmark names): lateral 1x1 ``fpn_inner{2,3,4}`` and output 3x3 ``fpn_layer{2,3,4}``
 over image stages 2-4 (strides 8/16/32), nearest-neighbour top-down path; optional P6 (stride 64)
-from a stride-2 3x3 conv on P5 (``top_blocks.p6``). FIBER also adds P7; ours stops at P6 because
-small inputs have no room for it.
+from a stride-2 3x3 conv on P5 (``top_blocks.p6``) and P7 (stride 128) from a stride-2 3x3 conv on
+ReLU(P6) (``top_blocks.p7``): the official fine FPN (``LastLevelP6P7``, P6 on P5 since in and out
+widths are equal) is ``use_p6 + use_p7``; the small edge configs stop at P5 or P6. Official
+``fusion_backbone.backbone.fpn.*`` keys map onto ``fpn.*`` by prefix.
 
 Head (GLIP ``VLDyHead`` with ``USE_DOT_PRODUCT_TOKEN_LOSS``, ``EARLY_FUSE_ON: False`` as in FIBER):
 
@@ -59,18 +61,21 @@ class FPN(nn.Module):
     ``in_channels``: channels of stages 2, 3, 4 (strides 8, 16, 32 for patch size 4).
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, use_p6: bool = False):
+    def __init__(self, in_channels: Sequence[int], out_channels: int, use_p6: bool = False,
+                 use_p7: bool = False):
         super().__init__()
         if len(in_channels) != 3:
             raise ValueError(f"FPN: expected the channels of 3 image stages (2-4), got {tuple(in_channels)}")
+        if use_p7 and not use_p6:
+            raise ValueError("FPN: P7 is computed from P6 (use_p7 needs use_p6)")
         for level, c in zip((2, 3, 4), in_channels):
             setattr(self, f"fpn_inner{level}", _kaiming_conv(c, out_channels, 1))
             setattr(self, f"fpn_layer{level}", _kaiming_conv(out_channels, out_channels, 3))
-        self.top_blocks = LastLevelP6(out_channels) if use_p6 else None
+        self.top_blocks = LastLevelP6(out_channels, use_p7) if use_p6 else None
 
     @property
     def num_levels(self) -> int:
-        return 4 if self.top_blocks is not None else 3
+        return 3 if self.top_blocks is None else 3 + self.top_blocks.num_levels
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``features``: stage 2, 3, 4 maps ``[B, C_s, H_s, W_s]`` -> list of ``[B, C_out, H, W]``."""
@@ -83,19 +88,27 @@ class FPN(nn.Module):
             inner = lat + F.interpolate(inner, size=lat.shape[-2:], mode="nearest")
             outs.insert(0, layer_conv(inner))
         if self.top_blocks is not None:
-            outs.append(self.top_blocks(outs[-1]))
+            outs.extend(self.top_blocks(outs[-1]))
         return outs
 
 
 class LastLevelP6(nn.Module):
-    """P6 = 3x3 stride-2 conv on P5 (maskrcnn_benchmark ``LastLevelP6P7`` without P7)."""
+    """P6 = 3x3 stride-2 conv on P5; with ``p7``, P7 = 3x3 stride-2 conv on ReLU(P6)
+    (maskrcnn_benchmark ``LastLevelP6P7`` with equal in/out widths, so it reads P5, not C5)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, p7: bool = False):
         super().__init__()
         self.p6 = _kaiming_conv(channels, channels, 3, stride=2)
+        self.p7 = _kaiming_conv(channels, channels, 3, stride=2) if p7 else None
 
-    def forward(self, p5: torch.Tensor) -> torch.Tensor:
-        return self.p6(p5)
+    @property
+    def num_levels(self) -> int:
+        return 1 if self.p7 is None else 2
+
+    def forward(self, p5: torch.Tensor) -> list[torch.Tensor]:
+        """P5 [B, C, H, W] -> [P6] or [P6, P7]."""
+        p6 = self.p6(p5)
+        return [p6] if self.p7 is None else [p6, self.p7(F.relu(p6))]
 
 
 class Scale(nn.Module):
@@ -203,16 +216,16 @@ def stage_channels(embed_dim: int) -> tuple[int, int, int]:
     return (embed_dim * 2, embed_dim * 4, embed_dim * 8)
 
 
-def fpn_strides(patch_size: int, use_p6: bool) -> tuple[int, ...]:
-    """Strides of P3..P5(, P6) for a Swin with ``patch_size`` (4 -> 8, 16, 32(, 64))."""
-    base = (patch_size * 2, patch_size * 4, patch_size * 8)
-    return base + (patch_size * 16,) if use_p6 else base
+def fpn_strides(patch_size: int, use_p6: bool, use_p7: bool = False) -> tuple[int, ...]:
+    """Strides of P3..P5(, P6(, P7)) for a Swin with ``patch_size`` (4 -> 8, 16, 32(, 64(, 128)))."""
+    extra = (2 if use_p7 else 1) if use_p6 else 0
+    return tuple(patch_size * 2 ** (k + 1) for k in range(3 + extra))
 
 
 def build_fpn(cfg) -> FPN:
     """FPN for a ``ModelConfig`` (reads ``cfg.swin.embed_dim`` and the head options)."""
     opts = head_options(cfg.head)
-    return FPN(stage_channels(cfg.swin.embed_dim), opts.fpn_channels, opts.use_p6)
+    return FPN(stage_channels(cfg.swin.embed_dim), opts.fpn_channels, opts.use_p6, opts.use_p7)
 
 
 def build_grounding_head(cfg) -> GroundingHead:
@@ -220,6 +233,6 @@ def build_grounding_head(cfg) -> GroundingHead:
     opts: HeadOptions = head_options(cfg.head)
     return GroundingHead(
         in_channels=opts.fpn_channels, text_dim=cfg.text.hidden_size,
-        strides=fpn_strides(cfg.swin.patch_size, opts.use_p6), num_convs=opts.num_convs,
+        strides=fpn_strides(cfg.swin.patch_size, opts.use_p6, opts.use_p7), num_convs=opts.num_convs,
         proj_dim=opts.proj_dim, prior_prob=opts.prior_prob, anchor_scale=opts.anchor_scale,
         gn_groups=opts.gn_groups)
