@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 FORMAT = "fiber-edge-package"
 FORMAT_VERSION = 1
@@ -128,3 +129,194 @@ REFERENCE_DIR = "reference"
 def reference_file(graph: str) -> str:
     """Relative path of the reference inputs/outputs of ``graph`` ("text" or "detector")."""
     return f"{REFERENCE_DIR}/{graph}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed views of the manifest's "input" and "postprocess" sections (docs/architecture.md).
+# A manifest without the new keys (every package exported before the official fine model) reads
+# as today's behaviour: square letterbox, RGB, x/255, per-phrase post-processing.
+
+INPUT_LETTERBOX = "letterbox"   # square S x S canvas, scale S / max(h, w), bilinear half-pixel
+INPUT_OFFICIAL = "official"     # official FIBER/GLIP test resize on a fixed [H, W] canvas
+POST_LETTERBOX = "letterbox"    # per-phrase threshold / top-k / NMS (runtime.postprocess.postprocess)
+POST_OFFICIAL = "official"      # the official ATSSPostProcessor (runtime.postprocess.postprocess_official)
+
+# The official fine configs' values (GLIP/FIBER yaml: INPUT.PIXEL_MEAN / PIXEL_STD, TO_BGR255).
+OFFICIAL_BGR255_MEAN = (103.53, 116.28, 123.675)
+OFFICIAL_BGR255_STD = (57.375, 57.12, 58.395)
+
+
+def _field(section: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    value = section.get(key, default)
+    try:
+        if kind is int and (isinstance(value, bool) or int(value) != value):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise PackageError(f"manifest {where}.{key} must be {kind.__name__}, got {value!r}") from None
+
+
+def _triple(section: Mapping[str, Any], key: str, default: tuple[float, ...], where: str):
+    value = section.get(key, default)
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise PackageError(f"manifest {where}.{key} must be 3 numbers, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class ResizeRule:
+    """The official test resize (maskrcnn_benchmark ``Resize.get_size``, GLIP/FIBER fine).
+
+    s = min_size; if long/short * s > max_size: s = round(max_size * short / long). The shorter
+    side becomes s, the longer int(s * long / short) (truncated). PIL bilinear (antialiased).
+    """
+
+    min_size: int                       # INPUT.MIN_SIZE_TEST (800 official, 192 golden)
+    max_size: int                       # INPUT.MAX_SIZE_TEST (1333 official, 288 golden)
+    size_divisibility: int = 32         # DATALOADER.SIZE_DIVISIBILITY; the canvas is a multiple
+    interpolation: str = "pil-bilinear"  # the only one implemented
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": "min-max", "min_size": self.min_size, "max_size": self.max_size,
+                "size_divisibility": self.size_divisibility, "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The manifest's ``input`` section: how an RGB uint8 image becomes the network input.
+
+    x = pixel / 255 * pixel_scale in ``channel_order``, then (x - mean) / std per channel; the
+    resized image sits top-left on the [H, W] canvas, the rest is ``pad_value`` (0 = the mean
+    colour, padding after normalisation). ``resize`` None: square letterbox (scale S / max(h, w),
+    bilinear with half-pixel centres). ``resize`` set: the official rule, and an image whose
+    resized size does not fit the canvas is scaled down to fit it (aspect kept).
+    """
+
+    size: tuple[int, int]                          # canvas [H, W] (the detector graph's input)
+    channel_order: str = "RGB"                     # of the network input: "RGB" | "BGR"
+    pixel_scale: float = 1.0                       # 1: x/255 (ImageNet style); 255: 0-255 (official)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel, in channel_order
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: ResizeRule | None = None               # None: square letterbox
+    letterbox: str = "top-left"                    # where the image sits (the only placement)
+    pad_value: float = 0.0                         # after normalisation
+
+    def __post_init__(self) -> None:
+        h, w = self.size
+        problems = []
+        if h < 1 or w < 1:
+            problems.append(f"size {list(self.size)} must be positive")
+        if self.channel_order not in ("RGB", "BGR"):
+            problems.append(f"channel_order {self.channel_order!r} is not RGB or BGR")
+        if not self.pixel_scale > 0 or any(not s != 0 for s in self.std):
+            problems.append("pixel_scale must be > 0 and std non-zero")
+        if self.letterbox != "top-left" or self.pad_value != 0.0:
+            problems.append("only a top-left placement with pad_value 0 is supported")
+        if self.resize is None and h != w:
+            problems.append(f"a letterbox input must be square, got {list(self.size)}")
+        if self.resize is not None:
+            r = self.resize
+            if not 1 <= r.min_size <= r.max_size or r.size_divisibility < 1:
+                problems.append(f"resize needs 1 <= min_size <= max_size, got {r}")
+            elif h % r.size_divisibility or w % r.size_divisibility:
+                problems.append(f"canvas {list(self.size)} is not a multiple of {r.size_divisibility}")
+            if r.interpolation != "pil-bilinear":
+                problems.append(f"resize interpolation {r.interpolation!r} is not 'pil-bilinear'")
+        if problems:
+            raise PackageError("manifest input: " + "; ".join(problems))
+
+    @property
+    def style(self) -> str:
+        return INPUT_LETTERBOX if self.resize is None else INPUT_OFFICIAL
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
+        """From ``manifest["input"]``; PackageError naming the bad field."""
+        sec = manifest.get("input")
+        if not isinstance(sec, Mapping):
+            raise PackageError("manifest has no 'input' section")
+        size = sec.get("size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            raise PackageError(f"manifest input.size must be [H, W] integers, got {size!r}")
+        resize = None
+        raw = sec.get("resize")
+        if raw is not None:
+            if not isinstance(raw, Mapping) or raw.get("rule", "min-max") != "min-max":
+                raise PackageError(f"manifest input.resize must be a 'min-max' rule, got {raw!r}")
+            resize = ResizeRule(_field(raw, "min_size", int, None, "input.resize"),
+                                _field(raw, "max_size", int, None, "input.resize"),
+                                _field(raw, "size_divisibility", int, 32, "input.resize"),
+                                str(raw.get("interpolation", "pil-bilinear")))
+        return cls((size[0], size[1]), str(sec.get("channel_order", "RGB")),
+                   _field(sec, "pixel_scale", float, 1.0, "input"),
+                   _triple(sec, "mean", IMAGENET_MEAN, "input"),
+                   _triple(sec, "std", IMAGENET_STD, "input"), resize,
+                   str(sec.get("letterbox", "top-left")), _field(sec, "pad_value", float, 0.0, "input"))
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"size": list(self.size), "channel_order": self.channel_order,
+                             "mean": list(self.mean), "std": list(self.std),
+                             "letterbox": self.letterbox, "pad_value": self.pad_value}
+        if self.resize is not None or self.pixel_scale != 1.0:
+            d["pixel_scale"] = self.pixel_scale
+        if self.resize is not None:
+            d["resize"] = self.resize.to_json()
+        return d
+
+
+@dataclass(frozen=True)
+class PostprocessSpec:
+    """The manifest's ``postprocess`` section: detector outputs -> detections.
+
+    style "letterbox" (default): per phrase, threshold the phrase score (x centerness), its
+    pre_nms_top_k best, NMS per phrase, the best max_detections. style "official": the
+    official ATSSPostProcessor per level (``level_sizes`` anchors each, in the order of the
+    detector's N outputs): threshold before centerness, pre_nms_top_k per level, sqrt score,
+    clip, multi-label NMS with +1 IoU, the kthvalue cut to max_detections.
+    """
+
+    style: str = POST_LETTERBOX
+    threshold: float = 0.05            # MODEL.ATSS.INFERENCE_TH
+    nms_iou: float = 0.6               # MODEL.ATSS.NMS_TH
+    pre_nms_top_k: int = 1000          # letterbox: per phrase; official: per level (PRE_NMS_TOP_N)
+    max_detections: int = 100          # MODEL.ATSS.DETECTIONS_PER_IMG
+    level_sizes: tuple[int, ...] = ()  # official only: anchors per FPN level, sum = N
+
+    def __post_init__(self) -> None:
+        if self.style not in (POST_LETTERBOX, POST_OFFICIAL):
+            raise PackageError(f"manifest postprocess.style {self.style!r} is not "
+                               f"{POST_LETTERBOX!r} or {POST_OFFICIAL!r}")
+        if self.style == POST_OFFICIAL and (not self.level_sizes
+                                            or any(n < 1 for n in self.level_sizes)):
+            raise PackageError("manifest postprocess.level_sizes must list the anchors per level "
+                               f"(positive integers) for style 'official', got {list(self.level_sizes)}")
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> PostprocessSpec:
+        """From ``manifest["postprocess"]`` (missing section or keys: the defaults)."""
+        sec = manifest.get("postprocess") or {}
+        if not isinstance(sec, Mapping):
+            raise PackageError(f"manifest postprocess must be an object, got {sec!r}")
+        levels = sec.get("level_sizes", ())
+        if not isinstance(levels, (list, tuple)):
+            raise PackageError(f"manifest postprocess.level_sizes must be a list, got {levels!r}")
+        d = cls()
+        return cls(str(sec.get("style", d.style)),
+                   _field(sec, "threshold", float, d.threshold, "postprocess"),
+                   _field(sec, "nms_iou", float, d.nms_iou, "postprocess"),
+                   _field(sec, "pre_nms_top_k", int, d.pre_nms_top_k, "postprocess"),
+                   _field(sec, "max_detections", int, d.max_detections, "postprocess"),
+                   tuple(_field({"n": n}, "n", int, None, "postprocess.level_sizes") for n in levels))
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"threshold": self.threshold, "nms_iou": self.nms_iou,
+                             "pre_nms_top_k": self.pre_nms_top_k,
+                             "max_detections": self.max_detections}
+        if self.style != POST_LETTERBOX:
+            d = {"style": self.style, **d, "level_sizes": list(self.level_sizes)}
+        return d
