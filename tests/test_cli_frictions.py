@@ -225,3 +225,41 @@ def test_tensorrt_on_a_package_suggests_the_installed_flavour(toy, monkeypatch, 
     assert f"--backend {asked if asked != suggested else 'none'} " not in text
     if not installed:
         assert "not installed" in text
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _label_rows(drawn, color, x, y_box):
+    """Rows above y_box where column x..x+20 shows ``color`` (the label's filled background)."""
+    strip = drawn[:y_box, x:x + 20]
+    return int((strip == np.asarray(color, np.uint8)).all(axis=2).any(axis=1).sum())
+
+
+@pytest.mark.parametrize("use_opencv", [True, False])
+def test_best_label_is_drawn_on_top(use_opencv):
+    from runtime.draw import draw_detections, phrase_color
+    from runtime.types import Detections
+
+    image = np.zeros((200, 300, 3), np.uint8)
+    box = [50, 80, 150, 180]
+    dets = Detections(np.array([box, box], np.float32), np.array([0.9, 0.3], np.float32),  # best first,
+                      np.array([0, 1], np.int32), ("dog", "cat"))                         # as postprocess
+    drawn = draw_detections(image, dets, use_opencv=use_opencv)
+    assert _label_rows(drawn, phrase_color("dog"), 50, 80) > 0
+    assert _label_rows(drawn, phrase_color("cat"), 50, 80) == 0  # covered by the better label
+
+
+@pytest.mark.parametrize("use_opencv", [True, False])
+def test_label_size_follows_the_image(use_opencv):
+    from runtime.draw import draw_detections, phrase_color
+    from runtime.types import Detections
+
+    heights = []
+    for side in (120, 2000):
+        image = np.zeros((side, side, 3), np.uint8)
+        y = side // 2
+        dets = Detections(np.array([[10, y, side // 2, side - 10]], np.float32), np.array([0.5], np.float32),
+                          np.array([0], np.int32), ("person",))
+        heights.append(_label_rows(draw_detections(image, dets, use_opencv=use_opencv), phrase_color("person"),
+                                   10, y))
+    assert 10 <= heights[0] <= 24 and heights[1] >= 40, heights
