@@ -38,7 +38,8 @@ class FusedBackbone(nn.Module):
         self.image = SwinTransformer(cfg.swin, text_dim=cfg.text.hidden_size,
                                      fused_blocks=tuple((s, b) for s, b, _ in pairs),
                                      i2t_prenorm=cfg.fusion.i2t_prenorm)
-        self.text = TextEncoder(cfg.text, fused_layers={t: dims[s] for s, _, t in pairs})
+        self.text = TextEncoder(cfg.text, fused_layers={t: dims[s] for s, _, t in pairs},
+                                t2i_norm=cfg.fusion.t2i_norm)
         # (stage, block) -> text layer index, for the fused schedule
         self._pair_of = {(s, b): t for s, b, t in pairs}
 
@@ -58,7 +59,8 @@ class FusedBackbone(nn.Module):
     # -- fused path -------------------------------------------------------------------------
     def forward_fused(self, image: torch.Tensor, text_prefix: torch.Tensor,
                       attention_mask: torch.Tensor, final_norms: bool = True) -> FusedOutput:
-        """image: float32 [B, 3, S, S] (normalised); text_prefix: [B, T, D] from
+        """image: float32 [B, 3, S, S] (normalised; any [B, 3, H, W] under the "fixed-pad" window
+        rule); text_prefix: [B, T, D] from
         ``encode_text_prefix``; attention_mask: int64 [B, T].
 
         ``final_norms=True``: stages 2-4 go through ``norm1..norm3`` and every text LayerNorm is
@@ -68,21 +70,20 @@ class FusedBackbone(nn.Module):
         self.image.check_image(image)
         mask = extended_mask(attention_mask, text_prefix.dtype)
         last_layer = self.cfg.text.num_layers - 1
-        x, t = self.image.patch_embed(image), text_prefix
+        (x, hw), t = self.image.embed(image), text_prefix
         maps = []
         for s, stage in enumerate(self.image.layers):
             for b, block in enumerate(stage.blocks):
                 layer_idx = self._pair_of.get((s, b))
                 if layer_idx is None:
-                    x = block(x)
+                    x = block(x, hw=hw)
                     continue
                 layer = self.text.layers[layer_idx]
                 last_norm = final_norms or layer_idx != last_layer
-                x, t = block(x, t, mask), layer(t, mask, image=x, last_norm=last_norm)
+                x, t = block(x, t, mask, hw=hw), layer(t, mask, image=x, last_norm=last_norm)
             out = self.image.stage_norm(s, x) if final_norms else x
-            maps.append(self.image.to_map(out, s))
-            if stage.downsample is not None:
-                x = stage.downsample(x)
+            maps.append(self.image.to_map(out, s, hw))
+            x, hw = self.image.downsample(s, x, hw)
         return FusedOutput(maps, t)
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

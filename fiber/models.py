@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -120,6 +121,17 @@ def pretraining_losses(out: PretrainOutput, mlm_labels: torch.Tensor | None = No
 
 # ----------------------------------------------------------------------------- stage 2
 
+class GroundingFeatures(NamedTuple):
+    """What the grounding head reads: the FPN levels and the head's text input.
+
+    levels: FPN maps ``[B, C_fpn, H_l, W_l]``, P3 first (strides 8, 16, 32(, 64(, 128))).
+    embedded: ``[B, T, D]`` fused text states x attention mask (padding rows 0; the official
+    language backbone's ``embedded``). fused: the backbone's ``FusedOutput`` (Swin stages, text)."""
+    levels: list[torch.Tensor]
+    embedded: torch.Tensor
+    fused: FusedOutput
+
+
 class FiberForGrounding(nn.Module):
     """FusedBackbone + FPN + GLIP-style head (``backbone.*``, ``fpn.*``, ``head.*``)."""
 
@@ -143,8 +155,20 @@ class FiberForGrounding(nn.Module):
                               attention_mask: torch.Tensor) -> tuple[GroundingOutput, FusedOutput]:
         """``forward_from_text`` that also returns the backbone's ``FusedOutput`` (the fused image
         stages and text states that feature distillation reads)."""
+        levels, fused = self._levels(image, text_hidden, attention_mask)
+        return self.head(levels, fused.text, attention_mask), fused
+
+    def forward_features(self, image: torch.Tensor, text_hidden: torch.Tensor,
+                         attention_mask: torch.Tensor) -> GroundingFeatures:
+        """Fused backbone (every norm applied) + FPN: the head's inputs, ``GroundingFeatures``."""
+        levels, fused = self._levels(image, text_hidden, attention_mask)
+        embedded = fused.text * attention_mask.unsqueeze(-1).to(fused.text.dtype)
+        return GroundingFeatures(levels, embedded, fused)
+
+    def _levels(self, image: torch.Tensor, text_hidden: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[list[torch.Tensor], FusedOutput]:
         fused = self.backbone.forward_fused(image, text_hidden, attention_mask, final_norms=True)
-        return self.head(self.fpn(fused.image_stages[1:]), fused.text, attention_mask), fused
+        return self.fpn(fused.image_stages[1:]), fused
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> GroundingOutput:

@@ -7,10 +7,23 @@ prefix ``backbone.image.``; the per-stage output norms use the fine-grained name
 
 Tokens are ``[B, H*W, C]``, row-major over the grid. Windows are row-major, tokens within a window
 row-major, as in the official code.
+
+Two window rules (``SwinConfig.window_rule``):
+
+- "coarse" (official coarse code): a square ``img_size`` input; a stage whose grid fits one window
+  uses the grid as its window and does not shift; the shift masks are buffers built once.
+- "fixed-pad" (official fine code): any H x W input; every block pads its LayerNorm'd grid with
+  zeros at the bottom/right to a multiple of the fixed window, odd blocks shift by window // 2
+  whatever the grid, and the shift mask (0 / -100) is built on the padded grid. Padded tokens are not
+  masked: they are keys/values like any other token. Grids travel as ``hw = (H, W)`` token counts;
+  PatchEmbed pads the image to a multiple of the patch size and PatchMerging pads odd grids.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fiber.config import SwinConfig
@@ -41,9 +54,12 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tensor:
-    """float32 [nW, N, N]: 0 within a region, -100 across regions of the cyclically shifted grid."""
-    img = torch.zeros(1, resolution, resolution, 1)
+def shifted_window_mask(resolution: int | tuple[int, int], window: int, shift: int) -> torch.Tensor:
+    """float32 [nW, N, N]: 0 within a region, -100 across regions of the cyclically shifted grid.
+
+    ``resolution``: the grid side, or (H, W) of a grid that is a multiple of ``window``."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    img = torch.zeros(1, h, w, 1)
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for region, (hs, ws) in enumerate((hs, ws) for hs in bounds for ws in bounds):
         img[:, hs, ws, :] = region
@@ -52,20 +68,46 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tenso
     return torch.where(diff != 0, SHIFT_MASK_VALUE, 0.0)
 
 
-class PatchEmbed(nn.Module):
-    """Conv patchify + optional LayerNorm: [B, 3, S, S] -> [B, (S/p)^2, C]."""
+@functools.lru_cache(maxsize=32)
+def _padded_grid_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """``shifted_window_mask`` of a padded (H, W) grid, built once per size (a constant when traced)."""
+    return shifted_window_mask((h, w), window, shift)
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool):
+
+def padded_grid(hw: tuple[int, int], window: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of ``window``."""
+    return hw[0] + (-hw[0] % window), hw[1] + (-hw[1] % window)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + optional LayerNorm: [B, 3, H, W] -> [B, (H/p)*(W/p), C].
+
+    ``pad``: first zero-pad the image at the bottom/right to a multiple of the patch size (official
+    fine code); otherwise the input must already be one."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool, pad: bool = False):
         super().__init__()
+        self.patch_size, self.pad = patch_size, pad
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
+    def grid(self, image: torch.Tensor) -> tuple[int, int]:
+        """(H, W) of the token grid for ``image``."""
+        p = self.patch_size
+        return -(-int(image.shape[-2]) // p), -(-int(image.shape[-1]) // p)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            ph, pw = -int(image.shape[-2]) % self.patch_size, -int(image.shape[-1]) % self.patch_size
+            if ph or pw:
+                image = F.pad(image, (0, pw, 0, ph))
         return self.norm(self.proj(image).flatten(2).transpose(1, 2))
 
 
 class PatchMerging(nn.Module):
-    """2x2 merge: [B, H*W, C] -> [B, H/2*W/2, 2C]; official sub-grid order, no-bias reduction."""
+    """2x2 merge: [B, H*W, C] -> [B, ceil(H/2)*ceil(W/2), 2C]; official sub-grid order, no-bias
+    reduction. Without ``hw`` the grid is the square ``resolution``; with ``hw`` an odd side is
+    first zero-padded at the bottom/right (official fine code)."""
 
     def __init__(self, resolution: int, dim: int):
         super().__init__()
@@ -73,12 +115,27 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def merged_grid(hw: tuple[int, int]) -> tuple[int, int]:
+        return (hw[0] + 1) // 2, (hw[1] + 1) // 2
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        if hw is not None:
+            return self._merge_padded(x, hw)
         r, c = self.resolution, x.shape[-1]
         x = x.reshape(-1, r, r, c)
         # (even row, even col), (odd row, even col), (even row, odd col), (odd row, odd col)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x.reshape(-1, (r // 2) ** 2, 4 * c)))
+
+    def _merge_padded(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        (h, w), c = hw, x.shape[-1]
+        x = x.reshape(-1, h, w, c)
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        mh, mw = self.merged_grid(hw)
+        return self.reduction(self.norm(x.reshape(-1, mh * mw, 4 * c)))
 
 
 class WindowAttention(nn.Module):
@@ -144,15 +201,16 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window: int, shift: int,
                  mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 text_dim: int | None = None, i2t_prenorm: bool = True):
+                 text_dim: int | None = None, i2t_prenorm: bool = True, pad_to_window: bool = False):
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
+        self.pad_to_window = pad_to_window  # "fixed-pad" rule: any grid, padded per call
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, text_dim, i2t_prenorm)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        mask = shifted_window_mask(resolution, window, shift) if shift else None
+        mask = shifted_window_mask(resolution, window, shift) if shift and not pad_to_window else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
     @property
@@ -160,22 +218,44 @@ class SwinBlock(nn.Module):
         return self.attn.fused
 
     def forward(self, x: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, hw: tuple[int, int] | None = None) -> torch.Tensor:
         """x: [B, H*W, C]; text: [B, T, D_text] and text_mask [B, 1, 1, T] (additive) for i2t, or
-        None for the unimodal path. Returns [B, H*W, C]."""
-        r, c = self.resolution, x.shape[-1]
-        h = self.norm1(x).reshape(-1, r, r, c)
-        if self.shift:
-            h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        h = self.attn(window_partition(h, self.window), self.attn_mask)
-        h = window_reverse(h, self.window, r, r)
-        if self.shift:
-            h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
-        h = h.reshape(-1, r * r, c)
+        None for the unimodal path; hw: the (H, W) grid ("fixed-pad" blocks; the square
+        ``resolution`` otherwise). Returns [B, H*W, C]."""
+        if self.pad_to_window:
+            h = self._attend_padded(self.norm1(x), hw)
+        else:
+            r, c = self.resolution, x.shape[-1]
+            h = self.norm1(x).reshape(-1, r, r, c)
+            if self.shift:
+                h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
+            h = self.attn(window_partition(h, self.window), self.attn_mask)
+            h = window_reverse(h, self.window, r, r)
+            if self.shift:
+                h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
+            h = h.reshape(-1, r * r, c)
         if text is not None and self.fused:
             h = h + self.attn.cross_attend(h, text, text_mask)
         x = x + self.drop_path(h)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _attend_padded(self, h: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        """Window attention of the official fine code: LN'd tokens [B, H*W, C] are zero-padded to
+        a multiple of the window, shifted (odd blocks, mask on the padded grid), attended and
+        cropped back. Returns [B, H*W, C] (before i2t and the residual)."""
+        if hw is None:
+            raise ValueError("a fixed-pad Swin block needs the grid size hw=(H, W)")
+        (gh, gw), c, win = hw, h.shape[-1], self.window
+        hp, wp = padded_grid(hw, win)
+        h = F.pad(h.reshape(-1, gh, gw, c), (0, 0, 0, wp - gw, 0, hp - gh))
+        mask = None
+        if self.shift:
+            h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
+            mask = _padded_grid_mask(hp, wp, win, self.shift).to(h.device, h.dtype)
+        h = window_reverse(self.attn(window_partition(h, win), mask), win, hp, wp)
+        if self.shift:
+            h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
+        return h[:, :gh, :gw].reshape(-1, gh * gw, c)
 
 
 class SwinStage(nn.Module):
@@ -197,7 +277,8 @@ class SwinTransformer(nn.Module):
                  fused_blocks: tuple[tuple[int, int], ...] = (), i2t_prenorm: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
+        pad = cfg.pads_to_window
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm, pad)
         n = sum(cfg.depths)
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear 0 .. rate
         self.layers = nn.ModuleList()
@@ -206,7 +287,7 @@ class SwinTransformer(nn.Module):
             window, shift = cfg.stage_window(s)
             blocks = [SwinBlock(dim, res, cfg.num_heads[s], window, shift if b % 2 else 0,
                                 cfg.mlp_ratio, cfg.qkv_bias, rates[sum(cfg.depths[:s]) + b],
-                                text_dim if (s, b) in fused_blocks else None, i2t_prenorm)
+                                text_dim if (s, b) in fused_blocks else None, i2t_prenorm, pad)
                       for b in range(depth)]
             down = PatchMerging(res, dim) if s < len(cfg.depths) - 1 else None
             self.layers.append(SwinStage(blocks, down))
@@ -225,8 +306,11 @@ class SwinTransformer(nn.Module):
         """The output norm of a stage (identity for stage 1)."""
         return (self.norm1, self.norm2, self.norm3)[stage - 1](x) if stage else x
 
-    def to_map(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        """Tokens [B, H*W, C] of ``stage`` -> map [B, C, H, W]."""
+    def to_map(self, x: torch.Tensor, stage: int, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens [B, H*W, C] of ``stage`` -> map [B, C, H, W] (``hw`` = (H, W) for "fixed-pad"
+        grids, the square stage resolution otherwise)."""
+        if hw is not None:
+            return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], hw[0], hw[1])
         r = self.cfg.stage_resolutions[stage]
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], r, r)
 
@@ -234,21 +318,42 @@ class SwinTransformer(nn.Module):
         s, c = self.cfg.img_size, self.cfg.in_chans
         if torch.jit.is_tracing():  # shapes are fixed by the example input; keep the trace clean
             return
+        if self.cfg.pads_to_window:
+            if image.ndim != 4 or image.shape[1] != c or min(image.shape[2:]) < 1:
+                raise ValueError(f"image must be [B, {c}, H, W], got {list(image.shape)}")
+            return
         if image.ndim != 4 or tuple(image.shape[1:]) != (c, s, s):
             raise ValueError(f"image must be [B, {c}, {s}, {s}], got {list(image.shape)}")
 
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Unimodal path: image [B, 3, S, S] float32 -> 4 maps [B, C_s, S/(4*2^s), ...] with the
-        stage-2..4 norms applied (no text, i2t skipped)."""
-        self.check_image(image)
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Patch embedding -> (tokens [B, H*W, C], hw). ``hw`` is the (H, W) token grid that
+        "fixed-pad" blocks, merges and ``to_map`` take, and None under the coarse rule (square
+        grids fixed by the config)."""
         x = self.patch_embed(image)
+        return x, (self.patch_embed.grid(image) if self.cfg.pads_to_window else None)
+
+    def downsample(self, stage: int, x: torch.Tensor, hw: tuple[int, int] | None
+                   ) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """The PatchMerging after ``stage`` -> (tokens, grid); a stage without one passes through."""
+        down = self.layers[stage].downsample
+        if down is None:
+            return x, hw
+        if hw is None:
+            return down(x), None
+        return down(x, hw), down.merged_grid(hw)
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Unimodal path: image [B, 3, H, W] float32 -> 4 maps [B, C_s, H/(4*2^s), W/(4*2^s)]
+        (sides rounded up under "fixed-pad") with the stage-2..4 norms applied (no text, i2t
+        skipped)."""
+        self.check_image(image)
+        x, hw = self.embed(image)
         maps = []
         for s, stage in enumerate(self.layers):
             for block in stage.blocks:
-                x = block(x)
-            maps.append(self.to_map(self.stage_norm(s, x), s))
-            if stage.downsample is not None:
-                x = stage.downsample(x)
+                x = block(x, hw=hw)
+            maps.append(self.to_map(self.stage_norm(s, x), s, hw))
+            x, hw = self.downsample(s, x, hw)
         return maps
 
 

@@ -8,7 +8,8 @@ t2i semantics (tests/data/golden/PROVENANCE.md §4): the query is the raw self-a
 (``attention.output.dense``, before residual and LayerNorm), keys/values are the image tokens that
 are the *input* of the paired Swin block, no image mask; ``a = a + alpha_t2i * t2i(a, img)``, then
 the residual + ``attention.output.LayerNorm``. ``crossattention_t2i.output.LayerNorm`` exists so
-official keys load, and is unused.
+official coarse keys load, and is unused; the fine layouts have no such tensor (``t2i_norm=False``,
+``FusionConfig.t2i_norm``). The same layer serves the fine model (golden/fine README §4 C3).
 """
 from __future__ import annotations
 
@@ -49,12 +50,13 @@ class TextEmbeddings(nn.Module):
 
 
 class DenseOutput(nn.Module):
-    """``dense`` + dropout, and a ``LayerNorm`` the caller applies (BERT's *Output modules)."""
+    """``dense`` + dropout, and a ``LayerNorm`` the caller applies (BERT's *Output modules);
+    ``norm=False``: no LayerNorm at all (the fine ``crossattention_t2i``)."""
 
-    def __init__(self, d_in: int, d_out: int, eps: float, dropout: float):
+    def __init__(self, d_in: int, d_out: int, eps: float, dropout: float, norm: bool = True):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+        self.LayerNorm = nn.LayerNorm(d_out, eps=eps) if norm else None
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,11 +66,11 @@ class DenseOutput(nn.Module):
 class Attention(nn.Module):
     """``self`` (query/key/value) + ``output`` (dense, LayerNorm); used for self- and t2i attention."""
 
-    def __init__(self, cfg: TextConfig, kv_dim: int | None = None):
+    def __init__(self, cfg: TextConfig, kv_dim: int | None = None, output_norm: bool = True):
         super().__init__()
         d = cfg.hidden_size
         self.self = QKVAttention(d, cfg.num_heads, kv_dim, attn_drop=cfg.dropout)
-        self.output = DenseOutput(d, d, cfg.layer_norm_eps, cfg.dropout)
+        self.output = DenseOutput(d, d, cfg.layer_norm_eps, cfg.dropout, output_norm)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,14 +88,15 @@ class Intermediate(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """Post-LN transformer layer; ``image_dim`` set = fused layer with ``crossattention_t2i``."""
+    """Post-LN transformer layer; ``image_dim`` set = fused layer with ``crossattention_t2i``
+    (``t2i_norm``: whether it carries the unused ``output.LayerNorm`` of the coarse layout)."""
 
-    def __init__(self, cfg: TextConfig, image_dim: int | None = None):
+    def __init__(self, cfg: TextConfig, image_dim: int | None = None, t2i_norm: bool = True):
         super().__init__()
         self.attention = Attention(cfg)
         self.fused = image_dim is not None
         if self.fused:
-            self.crossattention_t2i = Attention(cfg, kv_dim=image_dim)
+            self.crossattention_t2i = Attention(cfg, kv_dim=image_dim, output_norm=t2i_norm)
             self.alpha_t2i = nn.Parameter(torch.zeros(1))
         self.intermediate = Intermediate(cfg.hidden_size, cfg.intermediate_size)
         self.output = DenseOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout)
@@ -119,14 +122,14 @@ class Encoder(nn.Module):
 
 class TextEncoder(nn.Module):
     """Embeddings + ``encoder.layer.{i}``. ``fused_layers`` maps a layer index to the image width
-    its t2i keys/values read."""
+    its t2i keys/values read; ``t2i_norm`` see ``TextLayer``."""
 
-    def __init__(self, cfg: TextConfig, fused_layers: dict[int, int] | None = None):
+    def __init__(self, cfg: TextConfig, fused_layers: dict[int, int] | None = None, t2i_norm: bool = True):
         super().__init__()
         fused_layers = fused_layers or {}
         self.cfg = cfg
         self.embeddings = TextEmbeddings(cfg)
-        self.encoder = Encoder([TextLayer(cfg, fused_layers.get(i)) for i in range(cfg.num_layers)])
+        self.encoder = Encoder([TextLayer(cfg, fused_layers.get(i), t2i_norm) for i in range(cfg.num_layers)])
         self.init_weights()
 
     @property
@@ -171,5 +174,6 @@ class TextEncoder(nn.Module):
         return h
 
 
-def build_text_encoder(cfg: TextConfig, fused_layers: dict[int, int] | None = None) -> TextEncoder:
-    return TextEncoder(cfg, fused_layers)
+def build_text_encoder(cfg: TextConfig, fused_layers: dict[int, int] | None = None,
+                       t2i_norm: bool = True) -> TextEncoder:
+    return TextEncoder(cfg, fused_layers, t2i_norm)
