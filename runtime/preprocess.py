@@ -1,5 +1,9 @@
 """Image pre-processing: any image -> RGB uint8 -> letterboxed, normalised float32 CHW.
 
+Two input specs (common.package.InputSpec, the manifest's ``input``): the square letterbox
+below, and the official FIBER/GLIP fine test input (``official_input``: min/max-side resize with
+PIL bilinear, BGR 0-255 normalisation, top-left on a fixed [H, W] canvas).
+
 The conventions are docs/architecture.md's "Image side": scale ``s = S / max(h, w)``, resized
 size ``(round(w*s), round(h*s))`` rounded half up (at least 1), bilinear with half-pixel centres
 (OpenCV ``INTER_LINEAR``), placed top-left, ``(x/255 - mean)/std``, RGB, CHW, the rest 0.
@@ -20,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from common.package import IMAGENET_MEAN, IMAGENET_STD
+from common.package import (IMAGENET_MEAN, IMAGENET_STD, INPUT_LETTERBOX, INPUT_OFFICIAL, InputSpec,
+                            ResizeRule)
 from runtime.types import LetterboxInfo
 
 
@@ -198,10 +203,79 @@ def letterbox(src: np.ndarray, out: np.ndarray, mean: Sequence[float] = IMAGENET
     return LetterboxInfo(scale, new_w, new_h, src.shape[1], src.shape[0])
 
 
-class Preprocessor:
-    """Letterboxes frames into one preallocated network input ``buffer`` float32 [1, 3, S, S].
+# ---------------------------------------------------------------------------------------------
+# The official FIBER/GLIP test input (min/max resize, PIL bilinear, BGR 0-255) on a fixed canvas
 
-    The returned array *is* that buffer: the next call overwrites it (copy it to keep it).
+def official_resize_hw(h: int, w: int, rule: ResizeRule) -> tuple[int, int]:
+    """(new_h, new_w) by the official test rule (maskrcnn_benchmark ``Resize.get_size``).
+
+    s = min_size; if long/short * s > max_size: s = round(max_size * short / long) (Python's
+    round, as the official code). The shorter side becomes s, the longer int(s * long / short).
+    An image already at that size keeps it. s is at least 1 (the official code would give 0 for
+    a 1 x 1000 strip).
+    """
+    size = rule.min_size
+    lo, hi = float(min(h, w)), float(max(h, w))
+    if hi / lo * size > rule.max_size:
+        size = int(round(rule.max_size * lo / hi))
+    size = max(1, size)
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return max(1, int(size * h / w)), size
+    return size, max(1, int(size * w / h))
+
+
+def canvas_resize_hw(h: int, w: int, spec: InputSpec) -> tuple[int, int]:
+    """(new_h, new_w) of an h x w image on ``spec``'s canvas: the official rule, and when that
+    does not fit the canvas, the image scaled down to fit it instead (aspect kept: scale
+    f = min(H / h, W / w), sides rounded half up, at least 1)."""
+    ch, cw = spec.size
+    assert spec.resize is not None
+    oh, ow = official_resize_hw(h, w, spec.resize)
+    if oh <= ch and ow <= cw:
+        return oh, ow
+    f = min(ch / h, cw / w)
+    return min(ch, max(1, math.floor(h * f + 0.5))), min(cw, max(1, math.floor(w * f + 0.5)))
+
+
+def official_input(rgb: np.ndarray, out: np.ndarray, spec: InputSpec) -> LetterboxInfo:
+    """Fill ``out`` float32 [3, H, W] from ``rgb`` uint8 [h, w, 3] as the official test transform.
+
+    PIL bilinear resize (``torchvision.transforms.functional.resize`` on a PIL image), then in
+    float32: x = u8 / 255, reordered to ``spec.channel_order``, x * pixel_scale, (x - mean) / std;
+    the image sits top-left, the rest of the canvas is 0. With the official BGR 0-255 spec this
+    reproduces the official ``input.images`` bit-exactly (tests/test_official_runtime.py).
+    ``info.scale`` is new_w / w (the exact per-axis ratios are new_w / w and new_h / h).
+    """
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or 0 in a.shape:
+        raise ValueError(f"rgb must be uint8 [h, w, 3], got {a.dtype} {list(a.shape)}")
+    ch, cw = spec.size
+    if out.dtype != np.float32 or out.shape != (3, ch, cw):
+        raise ValueError(f"out must be float32 [3, {ch}, {cw}], got {out.dtype} {list(out.shape)}")
+    h, w = a.shape[:2]
+    nh, nw = canvas_resize_hw(h, w, spec)
+    if (nh, nw) != (h, w):
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((nw, nh), Image.BILINEAR))
+    x = a.astype(np.float32) / np.float32(255.0)  # [nh, nw, 3] RGB
+    if spec.channel_order == "BGR":
+        x = x[:, :, ::-1]
+    if spec.pixel_scale != 1.0:
+        x = x * np.float32(spec.pixel_scale)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    out.fill(0.0)
+    out[:, :nh, :nw] = x.transpose(2, 0, 1)
+    return LetterboxInfo(nw / w, nw, nh, w, h)
+
+
+class Preprocessor:
+    """Prepares frames into one preallocated network input ``buffer`` float32 [1, 3, H, W].
+
+    ``Preprocessor(S, mean, std)``: the square letterbox (C extension). ``from_spec`` /
+    ``from_manifest`` also take the official input spec (``common.package.InputSpec`` with a
+    ``resize`` rule: official_input on the [H, W] canvas). The returned array *is* ``buffer``:
+    the next call overwrites it (copy it to keep it, or use ``run`` with your own array).
     """
 
     def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -210,31 +284,46 @@ class Preprocessor:
             raise ValueError(f"size must be >= 1, got {size}")
         if len(mean) != 3 or len(std) != 3 or not all(s != 0 for s in std):
             raise ValueError(f"mean and std need 3 values each, std non-zero (got {mean}, {std})")
-        self.size = int(size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self._setup(InputSpec((int(size), int(size)), "RGB", 1.0, tuple(float(m) for m in mean),
+                              tuple(float(s) for s in std)), use_native)
+
+    def _setup(self, spec: InputSpec, use_native: bool) -> None:
+        self.spec = spec
+        self.canvas_hw = spec.size                 # (H, W)
+        self.size = max(spec.size)                 # S of a square canvas
+        self.mean = spec.mean
+        self.std = spec.std
         self.use_native = use_native
-        self.buffer = np.zeros((1, 3, self.size, self.size), np.float32)
+        self.buffer = np.zeros((1, 3) + tuple(spec.size), np.float32)
+
+    @classmethod
+    def from_spec(cls, spec: InputSpec, use_native: bool = True) -> Preprocessor:
+        """From a typed input spec (square letterbox or official)."""
+        if spec.style == INPUT_LETTERBOX and spec.channel_order == "RGB" and spec.pixel_scale == 1.0:
+            return cls(spec.size[0], spec.mean, spec.std, use_native)
+        if spec.style == INPUT_LETTERBOX:
+            raise ValueError(f"unsupported package input spec {spec.to_json()} (a letterbox input "
+                             "must be RGB with pixel_scale 1)")
+        self = cls.__new__(cls)
+        self._setup(spec, use_native)
+        return self
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], use_native: bool = True) -> Preprocessor:
-        """From a model package manifest's ``input`` section (square, RGB, top-left, pad 0)."""
-        spec = manifest["input"]
-        h, w = spec["size"]
-        supported = (h == w and spec.get("channel_order", "RGB") == "RGB"
-                     and spec.get("letterbox", "top-left") == "top-left"
-                     and spec.get("pad_value", 0.0) == 0.0)
-        if not supported:
-            raise ValueError(f"unsupported package input spec {spec} (need square, RGB, "
-                             "top-left letterbox, pad 0)")
-        return cls(h, spec["mean"], spec["std"], use_native)
+        """From a model package manifest's ``input`` section (common.package.InputSpec)."""
+        return cls.from_spec(InputSpec.from_manifest(manifest), use_native)
 
-    def __call__(self, image: Any, bgr: bool = False) -> tuple[np.ndarray, LetterboxInfo]:
-        """``image`` (array or PIL; see to_rgb_uint8) -> (buffer, info). ``bgr``: OpenCV frames."""
+    def run(self, image: Any, out: np.ndarray, bgr: bool = False) -> LetterboxInfo:
+        """Fill ``out`` float32 [3, H, W] from ``image`` (array or PIL; see to_rgb_uint8)."""
         a = image
+        if self.spec.style == INPUT_OFFICIAL:
+            return official_input(to_rgb_uint8(a, bgr), out, self.spec)
         native_ok = (isinstance(a, np.ndarray) and a.dtype == np.uint8
                      and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))))
         if not native_ok:
             a, bgr = to_rgb_uint8(image, bgr), False
-        info = letterbox(a, self.buffer[0], self.mean, self.std, bgr, self.use_native)
-        return self.buffer, info
+        return letterbox(a, out, self.mean, self.std, bgr, self.use_native)
+
+    def __call__(self, image: Any, bgr: bool = False) -> tuple[np.ndarray, LetterboxInfo]:
+        """``image`` (array or PIL; see to_rgb_uint8) -> (buffer, info). ``bgr``: OpenCV frames."""
+        return self.buffer, self.run(image, self.buffer[0], bgr)

@@ -1,0 +1,101 @@
+"""The official FIBER/GLIP fine inference semantics in the torch-free runtime, against golden/fine.
+
+tests/data/golden/fine/README.md: §4 A (input), E3/E4 (anchors, box coder), §5 (post-processing),
+§7 (tolerances). The detector graph's outputs are rebuilt here from the golden head tensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from common.package import (OFFICIAL_BGR255_MEAN, OFFICIAL_BGR255_STD, InputSpec, PackageError,
+                            PostprocessSpec, ResizeRule)
+from runtime.preprocess import Preprocessor, canvas_resize_hw, official_resize_hw
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "fine"
+CANVAS = (224, 288)
+SPEC = InputSpec(CANVAS, "BGR", 255.0, OFFICIAL_BGR255_MEAN, OFFICIAL_BGR255_STD, ResizeRule(192, 288))
+
+
+@pytest.fixture(scope="module")
+def io() -> dict[str, np.ndarray]:
+    return load_file(str(GOLDEN / "fiber_fine_small_io.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input (§4 A)
+
+def test_official_input_reproduces_the_golden_batch_bit_exactly(io):
+    pre = Preprocessor.from_manifest({"input": SPEC.to_json()})
+    assert pre.buffer.shape == (1, 3, *CANVAS) and pre.spec == SPEC
+    for i in range(2):
+        raw = io[f"input.image{i}_rgb_uint8"]
+        out, info = pre(raw)
+        assert [info.new_h, info.new_w] == io["input.image_sizes_hw"][i].tolist()
+        assert [info.src_h, info.src_w] == io["input.orig_sizes_hw"][i].tolist()
+        np.testing.assert_array_equal(out[0], io["input.images"][i])  # README: bit-exact
+        # OpenCV frames (BGR) and PIL images give the same tensor
+        np.testing.assert_array_equal(pre(np.ascontiguousarray(raw[:, :, ::-1]), bgr=True)[0][0],
+                                      io["input.images"][i])
+
+
+@pytest.mark.parametrize("hw,rule,want", [
+    ((480, 640), (800, 1333), (800, 1066)),     # shorter side to 800, int() truncates
+    ((1080, 1920), (800, 1333), (750, 1333)),   # long side capped: s = round(1333*1080/1920)
+    ((800, 600), (800, 1333), (1066, 800)),
+    ((600, 600), (800, 1333), (800, 800)),
+    ((192, 278), (192, 288), (192, 278)),       # already there: kept
+    ((200, 290), (192, 288), (192, 278)),       # golden image 0
+    ((256, 232), (192, 288), (211, 192)),       # golden image 1
+    ((1, 1000), (192, 288), (1, 1000)),         # s would round to 0: at least 1
+])
+def test_official_resize_rule(hw, rule, want):
+    assert official_resize_hw(*hw, ResizeRule(*rule)) == want
+
+
+def test_an_image_that_does_not_fit_the_canvas_is_scaled_down_to_fit():
+    # 300 x 200 portrait: the rule gives 288 x 192, taller than the 224-row canvas
+    assert official_resize_hw(300, 200, SPEC.resize) == (288, 192)
+    assert canvas_resize_hw(300, 200, SPEC) == (224, 149)     # f = 224/300, aspect kept
+    assert canvas_resize_hw(200, 290, SPEC) == (192, 278)     # fits: the official size
+    assert canvas_resize_hw(1, 1000, SPEC) == (1, 288)
+    pre = Preprocessor.from_spec(SPEC)
+    out, info = pre(np.full((300, 200, 3), 200, np.uint8))
+    assert (info.new_h, info.new_w, info.src_h, info.src_w) == (224, 149, 300, 200)
+    assert np.all(out[0, :, :, 149:] == 0) and np.all(out[0, :, :224, :149] != 0)
+
+
+def test_input_spec_round_trips_and_old_manifests_mean_the_letterbox():
+    assert InputSpec.from_manifest({"input": SPEC.to_json()}) == SPEC
+    old = {"size": [256, 256], "channel_order": "RGB", "mean": [0.485, 0.456, 0.406],
+           "std": [0.229, 0.224, 0.225], "letterbox": "top-left", "pad_value": 0.0}
+    spec = InputSpec.from_manifest({"input": old})
+    assert spec.style == "letterbox" and spec.to_json() == old
+    pre = Preprocessor.from_manifest({"input": old})
+    assert pre.size == 256 and pre.canvas_hw == (256, 256) and pre.spec == spec
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"size": [224, 300]}, "not a multiple of 32"),
+    ({"channel_order": "BRG"}, "channel_order"),
+    ({"resize": {"rule": "min-max", "min_size": 300, "max_size": 288}}, "min_size <= max_size"),
+    ({"resize": {"rule": "longest-side"}}, "min-max"),
+    ({"resize": None, "size": [224, 288]}, "must be square"),
+    ({"mean": [1, 2]}, "3 numbers"),
+])
+def test_bad_input_specs_are_package_errors(change, match):
+    with pytest.raises(PackageError, match=match):
+        InputSpec.from_manifest({"input": {**SPEC.to_json(), **change}})
+
+
+def test_postprocess_spec_defaults_and_official():
+    assert PostprocessSpec.from_manifest({}) == PostprocessSpec()
+    official = PostprocessSpec("official", 0.05, 0.6, 40, 25, (1008, 252, 63, 20, 6))
+    assert PostprocessSpec.from_manifest({"postprocess": official.to_json()}) == official
+    with pytest.raises(PackageError, match="level_sizes"):
+        PostprocessSpec.from_manifest({"postprocess": {"style": "official"}})
+    with pytest.raises(PackageError, match="style"):
+        PostprocessSpec.from_manifest({"postprocess": {"style": "glip"}})
