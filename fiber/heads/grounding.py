@@ -170,8 +170,7 @@ class GroundingHead(nn.Module):
             sizes.append((x.shape[-2], x.shape[-1]))
         box_deltas = torch.cat(deltas, dim=1)
         regions = torch.cat(regions, dim=1)                                         # [B, N, P]
-        logits = torch.matmul(regions, tokens.transpose(1, 2)) / self.log_scale.exp() + token_bias[:, None, :]
-        logits = logits.clamp(min=-LOGIT_CLAMP, max=LOGIT_CLAMP)                    # [B, N, T]
+        logits = alignment_logits(regions, tokens, token_bias, self.log_scale)      # [B, N, T]
         anchors = make_anchors(sizes, self.strides, self.anchor_scale, box_deltas.device, box_deltas.dtype)
         return GroundingOutput(
             box_deltas=box_deltas,
@@ -184,10 +183,25 @@ class GroundingHead(nn.Module):
 
     def project_text(self, text: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused text ``[B, T, D]`` -> projected tokens ``[B, T, P]`` and per-token bias ``[B, T]``."""
-        embedded = text * attention_mask.unsqueeze(-1).to(text.dtype)
-        e = F.normalize(embedded, p=2, dim=-1)
-        tokens = self.dot_product_projection_text(e / 2.0)
-        return tokens, torch.matmul(e, self.bias_lang) + self.bias0
+        return project_text(text, attention_mask, self.dot_product_projection_text, self.bias_lang, self.bias0)
+
+
+def project_text(text: torch.Tensor, attention_mask: torch.Tensor, projection: nn.Module,
+                 bias_lang: torch.Tensor, bias0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLIP's token side of the alignment: ``e = normalize(text * mask)`` (a zero row stays 0),
+    tokens ``projection(e / 2)`` ``[B, T, P]`` and per-token bias ``e . bias_lang + bias0`` ``[B, T]``."""
+    embedded = text * attention_mask.unsqueeze(-1).to(text.dtype)
+    e = F.normalize(embedded, p=2, dim=-1)
+    tokens = projection(e / 2.0)
+    return tokens, torch.matmul(e, bias_lang) + bias0
+
+
+def alignment_logits(regions: torch.Tensor, tokens: torch.Tensor, token_bias: torch.Tensor,
+                     log_scale: torch.Tensor, clamp: float = LOGIT_CLAMP) -> torch.Tensor:
+    """``<region, token> / exp(log_scale) + token_bias``, clamped to +-``clamp``:
+    regions ``[B, N, P]``, tokens ``[B, T, P]``, token_bias ``[B, T]`` -> ``[B, N, T]``."""
+    logits = torch.matmul(regions, tokens.transpose(1, 2)) / log_scale.exp() + token_bias[:, None, :]
+    return logits.clamp(min=-clamp, max=clamp)
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
