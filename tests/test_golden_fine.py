@@ -105,3 +105,77 @@ def test_fpn_shapes_and_padded_grids(run):
     # blocks); FPN levels 28x36 .. 2x3 (1349 anchors per image)
     assert [tuple(run[f"fpn.{n}"].shape[-2:]) for n in LEVELS] == [(28, 36), (14, 18), (7, 9), (4, 5), (2, 3)]
     assert sum(h * w for h, w in (run[f"fpn.{n}"].shape[-2:] for n in LEVELS)) == 1349
+
+
+# -- the switches themselves (no golden file) ------------------------------------------------
+def _pair(window_rule: str):
+    """fiber-tiny-test (64 px, grids 16/8/4/2, window 2) under ``window_rule``, same weights."""
+    import dataclasses
+
+    from fiber.backbone import build_backbone
+
+    base = get_config("fiber-tiny-test")
+    cfg = base.replace(name=f"tiny-{window_rule}", swin=dataclasses.replace(base.swin, window_rule=window_rule))
+    torch.manual_seed(0)
+    return build_backbone(cfg).eval()
+
+
+def test_fixed_pad_is_the_coarse_rule_where_grids_fit_the_windows():
+    coarse, fixed = _pair("coarse"), _pair("fixed-pad")
+    fixed.load_state_dict(coarse.state_dict())
+    fixed.set_gates(0.5), coarse.set_gates(0.5)
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 3, 64, 64, generator=g)
+    ids, mask = torch.randint(5, 100, (2, 6), generator=g), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        a, b = coarse(image, ids, mask), fixed(image, ids, mask)
+    # stages 1-3: grids 16/8/4 are multiples of window 2 and both rules shift odd blocks by 1
+    for s in range(3):
+        torch.testing.assert_close(b.image_stages[s], a.image_stages[s], atol=1e-6, rtol=1e-6)
+    # stage 4 (2 x 2 = one window): the coarse rule does not shift, the fine rule shifts with a mask
+    assert (b.image_stages[3] - a.image_stages[3]).abs().max() > 1e-3
+    assert coarse.image.layers[3].blocks[1].shift == 0 and fixed.image.layers[3].blocks[1].shift == 1
+
+
+def test_fixed_pad_takes_any_size_and_pads_like_the_official_code():
+    fixed = _pair("fixed-pad")
+    image = torch.randn(1, 3, 50, 38)  # not a multiple of the patch: 13 x 10 tokens, odd merges
+    with torch.no_grad():
+        maps = fixed.forward_image(image)
+        # a zero-padded bottom/right border up to the next multiple of 4 is what PatchEmbed adds
+        padded = fixed.forward_image(torch.nn.functional.pad(image, (0, 2, 0, 2)))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(13, 10), (7, 5), (4, 3), (2, 2)]
+    for m, p in zip(maps, padded):
+        torch.testing.assert_close(m, p)
+    with pytest.raises(ValueError, match=r"image must be \[B, 3, H, W\]"):
+        fixed.forward_image(torch.zeros(1, 1, 32, 32))
+
+
+def test_configs_saved_before_the_new_fields_still_load():
+    from fiber.config import ModelConfig, list_configs
+
+    for name in list_configs():
+        d = get_config(name).to_dict()
+        if (d["swin"]["window_rule"], d["fusion"]["t2i_norm"], d["head"]["use_p7"]) != ("coarse", True, False):
+            continue  # only the configs that existed before the fields
+        del d["swin"]["window_rule"], d["fusion"]["t2i_norm"], d["head"]["use_p7"]
+        assert ModelConfig.from_dict(d) == get_config(name)
+    bad = get_config("fiber-golden-fine").to_dict()
+    bad["swin"]["window_rule"] = "fixed"
+    with pytest.raises(ValueError, match="window_rule must be one of coarse, fixed-pad"):
+        ModelConfig.from_dict(bad)
+
+
+def test_fiber_b_fine_backbone_and_fpn_have_the_official_release_layout():
+    from official_fine_layout import official_fine_shapes
+
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in FiberForGrounding(get_config("fiber-b-fine")).state_dict().items()
+                if k.startswith(("backbone.", "fpn."))}
+    prefixes = {k: v for k, v in LAYOUT_PREFIXES["fine"].items() if v.startswith(("backbone.", "fpn."))}
+    official = {}
+    for key, shape in official_fine_shapes(version="v2", with_index=False).items():
+        for prefix, mapped in prefixes.items():
+            if key.startswith(prefix) and not key.endswith("position_ids"):
+                official[mapped + key[len(prefix):]] = shape
+    assert ours == official
