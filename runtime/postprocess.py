@@ -96,6 +96,45 @@ def nms_ref(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
     return np.asarray(keep, np.int64)
 
 
+def _iou_plus1(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """float32 IoU of one box with [M, 4] boxes, +1 convention, as the official CUDA devIoU."""
+    one, zero = np.float32(1), np.float32(0)
+    left, right = np.fmax(box[0], boxes[:, 0]), np.fmin(box[2], boxes[:, 2])
+    top, bottom = np.fmax(box[1], boxes[:, 1]), np.fmin(box[3], boxes[:, 3])
+    inter = np.fmax(right - left + one, zero) * np.fmax(bottom - top + one, zero)
+    sa = (box[2] - box[0] + one) * (box[3] - box[1] + one)
+    sb = (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return inter / (sa + sb - inter)
+
+
+def ml_nms_ref(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray | None,
+               iou_threshold: float) -> np.ndarray:
+    """numpy twin of ``runtime._native.ml_nms``: the official multi-label NMS.
+
+    Greedy by score descending (ties: lower index first); a box is dropped when a kept,
+    higher-ranked box of the same label (all one label when ``labels`` is None) has +1-convention
+    float32 IoU > iou_threshold. int64 kept indices in ascending index order (the official order).
+    """
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    thr = np.float32(iou_threshold)
+    order = _order_desc(scores)
+    dead = np.zeros(len(order), bool)
+    keep = []
+    for pos, i in enumerate(order):
+        if dead[i]:
+            continue
+        keep.append(i)
+        rest = order[pos + 1:]
+        hit = _iou_plus1(b[i], b[rest]) > thr
+        if labels is not None:
+            hit &= labels[rest] == labels[i]
+        dead[rest[hit]] = True
+    return np.sort(np.asarray(keep, np.int64))
+
+
 def decode_boxes_ref(boxes: np.ndarray, scale: float, src_w: int, src_h: int) -> np.ndarray:
     """xyxy float32 [N, 4] network-input pixels -> source pixels: / scale, clipped, NaN -> 0."""
     if not (scale > 0 and np.isfinite(scale)) or src_w < 1 or src_h < 1:
@@ -133,6 +172,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
         return native.nms(_f32(boxes), _f32(scores), iou_threshold)
     return native.nms_per_class(_f32(boxes), _f32(scores),
                                 np.ascontiguousarray(classes, np.int64), iou_threshold)
+
+
+def ml_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray | None,
+           iou_threshold: float, use_native: bool = True) -> np.ndarray:
+    """See ml_nms_ref; int64 kept indices, ascending."""
+    native = load_native() if use_native else None
+    if native is None:
+        return ml_nms_ref(boxes, scores, labels, iou_threshold)
+    lab = None if labels is None else np.ascontiguousarray(labels, np.int64)
+    return native.ml_nms(_f32(boxes).reshape(-1, 4), _f32(scores), lab, iou_threshold)
 
 
 def topk(scores: np.ndarray, k: int, use_native: bool = True) -> np.ndarray:
@@ -268,3 +317,107 @@ def _first_per_class(classes: np.ndarray, per_class: int) -> np.ndarray:
     rank = np.empty(len(classes), np.int64)
     rank[order] = np.arange(len(classes)) - starts
     return rank < per_class
+
+
+# ---------------------------------------------------------------------------------------------
+# The official FIBER/GLIP fine post-processing (ATSSPostProcessor, eval mode)
+
+def official_candidates(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
+                        phrase_map: np.ndarray, level_sizes: Sequence[int], info: LetterboxInfo,
+                        threshold: float = 0.05, pre_nms_top_k: int = 1000,
+                        use_native: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidates that reach the official multi-label NMS (golden/fine README §5, 1-5).
+
+    boxes float32 [N, 4] decoded xyxy canvas pixels (official box coder), token_logits [N, T],
+    centerness [N] logits, all levels concatenated (``level_sizes`` anchors per level, row-major
+    within a level); phrase_map [P, T] 0/1. Per level: score[a, p] = mean over p's tokens of
+    sigmoid(logit); (anchor, phrase) pairs with score > threshold (before centerness); at most
+    ``pre_nms_top_k`` of them, the largest score x sigmoid(centerness); final score
+    sqrt(score x sigmoid(centerness)); boxes clipped to [0, new_w - 1] x [0, new_h - 1] of the
+    resized image (``info``). Returns (boxes float32 [M, 4] resized-image pixels, scores float32
+    [M], phrase int64 [M], 0-based), levels in order, each level's by score descending.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    logits = np.asarray(token_logits, np.float32)
+    ctr = np.asarray(centerness, np.float32).reshape(-1)
+    pm = np.asarray(phrase_map)
+    n = len(boxes)
+    if logits.ndim != 2 or pm.ndim != 2 or len(logits) != n or len(ctr) != n \
+            or pm.shape[1] != logits.shape[1]:
+        raise ValueError(f"need boxes [N, 4], token_logits [N, T], centerness [N], phrase_map "
+                         f"[P, T]; got {list(boxes.shape)}, {list(logits.shape)}, "
+                         f"{list(ctr.shape)}, {list(pm.shape)}")
+    if sum(level_sizes) != n or any(k < 1 for k in level_sizes):
+        raise ValueError(f"level_sizes {list(level_sizes)} do not add up to the {n} anchors")
+    if pre_nms_top_k < 1:
+        raise ValueError(f"pre_nms_top_k must be >= 1, got {pre_nms_top_k}")
+    num_phrases = pm.shape[0]
+    mean = np.zeros((n, num_phrases), np.float32)
+    for p in range(num_phrases):  # the mean of probabilities, not of logits
+        tokens = np.flatnonzero(pm[p] > 0)
+        if len(tokens):
+            mean[:, p] = _sigmoid(logits[:, tokens]).mean(axis=1, dtype=np.float32)
+    ctr = _sigmoid(ctr)
+    hi = np.array([info.new_w - 1, info.new_h - 1] * 2, np.float32)
+    out_boxes, out_scores, out_labels = [], [], []
+    start = 0
+    for size in level_sizes:
+        flat = mean[start:start + size].ravel()
+        cand = np.flatnonzero(flat > threshold)  # (anchor, phrase) row-major, as nonzero()
+        anchor, label = (cand // num_phrases, cand % num_phrases) if num_phrases else (cand, cand)
+        score = flat[cand] * ctr[start + anchor]
+        if len(cand) > pre_nms_top_k:
+            sel = topk(score, pre_nms_top_k, use_native)
+            anchor, label, score = anchor[sel], label[sel], score[sel]
+        else:
+            sel = _order_desc(score)
+            anchor, label, score = anchor[sel], label[sel], score[sel]
+        out_boxes.append(np.clip(boxes[start + anchor], np.float32(0), hi))
+        out_scores.append(np.sqrt(score))
+        out_labels.append(label.astype(np.int64))
+        start += size
+    return (np.concatenate(out_boxes).astype(np.float32).reshape(-1, 4),
+            np.concatenate(out_scores).astype(np.float32), np.concatenate(out_labels))
+
+
+def postprocess_official(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
+                         phrase_map: np.ndarray, level_sizes: Sequence[int], info: LetterboxInfo,
+                         threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_iou: float = 0.6,
+                         max_detections: int = 100, use_native: bool = True,
+                         phrases: Sequence[str] | None = None, min_per_phrase: int = 0,
+                         per_phrase: int = 0, one_label_per_box: bool = False) -> Detections:
+    """The detector outputs of ONE image -> Detections in source pixels, the official way.
+
+    official_candidates, then the multi-label NMS (ml_nms: same phrase only, +1 IoU >
+    ``nms_iou``), then the official cut: when more than ``max_detections`` survive, those with
+    score >= the k-th smallest survivor score, k = n - max_detections + 1 (ties could keep
+    more). Boxes go from resized-image to source pixels as the official ``BoxList.resize``:
+    x * src_w / new_w, y * src_h / new_h (``info`` from the official Preprocessor). The result is
+    best first (the official order is the concatenation order; only the set is the contract).
+
+    Options beyond the official eval, as ``postprocess`` has them: ``per_phrase`` K > 0 keeps each
+    phrase's best K after NMS instead of the cut; ``min_per_phrase`` keeps each phrase's best
+    max(min_per_phrase, max_detections // P); ``one_label_per_box`` runs the NMS across phrases.
+    """
+    num_phrases = np.asarray(phrase_map).shape[0] if np.ndim(phrase_map) == 2 else -1
+    names = tuple(str(p) for p in range(max(num_phrases, 0))) if phrases is None else tuple(phrases)
+    if len(names) != num_phrases:
+        raise ValueError(f"{len(names)} phrase names for a phrase_map of {num_phrases} rows")
+    if max_detections < 1 or per_phrase < 0 or min_per_phrase < 0:
+        raise ValueError(f"max_detections must be >= 1 and per_phrase, min_per_phrase >= 0, got "
+                         f"{max_detections}, {per_phrase}, {min_per_phrase}")
+    cb, cs, cl = official_candidates(boxes, token_logits, centerness, phrase_map, level_sizes,
+                                     info, threshold, pre_nms_top_k, use_native)
+    keep = ml_nms(cb, cs, None if one_label_per_box else cl, nms_iou, use_native)
+    if per_phrase > 0 or min_per_phrase > 0:
+        keep = keep[_order_desc(cs[keep])]
+        k = per_phrase if per_phrase > 0 else max(min_per_phrase, max_detections // max(1, num_phrases))
+        keep = keep[_first_per_class(cl[keep], k)]
+    else:
+        if len(keep) > max_detections:
+            kept_scores = cs[keep]
+            kth = np.partition(kept_scores, len(keep) - max_detections)[len(keep) - max_detections]
+            keep = keep[kept_scores >= kth]
+        keep = keep[_order_desc(cs[keep])]
+    ratio = np.array([info.src_w / info.new_w, info.src_h / info.new_h] * 2, np.float32)
+    return Detections(cb[keep] * ratio, cs[keep], cl[keep].astype(np.int32), names)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from common.package import IMAGENET_MEAN, IMAGENET_STD
 from runtime import _native
-from runtime.postprocess import decode_boxes_ref, nms_ref, phrase_scores_ref, topk_ref
+from runtime.postprocess import (decode_boxes_ref, ml_nms_ref, nms_ref, phrase_scores_ref,
+                                 topk_ref)
 from runtime.preprocess import letterbox_ref
 
 if not hasattr(_native, "letterbox"):  # only the source folder imported: the .so is missing
@@ -186,6 +187,48 @@ def test_nms_nan_scores_go_last_and_nan_boxes_never_suppress():
     np.testing.assert_array_equal(nms_ref(boxes, scores, 0.5), [2, 1])
 
 
+def _iou_plus1_f32(a, b):
+    """The official CUDA devIoU, scalar by scalar in float32 (+1 pixel convention)."""
+    a, b, one = [np.float32(v) for v in a], [np.float32(v) for v in b], np.float32(1)
+    w = max(min(a[2], b[2]) - max(a[0], b[0]) + one, np.float32(0))
+    h = max(min(a[3], b[3]) - max(a[1], b[1]) + one, np.float32(0))
+    sa = (a[2] - a[0] + one) * (a[3] - a[1] + one)
+    sb = (b[2] - b[0] + one) * (b[3] - b[1] + one)
+    return w * h / (sa + sb - w * h)
+
+
+@FEW
+@given(det=detections(), thr=st.sampled_from([0.0, 0.3, 0.5, 0.6, 1.0]),
+       jitter=st.booleans(), agnostic=st.booleans())
+def test_ml_nms_matches_reference_and_definition(det, thr, jitter, agnostic):
+    boxes, scores, classes = det
+    if jitter:  # off-grid coordinates too
+        boxes = boxes + np.random.default_rng(len(boxes)).uniform(-1, 1, boxes.shape).astype(F)
+    labels = None if agnostic else classes
+    keep = _native.ml_nms(boxes, scores, labels, thr)
+    assert keep.dtype == np.int64 and np.all(np.diff(keep) > 0)  # ascending index order
+    np.testing.assert_array_equal(keep, ml_nms_ref(boxes, scores, labels, thr))
+    rank = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    pos = {i: r for r, i in enumerate(rank)}
+    same = [0] * len(scores) if agnostic else classes.tolist()
+    thr32 = np.float32(thr)
+    for i in range(len(scores)):  # greedy: kept iff no kept, better box of its label overlaps
+        rivals = [k for k in keep if k != i and same[k] == same[i] and pos[k] < pos[i]]
+        suppressed = any(_iou_plus1_f32(boxes[k], boxes[i]) > thr32 for k in rivals)
+        assert (i in set(keep.tolist())) == (not suppressed), i
+
+
+def test_ml_nms_uses_the_plus_one_iou_and_labels():
+    # +1 IoU 4/6 = 0.67 > 0.6 (the continuous IoU would be 0.5); the third box has another label
+    boxes = np.array([[0, 0, 1, 2], [0, 0, 1, 1], [0, 0, 1, 1]], F)
+    scores = np.array([0.5, 0.9, 0.7], F)
+    for fn in (_native.ml_nms, ml_nms_ref):
+        np.testing.assert_array_equal(fn(boxes, scores, np.array([3, 3, 4]), 0.6), [1, 2])
+        np.testing.assert_array_equal(fn(boxes, scores, None, 0.6), [1])
+        np.testing.assert_array_equal(fn(boxes, scores, np.array([3, 3, 4]), 0.7), [0, 1, 2])
+    assert _native.nms(boxes, scores, 0.6).tolist() == [1, 0]  # plain nms: continuous IoU
+
+
 @FEW
 @given(n=st.integers(0, 50), k=st.integers(0, 60), seed=st.integers(0, 2**32 - 1))
 def test_topk_matches_reference_and_sorted(n, k, seed):
@@ -232,6 +275,12 @@ F = np.float32
     (lambda: _native.nms([[0, 0, 1, 1]], np.zeros(1, F), 0.5), TypeError, "buffer protocol"),
     (lambda: _native.nms_per_class(np.zeros((2, 4), F), np.zeros(2, F), np.zeros(2, F), 0.5),
      TypeError, "classes must be int32 or int64"),
+    (lambda: _native.ml_nms(np.zeros((2, 4), F), np.zeros(2, F), np.zeros(2, F), 0.5),
+     TypeError, "classes must be int32 or int64"),
+    (lambda: _native.ml_nms(np.zeros((2, 4), F), np.zeros(3, F), None, 0.5), ValueError,
+     "shapes disagree"),
+    (lambda: _native.ml_nms(np.zeros((2, 4), F), np.zeros(2, F), None, -0.1), ValueError,
+     r"\[0, 1\]"),
     (lambda: _native.topk(np.zeros((2, 2), F), 1), ValueError, "1 dimension"),
     (lambda: _native.topk(np.zeros(2, F), -1), ValueError, "k must be"),
     (lambda: _native.phrase_scores(np.zeros((2, 3), F), np.zeros(2, F), np.zeros((1, 4), F)),
@@ -270,6 +319,9 @@ def test_empty_inputs():
     e4, e1 = np.zeros((0, 4), F), np.zeros(0, F)
     assert _native.nms(e4, e1, 0.5).shape == (0,)
     assert _native.nms_per_class(e4, e1, np.zeros(0, np.int64), 0.5).shape == (0,)
+    assert _native.ml_nms(e4, e1, np.zeros(0, np.int64), 0.5).shape == (0,)
+    assert _native.ml_nms(e4, e1, None, 0.5).shape == (0,)
+    assert ml_nms_ref(e4, e1, None, 0.5).shape == (0,)
     assert _native.topk(e1, 5).shape == (0,)
     assert _native.decode_boxes(e4, 2.0, 10, 10).shape == (0, 4)
     assert _native.phrase_scores(np.zeros((0, 5), F), e1, np.ones((3, 5), F)).shape == (0, 3)

@@ -13,7 +13,9 @@ from safetensors.numpy import load_file
 
 from common.package import (OFFICIAL_BGR255_MEAN, OFFICIAL_BGR255_STD, InputSpec, PackageError,
                             PostprocessSpec, ResizeRule)
+from runtime.postprocess import official_candidates, postprocess_official
 from runtime.preprocess import Preprocessor, canvas_resize_hw, official_resize_hw
+from runtime.types import LetterboxInfo
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "fine"
 CANVAS = (224, 288)
@@ -99,3 +101,91 @@ def test_postprocess_spec_defaults_and_official():
         PostprocessSpec.from_manifest({"postprocess": {"style": "official"}})
     with pytest.raises(PackageError, match="style"):
         PostprocessSpec.from_manifest({"postprocess": {"style": "glip"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing (§5) on detector-graph outputs rebuilt from the golden head tensors
+
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
+
+
+def decode_official(reg: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """The official ATSS box coder's decode (README E4), float32: reg, anchors [N, 4]."""
+    reg, anchors = reg.astype(np.float32), anchors.astype(np.float32)
+    w = anchors[:, 2] - anchors[:, 0] + 1
+    h = anchors[:, 3] - anchors[:, 1] + 1
+    cx = (anchors[:, 2] + anchors[:, 0]) / 2
+    cy = (anchors[:, 3] + anchors[:, 1]) / 2
+    clip = np.float32(np.log(1000.0 / 16))
+    dx, dy = reg[:, 0] / np.float32(10), reg[:, 1] / np.float32(10)
+    dw = np.minimum(reg[:, 2] / np.float32(5), clip)
+    dh = np.minimum(reg[:, 3] / np.float32(5), clip)
+    pcx, pcy = dx * w + cx, dy * h + cy
+    pw, ph = np.exp(dw) * w, np.exp(dh) * h
+    half = np.float32(0.5)
+    return np.stack([pcx - half * (pw - 1), pcy - half * (ph - 1),
+                     pcx + half * (pw - 1), pcy + half * (ph - 1)], axis=1)
+
+
+def graph_outputs(io, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """What the detector graph gives for image i: boxes [N, 4], token_logits [N, T], centerness [N]."""
+    boxes, logits, ctr, sizes = [], [], [], []
+    for lv in LEVELS:
+        reg = io[f"head.box_regression.{lv}"][i]                 # [4, H, W]
+        reg = reg.transpose(1, 2, 0).reshape(-1, 4)              # [HW, 4] row-major (y, x)
+        boxes.append(decode_official(reg, io[f"anchors.{lv}"]))
+        logits.append(io[f"head.dot_product_logits.{lv}"][i])    # [HW, T]
+        ctr.append(io[f"head.centerness.{lv}"][i].reshape(-1))   # [HW]
+        sizes.append(len(reg))
+    return np.concatenate(boxes), np.concatenate(logits), np.concatenate(ctr), sizes
+
+
+def image_info(io, i: int) -> LetterboxInfo:
+    (nh, nw), (h, w) = io["input.image_sizes_hw"][i].tolist(), io["input.orig_sizes_hw"][i].tolist()
+    return LetterboxInfo(nw / w, nw, nh, w, h)
+
+
+def by_score(boxes, scores, labels):
+    order = np.lexsort((labels, -scores))  # score desc, then label
+    return boxes[order], scores[order], labels[order]
+
+
+GOLDEN_POST = dict(threshold=0.05, pre_nms_top_k=40)  # README §1: PRE_NMS_TOP_N 40
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("i", [0, 1])
+def test_official_candidates_match_the_golden_nms_input(io, i, use_native):
+    boxes, logits, ctr, sizes = graph_outputs(io, i)
+    assert sizes == [1008, 252, 63, 20, 6]
+    pm = io[f"input.phrase_token_map.caption{i}"]
+    cb, cs, cl = official_candidates(boxes, logits, ctr, pm, sizes, image_info(io, i),
+                                     **GOLDEN_POST, use_native=use_native)
+    want = by_score(io[f"det.img{i}.prenms_boxes_resized"], io[f"det.img{i}.prenms_scores"],
+                    io[f"det.img{i}.prenms_labels"].astype(np.int64) - 1)
+    got = by_score(cb, cs, cl)
+    assert len(cs) == (113, 102)[i]
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("i", [0, 1])
+def test_official_postprocess_matches_the_golden_detections(io, i, use_native):
+    boxes, logits, ctr, sizes = graph_outputs(io, i)
+    pm = io[f"input.phrase_token_map.caption{i}"]
+    info = image_info(io, i)
+    dets = postprocess_official(boxes, logits, ctr, pm, sizes, info, **GOLDEN_POST, nms_iou=0.6,
+                                max_detections=25, use_native=use_native)
+    assert len(dets) == 25 and np.all(np.diff(dets.scores) <= 0)  # 26 survive the NMS, 25 kept
+    labels = io[f"det.img{i}.labels"].astype(np.int64) - 1
+    want = by_score(io[f"det.img{i}.boxes_orig"], io[f"det.img{i}.scores"], labels)
+    got = by_score(dets.boxes, dets.scores, dets.phrase_index.astype(np.int64))
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3)
+    # the same set in resized-image pixels
+    resized = by_score(io[f"det.img{i}.boxes_resized"], io[f"det.img{i}.scores"], labels)[0]
+    scale = np.array([info.new_w / info.src_w, info.new_h / info.src_h] * 2, np.float32)
+    np.testing.assert_allclose(got[0] * scale, resized, rtol=0, atol=1e-3)

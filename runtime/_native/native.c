@@ -579,10 +579,25 @@ static inline double iou(const float *a, const float *b, double area_a, double a
     return uni > 0.0 ? inter / uni : 0.0;
 }
 
-/* Greedy NMS; classes may be NULL (one class). Writes kept indices, returns their count. */
-static Py_ssize_t run_nms(const float *boxes, const float *scores, const int64_t *classes,
-                          Py_ssize_t n, double thr, int64_t *keep)
+/* IoU with the +1 pixel convention of maskrcnn_benchmark's CUDA nms / ml_nms kernels (devIoU),
+   in float as there; fmaxf/fminf as CUDA's max/min on floats (a NaN operand gives the other). */
+static inline float iou_plus1(const float *a, const float *b)
 {
+    float left = fmaxf(a[0], b[0]), right = fminf(a[2], b[2]);
+    float top = fmaxf(a[1], b[1]), bottom = fminf(a[3], b[3]);
+    float width = fmaxf(right - left + 1.0f, 0.0f), height = fmaxf(bottom - top + 1.0f, 0.0f);
+    float inter = width * height;
+    float sa = (a[2] - a[0] + 1.0f) * (a[3] - a[1] + 1.0f);
+    float sb = (b[2] - b[0] + 1.0f) * (b[3] - b[1] + 1.0f);
+    return inter / (sa + sb - inter);
+}
+
+/* Greedy NMS; classes may be NULL (one class). Writes kept indices, returns their count.
+   plus1: the official +1 IoU in float (iou_plus1) instead of the continuous IoU in double. */
+static Py_ssize_t run_nms(const float *boxes, const float *scores, const int64_t *classes,
+                          Py_ssize_t n, double thr, int plus1, int64_t *keep)
+{
+    const float thr_f = (float)thr;
     int64_t *order = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
     double *area = (double *)malloc((size_t)(n + 1) * sizeof(double));
     char *dead = (char *)calloc((size_t)(n + 1), 1);
@@ -603,7 +618,8 @@ static Py_ssize_t run_nms(const float *boxes, const float *scores, const int64_t
             int64_t j = order[b];
             if (dead[j] || (classes != NULL && classes[j] != classes[i]))
                 continue;
-            if (iou(boxes + 4 * i, boxes + 4 * j, area[i], area[j]) > thr)
+            if (plus1 ? iou_plus1(boxes + 4 * i, boxes + 4 * j) > thr_f
+                      : iou(boxes + 4 * i, boxes + 4 * j, area[i], area[j]) > thr)
                 dead[j] = 1;
         }
     }
@@ -614,8 +630,8 @@ done:
     return kept;
 }
 
-/* Shared body of nms and nms_per_class. */
-static PyObject *nms_common(PyObject *bo, PyObject *so, PyObject *co, double thr)
+/* Shared body of nms, nms_per_class and ml_nms (plus1: +1 IoU, kept indices ascending). */
+static PyObject *nms_common(PyObject *bo, PyObject *so, PyObject *co, double thr, int plus1)
 {
     Py_buffer bx = {0}, sc = {0}, cl = {0}, kp = {0};
     PyObject *keep = NULL, *result = NULL;
@@ -654,7 +670,21 @@ static PyObject *nms_common(PyObject *bo, PyObject *so, PyObject *co, double thr
     }
     Py_ssize_t kept;
     Py_BEGIN_ALLOW_THREADS
-    kept = run_nms((const float *)bx.buf, (const float *)sc.buf, classes, n, thr, tmp);
+    kept = run_nms((const float *)bx.buf, (const float *)sc.buf, classes, n, thr, plus1, tmp);
+    if (plus1 && kept > 0) {  /* ascending index order, as the official ml_nms returns them */
+        char *mark = (char *)calloc((size_t)n, 1);
+        if (mark == NULL) {
+            kept = -1;
+        } else {
+            for (Py_ssize_t k = 0; k < kept; k++)
+                mark[tmp[k]] = 1;
+            Py_ssize_t m = 0;
+            for (Py_ssize_t i = 0; i < n; i++)
+                if (mark[i])
+                    tmp[m++] = i;
+            free(mark);
+        }
+    }
     Py_END_ALLOW_THREADS
     if (kept >= 0) {
         keep = new_array(1, &kept, "int64", &kp);
@@ -687,7 +717,7 @@ static PyObject *py_nms(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OOd:nms", &bo, &so, &thr))
         return NULL;
-    return nms_common(bo, so, NULL, thr);
+    return nms_common(bo, so, NULL, thr, 0);
 }
 
 PyDoc_STRVAR(nms_per_class_doc,
@@ -702,7 +732,26 @@ static PyObject *py_nms_per_class(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OOOd:nms_per_class", &bo, &so, &co, &thr))
         return NULL;
-    return nms_common(bo, so, co, thr);
+    return nms_common(bo, so, co, thr, 0);
+}
+
+PyDoc_STRVAR(ml_nms_doc,
+"ml_nms(boxes, scores, labels, iou_threshold) -> int64 [K]\n\n"
+"The official multi-label NMS (maskrcnn_benchmark _C.ml_nms, as FIBER/GLIP run it): greedy by\n"
+"score descending (ties: lower index first; NaN last); a box is dropped when a kept,\n"
+"higher-ranked box of the same label (labels int32/int64 [N], or None: all one label) has\n"
+"IoU > iou_threshold, the IoU with the +1 pixel convention in float32\n"
+"(w = min(x2) - max(x1) + 1, area = (x2 - x1 + 1)(y2 - y1 + 1)). Returns the kept indices in\n"
+"ascending index order (the official order), not by score.");
+
+static PyObject *py_ml_nms(PyObject *self, PyObject *args)
+{
+    PyObject *bo, *so, *co;
+    double thr;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOd:ml_nms", &bo, &so, &co, &thr))
+        return NULL;
+    return nms_common(bo, so, co == Py_None ? NULL : co, thr, 1);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -807,6 +856,7 @@ static PyMethodDef methods[] = {
     {"phrase_scores", py_phrase_scores, METH_VARARGS, phrase_scores_doc},
     {"nms", py_nms, METH_VARARGS, nms_doc},
     {"nms_per_class", py_nms_per_class, METH_VARARGS, nms_per_class_doc},
+    {"ml_nms", py_ml_nms, METH_VARARGS, ml_nms_doc},
     {"topk", py_topk, METH_VARARGS, topk_doc},
     {"decode_boxes", py_decode_boxes, METH_VARARGS, decode_boxes_doc},
     {NULL, NULL, 0, NULL},
