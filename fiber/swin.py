@@ -57,12 +57,16 @@ def relative_position_index(window: int) -> torch.Tensor:
 def shifted_window_mask(resolution: int | tuple[int, int], window: int, shift: int) -> torch.Tensor:
     """float32 [nW, N, N]: 0 within a region, -100 across regions of the cyclically shifted grid.
 
-    ``resolution``: the grid side, or (H, W) of a grid that is a multiple of ``window``."""
+    ``resolution``: the grid side, or (H, W) of a grid that is a multiple of ``window``. Regions
+    along each axis are the official slices ``[0, n - window)``, ``[n - window, n - shift)``,
+    ``[n - shift, n)``, labelled by arithmetic (no in-place indexing: it also traces to ONNX)."""
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-    img = torch.zeros(1, h, w, 1)
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for region, (hs, ws) in enumerate((hs, ws) for hs in bounds for ws in bounds):
-        img[:, hs, ws, :] = region
+
+    def region(n: int) -> torch.Tensor:
+        i = torch.arange(n)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    img = (region(h)[:, None] * 3 + region(w)[None, :]).float()[None, :, :, None]  # [1, H, W, 1]
     ids = window_partition(img, window).squeeze(-1)              # [nW, N]
     diff = ids[:, None, :] - ids[:, :, None]
     return torch.where(diff != 0, SHIFT_MASK_VALUE, 0.0)

@@ -179,3 +179,24 @@ def test_fiber_b_fine_backbone_and_fpn_have_the_official_release_layout():
             if key.startswith(prefix) and not key.endswith("position_ids"):
                 official[mapped + key[len(prefix):]] = shape
     assert ours == official
+
+
+def test_fixed_pad_swin_exports_to_onnx():
+    # the shift masks of padded grids (one-window stages included) trace to constants, not to
+    # in-place index_put ops the ONNX exporter cannot shape
+    import io
+
+    import onnxruntime as ort
+
+    from fiber.swin import _padded_grid_mask
+
+    fixed = _pair("fixed-pad")
+    image = torch.randn(1, 3, 50, 38, generator=torch.Generator().manual_seed(2))
+    _padded_grid_mask.cache_clear()  # the masks are built inside the trace
+    f = io.BytesIO()
+    torch.onnx.export(fixed.image, (image,), f, dynamo=False, opset_version=17, input_names=["image"])
+    got = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        want = fixed.forward_image(image)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, atol=1e-5, rtol=1e-5)
