@@ -127,11 +127,17 @@ class FusionConfig:
                                               # never applied); the fine layouts have no such tensor
 
 
+HEAD_KINDS = ("light", "dyhead")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
-    """Placeholder for the grounding head (owned by the head engineer; extend as needed)."""
+    """FPN + grounding head. ``kind``: "light" (plain conv tower, fiber.heads.grounding) or "dyhead"
+    (the official FIBER/GLIP DyHead, fiber.heads.dyhead, with the +1 box conventions and the
+    official ATSS post-processing limits below)."""
+    kind: str = "light"                       # "light" | "dyhead"
     fpn_channels: int = 256                   # FPN / head width (official 256)
-    num_convs: int = 6                        # head tower depth (official DyHead: 6)
+    num_convs: int = 6                        # head tower depth: conv blocks (light) / DyConv blocks (DyHead: 6)
     anchor_scale: float = 8.0                 # anchor side = anchor_scale * stride
     prior_prob: float = 0.01                  # initial foreground probability of the logits
     proj_dim: int = 256                       # token / region projection width
@@ -139,6 +145,28 @@ class HeadConfig:
     use_p7: bool = False                      # stride-128 level from ReLU(P6) (official LastLevelP6P7); needs use_p6
     gn_groups: int = 16                       # GroupNorm groups in the head tower (official 16)
     queue_size: int = 1024                    # ITC feature queue length (official 4096)
+    # DyHead only (the light head keeps log_scale 0 and the 5e4 clamp):
+    num_classes: int = 80                     # cls_logits outputs = official score columns (NUM_CLASSES - 1)
+    log_scale: float = 0.0                    # initial log_scale of the alignment logits (DYHEAD.LOG_SCALE)
+    logit_clamp: float = 50000.0              # alignment logits clamped to +- this (CLAMP_DOT_PRODUCT)
+    # Official ATSS post-processing (fiber.heads.atss; the runtime's "official" style):
+    inference_th: float = 0.05                # phrase score threshold, tested before centerness
+    pre_nms_top_n: int = 1000                 # most candidates per level before NMS
+    nms_th: float = 0.6                       # IoU of the multi-label NMS (same label only)
+    detections_per_img: int = 100             # detections kept per image
+
+    def validate(self) -> None:
+        _check(self.kind in HEAD_KINDS, f"head: kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
+        _check(self.fpn_channels % self.gn_groups == 0,
+               f"head: {self.fpn_channels} channels not divisible by {self.gn_groups} GroupNorm groups")
+        if self.kind == "dyhead":
+            _check(self.proj_dim == self.fpn_channels,
+                   f"head: the DyHead projects tokens to the tower width, proj_dim {self.proj_dim} "
+                   f"must equal fpn_channels {self.fpn_channels}")
+            _check(self.fpn_channels % 4 == 0, f"head: DyReLU needs fpn_channels divisible by 4, "
+                   f"got {self.fpn_channels}")
+        _check(0.0 <= self.inference_th < 1.0 and self.pre_nms_top_n >= 1 and self.detections_per_img >= 1
+               and 0.0 < self.nms_th <= 1.0, "head: post-processing limits out of range")
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.swin.validate()
         self.text.validate()
+        self.head.validate()
         k = self.fusion.num_fused_layers
         d34 = self.swin.depths[2] + self.swin.depths[3]
         _check(0 <= k <= d34, f"{self.name}: num_fused_layers {k} exceeds stage-3+4 depth {d34}")
@@ -305,7 +334,8 @@ register_config(ModelConfig(
                     window_size=12, window_rule="fixed-pad", drop_path_rate=0.4),
     text=_ROBERTA_BASE,
     fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=False, t2i_norm=False),
-    head=HeadConfig(fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, use_p7=True, queue_size=4096),
+    head=HeadConfig(kind="dyhead", fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, use_p7=True,
+                    queue_size=4096),
     max_text_len=256,  # official MAX_QUERY_LEN
 ))
 _FINE_VARIANTS["fiber-b"] = "fiber-b-fine"
@@ -320,7 +350,8 @@ register_config(ModelConfig(
                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=1,
                     pad_token_id=1, layer_norm_eps=1e-5, position_style="roberta", dropout=0.0),
     fusion=FusionConfig(num_fused_layers=6, i2t_prenorm=False, t2i_norm=False),
-    head=HeadConfig(fpn_channels=32, num_convs=6, proj_dim=32, use_p6=True, use_p7=True, gn_groups=16),
+    head=HeadConfig(kind="dyhead", fpn_channels=32, num_convs=6, proj_dim=32, use_p6=True, use_p7=True,
+                    gn_groups=16, num_classes=80, pre_nms_top_n=40, detections_per_img=25),
     max_text_len=16,  # MAX_QUERY_LEN of the golden run
 ))
 

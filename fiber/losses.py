@@ -181,13 +181,14 @@ def token_sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, attent
 
 @torch.no_grad()
 def atss_assign(anchors: torch.Tensor, level_sizes: Sequence[int], gt_boxes: torch.Tensor,
-                topk: int = 9) -> torch.Tensor:
+                topk: int = 9, pixel_offset: float = 0.0) -> torch.Tensor:
     """ATSS (Zhang et al. 2020) as GLIP implements it.
 
     Per gt box: the ``topk`` anchors per level closest by centre distance are candidates; those with
     IoU >= mean + std (unbiased) of the candidates' IoUs *and* whose centre lies inside the box
     (by more than 0.01 px) are positives; an anchor positive for several boxes goes to the box with
-    the highest IoU.
+    the highest IoU (the first such box on a tie). ``pixel_offset=1``: the official +1 IoU
+    (golden/fine README §6; the light head uses 0).
 
     Args: ``anchors`` ``[N, 4]`` xyxy; ``level_sizes`` anchors per level (sum N); ``gt_boxes`` ``[G, 4]``.
     Returns: ``[N]`` int64, the matched gt index or -1 (negative).
@@ -198,7 +199,7 @@ def atss_assign(anchors: torch.Tensor, level_sizes: Sequence[int], gt_boxes: tor
     if num_gt == 0:
         return torch.full((num_anchors,), -1, dtype=torch.long, device=anchors.device)
     anchors, gt_boxes = anchors.float(), gt_boxes.float()
-    ious = box_iou(anchors, gt_boxes)[0]                                            # [N, G]
+    ious = box_iou(anchors, gt_boxes, pixel_offset)[0]                              # [N, G]
     a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
     g_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
     dist = torch.cdist(a_ctr, g_ctr)                                                # [N, G]
@@ -240,13 +241,27 @@ class GroundingLoss(nn.Module):
     ``loss_centerness`` and their sum ``loss``. Normalisation as GLIP: token and centerness losses
     by the number of positive anchors (mean over ranks, at least 1); the box loss is the
     centerness-weighted GIoU loss divided by the sum of centerness targets, times
-    ``reg_loss_weight``. Unmatched anchors get all-zero token targets (GLIP's "no-object" last
-    token is a padding position in practice and is masked out, so it has no effect there either).
+    ``reg_loss_weight``. Unmatched anchors get all-zero token targets, or with
+    ``no_object_token`` GLIP's one-hot on the last token column (the "no-object" token; a padding
+    position whenever the prompt is shorter than the text length, and then masked out, so the two
+    agree there). ``pixel_offset=1``: the official +1 IoU in the ATSS assignment.
+
+    ``GroundingLoss.for_head(cfg.head)``: the official settings for the DyHead (``pixel_offset=1``,
+    ``no_object_token=True``; reproduces golden/fine ``atss.*`` and ``loss.*``), today's for the
+    light head.
     """
 
-    def __init__(self, topk: int = 9, alpha: float = 0.25, gamma: float = 2.0, reg_loss_weight: float = 2.0):
+    def __init__(self, topk: int = 9, alpha: float = 0.25, gamma: float = 2.0, reg_loss_weight: float = 2.0,
+                 pixel_offset: float = 0.0, no_object_token: bool = False):
         super().__init__()
         self.topk, self.alpha, self.gamma, self.reg_loss_weight = topk, alpha, gamma, reg_loss_weight
+        self.pixel_offset, self.no_object_token = float(pixel_offset), no_object_token
+
+    @classmethod
+    def for_head(cls, head_cfg) -> "GroundingLoss":
+        """The loss that goes with a ``fiber.config.HeadConfig`` (official conventions for the DyHead)."""
+        official = getattr(head_cfg, "kind", "light") == "dyhead"
+        return cls(pixel_offset=1.0 if official else 0.0, no_object_token=official)
 
     def forward(self, output, targets: Sequence[GroundingTarget],
                 attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -285,11 +300,15 @@ class GroundingLoss(nn.Module):
             if tuple(t.positive_map.shape) != (t.boxes.shape[0], num_tokens):
                 raise ValueError(f"grounding target {i}: positive_map must be [{t.boxes.shape[0]}, {num_tokens}], "
                                  f"got {tuple(t.positive_map.shape)}")
-            m = atss_assign(output.anchors, output.level_sizes, t.boxes.to(output.anchors.device), self.topk)
+            m = atss_assign(output.anchors, output.level_sizes, t.boxes.to(output.anchors.device), self.topk,
+                            self.pixel_offset)
             rows = (t.positive_map.to(output.token_logits.device) > 0).float()
             tok = rows[m.clamp(min=0)] if len(t.boxes) else output.token_logits.new_zeros(len(m), num_tokens)
+            tok = tok * (m >= 0).unsqueeze(1)
+            if self.no_object_token:
+                tok[:, -1] = torch.where(m >= 0, tok[:, -1], torch.ones_like(tok[:, -1]))
             matched.append(m)
-            token_targets.append(tok * (m >= 0).unsqueeze(1))
+            token_targets.append(tok)
         return torch.stack(matched), torch.stack(token_targets)
 
 

@@ -20,7 +20,8 @@ from fiber.backbone import FusedOutput, build_backbone
 from fiber.config import ModelConfig
 from fiber.heads import head_options
 from fiber.heads.coarse import CoarseHeads
-from fiber.heads.grounding import GroundingOutput, build_fpn, build_grounding_head
+from fiber.heads.dyhead import build_dyhead
+from fiber.heads.grounding import GroundingOutput, build_fpn, build_grounding_head, fpn_strides
 from fiber.losses import itc_loss, itm_labels, itm_loss, mlm_loss, sample_hard_negatives
 
 
@@ -133,14 +134,24 @@ class GroundingFeatures(NamedTuple):
 
 
 class FiberForGrounding(nn.Module):
-    """FusedBackbone + FPN + GLIP-style head (``backbone.*``, ``fpn.*``, ``head.*``)."""
+    """FusedBackbone + FPN + grounding head (``backbone.*``, ``fpn.*``, ``head.*``); the head is the
+    official DyHead when ``cfg.head.kind == "dyhead"`` (fiber.heads.dyhead, official ``rpn.head.*``
+    names), the light conv tower otherwise (fiber.heads.grounding). Both return a ``GroundingOutput``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.fpn = build_fpn(cfg)
-        self.head = build_grounding_head(cfg)
+        self.head = build_dyhead(cfg) if cfg.head.kind == "dyhead" else build_grounding_head(cfg)
+
+    def level_sizes(self, height: int, width: int) -> tuple[int, ...]:
+        """Anchors per FPN level (P3 first) for an input of ``height x width`` pixels: the
+        per-level split of the detector's N outputs that the official per-level pre-NMS top-N needs.
+        Every level halves its input with rounding up (Swin pads odd grids, the P6/P7 convs have
+        stride 2 and padding 1), so level l has ceil(H / s_l) x ceil(W / s_l) locations."""
+        strides = fpn_strides(self.cfg.swin.patch_size, self.cfg.head.use_p6, self.cfg.head.use_p7)
+        return tuple(-(-height // s) * -(-width // s) for s in strides)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """int64 ``[B, T]`` ids and mask -> ``text_hidden`` float32 ``[B, T, D]`` (``text.onnx``)."""

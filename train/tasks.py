@@ -140,7 +140,7 @@ class FineTask(BaseTask):
         if init_state is not None and options.text_init != "none":
             raise ValueError("--text-init applies only to a run without an --init checkpoint")
         self.cfg, self.data, self.init_state, self.options = cfg, data, init_state, options
-        self.loss_fn = GroundingLoss()
+        self.loss_fn = GroundingLoss.for_head(cfg.head)
 
     def build_model(self) -> nn.Module:
         model = FiberForGrounding(self.cfg)

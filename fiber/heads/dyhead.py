@@ -36,7 +36,7 @@ from torch import nn
 from fiber.box_ops import BoxCoder, make_anchors
 from fiber.deform import ModulatedDeformConv, flat_offsets
 from fiber.heads.grounding import (LOGIT_CLAMP, GroundingOutput, Scale, _flatten, alignment_logits,
-                                   project_text)
+                                   fpn_strides, project_text)
 
 PIXEL_OFFSET = 1.0  # the official +1 box conventions (maskrcnn_benchmark TO_REMOVE)
 
@@ -188,3 +188,12 @@ class DyHead(nn.Module):
             level_sizes=tuple(int(h) * int(w) for h, w in sizes),
         )
 
+
+
+def build_dyhead(cfg) -> DyHead:
+    """The DyHead of a ``ModelConfig`` whose ``head.kind`` is "dyhead" (levels P3..P5(, P6(, P7)))."""
+    h = cfg.head
+    return DyHead(channels=h.fpn_channels, text_dim=cfg.text.hidden_size,
+                  strides=fpn_strides(cfg.swin.patch_size, h.use_p6, h.use_p7), num_blocks=h.num_convs,
+                  gn_groups=h.gn_groups, num_classes=h.num_classes, prior_prob=h.prior_prob,
+                  log_scale=h.log_scale, clamp=h.logit_clamp, anchor_scale=h.anchor_scale)
