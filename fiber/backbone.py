@@ -83,7 +83,7 @@ class FusedBackbone(nn.Module):
                 x, t = block(x, t, mask, hw=hw), layer(t, mask, image=x, last_norm=last_norm)
             out = self.image.stage_norm(s, x) if final_norms else x
             maps.append(self.image.to_map(out, s, hw))
-            x, hw = self.image.downsample(s, x, hw)
+            x, hw = self.image.merge(s, x, hw)
         return FusedOutput(maps, t)
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -336,7 +336,7 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(image)
         return x, (self.patch_embed.grid(image) if self.cfg.pads_to_window else None)
 
-    def downsample(self, stage: int, x: torch.Tensor, hw: tuple[int, int] | None
+    def merge(self, stage: int, x: torch.Tensor, hw: tuple[int, int] | None
                    ) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """The PatchMerging after ``stage`` -> (tokens, grid); a stage without one passes through."""
         down = self.layers[stage].downsample
@@ -357,7 +357,7 @@ class SwinTransformer(nn.Module):
             for block in stage.blocks:
                 x = block(x, hw=hw)
             maps.append(self.to_map(self.stage_norm(s, x), s, hw))
-            x, hw = self.downsample(s, x, hw)
+            x, hw = self.merge(s, x, hw)
         return maps
 
 
