@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
             breakdown.append(stages)
     net_fps, e2e_fps = statistics.median(net), statistics.median(e2e)
     ratio = e2e_fps / net_fps
-    print(f"package {package} | backend {det.backend} | input {det.input_size}x{det.input_size} | "
+    print(f"package {package} | backend {det.backend} | input {det.input_hw[0]}x{det.input_hw[1]} | "
           f"video {video.name} {first.shape[1]}x{first.shape[0]}, {frames} frames")
     print(f"network-only  {net_fps:9.1f} FPS   ({1000 / net_fps:.2f} ms)")
     print(f"end-to-end    {e2e_fps:9.1f} FPS   ({1000 / e2e_fps:.2f} ms)   decode + pre + network + post")

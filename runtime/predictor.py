@@ -23,8 +23,8 @@ import numpy as np
 import engines
 from common import package as pkg
 from engines.manifest import ENGINE_JSON
-from runtime.postprocess import postprocess
-from runtime.preprocess import Preprocessor, letterbox, to_rgb_uint8
+from runtime.postprocess import postprocess, postprocess_official
+from runtime.preprocess import Preprocessor
 from runtime.sources import read_image
 from runtime.tokenize import EncodedPrompt, PromptTokenizer
 from runtime.types import Detections, LetterboxInfo
@@ -60,7 +60,7 @@ class StageTimes:
 class PreparedImage:
     """A letterboxed network input from ``Detector.preprocess`` (own buffer; any thread)."""
 
-    tensor: np.ndarray    # float32 [1, 3, S, S], normalised, letterboxed top-left
+    tensor: np.ndarray    # float32 [1, 3, H, W], normalised, placed top-left on the canvas
     info: LetterboxInfo   # where the source image landed (for mapping boxes back)
     pre_ms: float         # what making it cost (decode of a path included)
 
@@ -106,6 +106,8 @@ class _PostParams:
     min_per_phrase: int    # > 0: keep each phrase's best max(this, max_detections // P) instead
     per_phrase: int = 0    # > 0: keep each phrase's best K (grounding)
     one_label_per_box: bool = False  # NMS across phrases instead of per phrase
+    style: str = pkg.POST_LETTERBOX  # "letterbox" (postprocess) | "official" (postprocess_official)
+    level_sizes: tuple[int, ...] = ()  # official: anchors per level
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
@@ -116,25 +118,35 @@ def _engine_options(path: Path, backend: str, threads: int | None, verify: bool)
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     is_engine_dir = (path / ENGINE_JSON).is_file()
-    if backend == "openvino":
+    if is_engine_dir and _engine_backend(path) in ("onnxruntime", "openvino"):
+        opts["threads"] = threads  # a CPU engine folder (engines/cpu_engine.py)
+    elif backend == "openvino":
         opts["threads"] = threads
     elif backend in ("auto", "ort", "onnxruntime") and not is_engine_dir:
         opts["intra_op_threads"] = threads
     return opts  # TensorRT: the GPU does the work; threads do not apply
 
 
+def _engine_backend(path: Path) -> str | None:
+    """The "backend" of an engine folder's engine.json (None when unreadable: load will say why)."""
+    try:
+        return engines.manifest.read_engine_manifest(path).get("backend")
+    except engines.EngineError:
+        return None
+
+
 def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
                  max_detections, min_per_phrase: int = 0, per_phrase: int = 0,
                  one_label_per_box: bool = False) -> _PostParams:
-    raw = manifest.get("postprocess") or {}
+    spec = pkg.PostprocessSpec.from_manifest(manifest)  # missing keys: the defaults
 
-    def pick(value, key, default):
-        return raw.get(key, default) if value is None else value
+    def pick(value, default):
+        return default if value is None else value
 
-    p = _PostParams(float(pick(threshold, "threshold", 0.05)), float(pick(nms_iou, "nms_iou", 0.6)),
-                    int(pick(pre_nms_top_k, "pre_nms_top_k", 1000)),
-                    int(pick(max_detections, "max_detections", 100)), int(min_per_phrase),
-                    int(per_phrase), bool(one_label_per_box))
+    p = _PostParams(float(pick(threshold, spec.threshold)), float(pick(nms_iou, spec.nms_iou)),
+                    int(pick(pre_nms_top_k, spec.pre_nms_top_k)),
+                    int(pick(max_detections, spec.max_detections)), int(min_per_phrase),
+                    int(per_phrase), bool(one_label_per_box), spec.style, spec.level_sizes)
     if not 0.0 <= p.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {p.threshold}")
     if not 0.0 <= p.nms_iou <= 1.0:
@@ -183,10 +195,14 @@ class Detector:
             self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify))
         try:
             self.manifest = self.engines.manifest
-            self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k, max_detections,
-                                     min_per_phrase, per_phrase, one_label_per_box)
+            try:
+                self.post = _post_params(self.manifest, threshold, nms_iou, pre_nms_top_k,
+                                         max_detections, min_per_phrase, per_phrase,
+                                         one_label_per_box)
+                self.preprocessor = Preprocessor.from_manifest(self.manifest, use_native=use_native)
+            except pkg.PackageError as e:
+                raise engines.PackageInvalid(f"{self.engines.package}: {e}") from None
             self.tokenizer = _tokenizer(self.engines.package, self.manifest)
-            self.preprocessor = Preprocessor.from_manifest(self.manifest, use_native=use_native)
         except BaseException:
             self.engines.close()
             raise
@@ -209,8 +225,13 @@ class Detector:
 
     @property
     def input_size(self) -> int:
-        """S: the square network input is S x S."""
+        """S: the square network input is S x S (a non-square canvas: its longer side)."""
         return self.preprocessor.size
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) of the network input canvas."""
+        return self.preprocessor.canvas_hw
 
     # ------------------------------------------------------------------ prompts
 
@@ -241,7 +262,7 @@ class Detector:
     # ------------------------------------------------------------------ detection
 
     def preprocess(self, image: Any, bgr: bool = False) -> PreparedImage:
-        """Letterbox ``image`` (as ``detect`` takes it) into a new buffer; safe in another thread.
+        """Prepare ``image`` (as ``detect`` takes it) in a new buffer; safe in another thread.
 
         Lets a reader thread prepare frame k+1 while the network runs on frame k; pass the
         result to ``detect`` in place of the image.
@@ -249,13 +270,8 @@ class Detector:
         t0 = time.perf_counter()
         if isinstance(image, (str, Path)):
             image, bgr = read_image(image), False
-        native_ok = (isinstance(image, np.ndarray) and image.dtype == np.uint8
-                     and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))))
-        if not native_ok:
-            image, bgr = to_rgb_uint8(image, bgr), False
-        p = self.preprocessor
-        tensor = np.empty_like(p.buffer)
-        info = letterbox(image, tensor[0], p.mean, p.std, bgr, self.use_native)
+        tensor = np.empty_like(self.preprocessor.buffer)
+        info = self.preprocessor.run(image, tensor[0], bgr)
         return PreparedImage(tensor, info, (time.perf_counter() - t0) * 1e3)
 
     def detect(self, image: Any, prompt: str, phrases: PhraseSpans | None = None,
@@ -282,12 +298,16 @@ class Detector:
         out = self.engines.detect(buffer, entry.text_hidden, entry.encoded.attention_mask)
         t3 = time.perf_counter()
         p = self.post
-        dets = postprocess(out[pkg.BOXES][0], out[pkg.TOKEN_LOGITS][0], out[pkg.CENTERNESS][0],
-                           entry.encoded.phrase_map, info, threshold=p.threshold, nms_iou=p.nms_iou,
-                           pre_nms_top_k=p.pre_nms_top_k, max_detections=p.max_detections,
-                           use_native=self.use_native, phrases=entry.encoded.phrases,
-                           min_per_phrase=p.min_per_phrase, per_phrase=p.per_phrase,
-                           one_label_per_box=p.one_label_per_box)
+        args = (out[pkg.BOXES][0], out[pkg.TOKEN_LOGITS][0], out[pkg.CENTERNESS][0],
+                entry.encoded.phrase_map)
+        opts = dict(threshold=p.threshold, nms_iou=p.nms_iou, pre_nms_top_k=p.pre_nms_top_k,
+                    max_detections=p.max_detections, use_native=self.use_native,
+                    phrases=entry.encoded.phrases, min_per_phrase=p.min_per_phrase,
+                    per_phrase=p.per_phrase, one_label_per_box=p.one_label_per_box)
+        if p.style == pkg.POST_OFFICIAL:
+            dets = postprocess_official(*args, p.level_sizes, info, **opts)
+        else:
+            dets = postprocess(*args, info, **opts)
         t4 = time.perf_counter()
         self.last_prompt = entry.encoded
         self.last_timing = StageTimes(pre=pre_ms, text=(t1 - t0) * 1e3,

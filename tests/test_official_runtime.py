@@ -5,15 +5,20 @@ tests/data/golden/fine/README.md: §4 A (input), E3/E4 (anchors, box coder), §5
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
+import engines
 from common.package import (OFFICIAL_BGR255_MEAN, OFFICIAL_BGR255_STD, InputSpec, PackageError,
                             PostprocessSpec, ResizeRule)
+from fiber.tokenizer_files import roberta_tokenizer, write_tokenizer
 from runtime.postprocess import official_candidates, postprocess_official
+from runtime.predictor import Detector
 from runtime.preprocess import Preprocessor, canvas_resize_hw, official_resize_hw
 from runtime.types import LetterboxInfo
 
@@ -189,3 +194,63 @@ def test_official_postprocess_matches_the_golden_detections(io, i, use_native):
     resized = by_score(io[f"det.img{i}.boxes_resized"], io[f"det.img{i}.scores"], labels)[0]
     scale = np.array([info.new_w / info.src_w, info.new_h / info.src_h] * 2, np.float32)
     np.testing.assert_allclose(got[0] * scale, resized, rtol=0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector: the manifest picks the official input and post-processing
+
+class _GoldenGraph:
+    """A stand-in engine: checks its inputs against the golden batch, returns golden outputs."""
+
+    def __init__(self, io, kind: str):
+        self.io, self.kind, self.calls = io, kind, []
+
+    def run(self, feeds):
+        io = self.io
+        if self.kind == "text":
+            ids = feeds["input_ids"]
+            self.calls.append(ids)
+            i = [k for k in range(2) if np.array_equal(ids[0], io["text.input_ids"][k])]
+            assert len(i) == 1, ids  # the runtime tokenises the captions as the official code
+            return {"text_hidden": io["text.embedded"][i[0]][None]}
+        image = feeds["image"]
+        i = [k for k in range(2) if np.array_equal(image[0], io["input.images"][k])]
+        assert len(i) == 1  # the official input, bit-exactly
+        boxes, logits, ctr, _ = graph_outputs(io, i[0])
+        return {"boxes": boxes[None], "token_logits": logits[None], "centerness": ctr[None]}
+
+    def close(self):
+        pass
+
+
+def test_detector_runs_the_official_semantics_from_the_manifest(io, tmp_path):
+    with safe_open(str(GOLDEN / "fiber_fine_small_io.safetensors"), "np") as f:
+        meta = f.metadata()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.json").write_text(meta["tokenizer_vocab_json"], encoding="utf-8")
+    (tmp_path / "tok" / "merges.txt").write_text(meta["tokenizer_merges_txt"], encoding="utf-8")
+    write_tokenizer(roberta_tokenizer(tmp_path / "tok"), tmp_path / "tokenizer.json")
+    post = PostprocessSpec("official", 0.05, 0.6, 40, 25, (1008, 252, 63, 20, 6))
+    manifest = {"name": "golden-fine", "input": SPEC.to_json(), "postprocess": post.to_json(),
+                "text": {"tokenizer": "tokenizer.json", "buckets": [16], "pad_id": 1,
+                         "lowercase": False}}
+    json.dumps(manifest)  # the manifest is plain JSON
+    graphs = engines.PackageEngines(_GoldenGraph(io, "text"), _GoldenGraph(io, "detector"),
+                                    manifest, tmp_path, "golden-stand-in")
+    captions = json.loads(meta["queries"])
+    with Detector(graphs) as det:
+        assert det.input_hw == CANVAS and det.post.style == "official"
+        for i in range(2):
+            dets = det.detect(io[f"input.image{i}_rgb_uint8"], captions[i])
+            assert dets.phrases == tuple(json.loads(meta["label_lists"])[i])
+            np.testing.assert_array_equal(det.last_prompt.phrase_map,
+                                          io[f"input.phrase_token_map.caption{i}"])
+            want = by_score(io[f"det.img{i}.boxes_orig"], io[f"det.img{i}.scores"],
+                            io[f"det.img{i}.labels"].astype(np.int64) - 1)
+            got = by_score(dets.boxes, dets.scores, dets.phrase_index.astype(np.int64))
+            np.testing.assert_array_equal(got[2], want[2])
+            np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3)
+            prepared = det.preprocess(io[f"input.image{i}_rgb_uint8"])  # the threaded path
+            np.testing.assert_array_equal(prepared.tensor[0], io["input.images"][i])
+            assert len(det.detect(prepared, captions[i])) == 25
