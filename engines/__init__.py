@@ -7,7 +7,8 @@
     engines.load("runs/engines/fiber-nano-int8")                     # an engine folder: TensorRT
 
 ``load(path, backend="auto", **opts)``: ``path`` is a model package (manifest.json) or an engine
-folder (engine.json + plans, built by ``python -m engines.build``). Backends: "auto", "onnxruntime",
+folder (engine.json + TensorRT plans, or a CPU engine of ONNX Runtime / OpenVINO, built by
+``python -m engines.build``). Backends: "auto", "onnxruntime",
 "openvino", "tensorrt", "tensorrt-rtx". ``opts`` are the fields of OrtOptions / OpenVinoOptions /
 TrtOptions; an unknown option is an error. Every failure is an EngineError subclass
 (engines.errors) with one clear message.
@@ -165,10 +166,15 @@ def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None
 
 
 def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
-    from engines import ort, trt
+    from engines import cpu_engine, ort, trt
+    from engines.manifest import read_engine_manifest
 
+    kind = read_engine_manifest(path)["backend"]
+    if cpu_engine.is_cpu_engine({"backend": kind}):
+        package, manifest, engine, text, detector = cpu_engine.open_cpu_engine_dir(path, backend, opts)
+        return PackageEngines(text, detector, manifest, package, kind, engine)
     if backend in ("onnxruntime", "openvino"):
-        raise EngineError(f"{path} is a TensorRT engine folder; load its package for {backend}")
+        raise EngineError(f"{path} is a {kind} engine folder; load its package for {backend}")
     options = ort.make_options(trt.TrtOptions, opts, "tensorrt")
     package, manifest, engine, text, detector = trt.open_engine_dir(path, backend, options)
     return PackageEngines(text, detector, manifest, package, engine["backend"], engine)

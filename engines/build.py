@@ -2,6 +2,11 @@
 
     python -m engines.build --package models/fiber-nano-int8 --backend tensorrt-rtx \
         --precision auto --out runs/engines/fiber-nano-int8
+    python -m engines.build --package models/fiber-nano-int8 --backend openvino --out runs/engines/nano-ov
+
+``--backend onnxruntime`` (``ort``) / ``openvino`` build CPU engines instead (engines/cpu_engine.py:
+ONNX Runtime's optimised models, OpenVINO IR plus its compiled-model cache), with the same
+engine.json and refusal rules; the rest of this docstring is about TensorRT.
 
 Writes, atomically (a temp folder renamed at the end; nothing is left behind on failure):
 ``text.plan``, ``detector.plan``, ``timing.cache`` (TensorRT only) and ``engine.json``
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +45,10 @@ from engines.manifest import (
     ENGINE_FORMAT, ENGINE_FORMAT_VERSION, ENGINE_JSON, TensorSpec, graph_file, graph_specs,
     package_record, read_package,
 )
+from engines.cpu_engine import build_cpu_engine
 from engines.trt import INSTALL_HINTS, TensorRT, installed_backends, parse_cc
+
+CPU_CHOICES = ("onnxruntime", "ort", "openvino")
 
 PRECISIONS = ("auto", "int8", "fp16", "fp32", "fp8")
 FP32_OPS = (  # kept in FP32 by to_fp16: the known FP16 failures of Swin/BERT, and ops with fp32-only inputs
@@ -431,10 +440,14 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("engines.build", description="Build TensorRT engines from a model package.")
+    p = argparse.ArgumentParser("engines.build", description="Build TensorRT engines (GPU) or ONNX Runtime / "
+                                "OpenVINO engines (CPU) from a model package.")
     p.add_argument("--package", required=True, help="model package folder (manifest.json, text.onnx, detector.onnx)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
-                   help="auto: tensorrt if installed, else tensorrt-rtx")
+    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx", *CPU_CHOICES],
+                   help="auto: tensorrt if installed, else tensorrt-rtx; onnxruntime (ort) / openvino: a CPU "
+                        "engine (optimised model / compiled-model cache)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="openvino: CPU threads the cached compiled models are made for (0: OpenVINO's default)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: int8 for a Q/DQ package, fp16 otherwise")
     p.add_argument("--workspace", type=int, default=None, metavar="MB", help="builder workspace limit in MiB")
@@ -461,7 +474,41 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
                        device=args.device, overwrite=args.overwrite)
 
 
+def _main_cpu(args: argparse.Namespace) -> int:
+    backend = "onnxruntime" if args.backend == "ort" else args.backend
+    ignored = [flag for flag, value, default in (
+        ("--precision", args.precision, "auto"), ("--workspace", args.workspace, None),
+        ("--timing-cache", args.timing_cache, None), ("--target-cc", args.target_cc, None),
+        ("--keep-fp32", args.keep_fp32, ()), ("--opt-level", args.opt_level, None)) if value != default]
+    if ignored:
+        print(f"engines.build: {', '.join(ignored)} apply to TensorRT builds only; a {backend} engine runs "
+              "the package's own precision", file=sys.stderr)
+        return 2
+    if args.threads < 0:
+        print(f"engines.build: --threads must be >= 0, got {args.threads}", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "-m", "engines.build", "--package", args.package, "--backend", backend,
+                          *(["--threads", str(args.threads)] if args.threads else []),
+                          *(["--buckets", ",".join(map(str, args.buckets))] if args.buckets else []),
+                          "--out", "OUT"])
+    try:
+        out = build_cpu_engine(Path(args.package), backend, Path(args.out) if args.out else None, args.overwrite,
+                               args.buckets, args.threads, command)
+    except (EngineError, OSError) as e:
+        print(f"engines.build: {e}", file=sys.stderr)
+        return 2
+    engine = json.loads((out / ENGINE_JSON).read_text())
+    print(f"wrote {out} ({backend} {engine['runtime']['version']}; {engine['precision']}; "
+          f"{engine['build']['seconds']} s)")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.backend in CPU_CHOICES:
+        return _main_cpu(args)
+    if args.threads:
+        print("engines.build: --threads applies to CPU engines (--backend onnxruntime / openvino)", file=sys.stderr)
+        return 2
     try:
         out = build_engines(config_from_args(args))
     except (EngineError, OSError) as e:  # OSError: --out appeared meanwhile, disk full, permissions

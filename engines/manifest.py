@@ -21,6 +21,11 @@ engine.json (format_version 1), written by engines.build next to the plans:
 
 A spec is {"name", "shape", "dtype"} with strings for dynamic dimensions ("batch", "tokens"),
 exactly as in the package manifest.
+
+CPU engines (engines/cpu_engine.py: "backend": "onnxruntime" | "openvino") have the same
+"package", "graphs" (specs, plus "model": the file loaded and "files": {name: sha256}), "buckets"
+and "build" sections, "runtime": {"module", "version"} instead of "tensorrt", and "device":
+{"cpu": {"arch", "name"}}.
 """
 from __future__ import annotations
 
@@ -150,10 +155,14 @@ def read_engine_manifest(engine_dir: str | Path) -> dict[str, Any]:
     path = Path(engine_dir) / ENGINE_JSON
     if not path.is_file():
         raise EngineError(f"{engine_dir}: no {ENGINE_JSON} (not an engine folder)")
-    return pkg.read_versioned_json(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
-                                   ("backend", "tensorrt", "device", "package", "graphs", "build"),
-                                   "engine manifest", "upgrade fiber-edge or rebuild the engine",
-                                   EngineError)
+    doc = pkg.read_versioned_json(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION,
+                                  ("backend", "device", "package", "graphs", "build"),
+                                  "engine manifest", "upgrade fiber-edge or rebuild the engine",
+                                  EngineError)
+    runtime = "runtime" if doc["backend"] in ("onnxruntime", "openvino") else "tensorrt"
+    if runtime not in doc:  # TensorRT engines record "tensorrt", CPU engines "runtime"
+        raise EngineError(f"{path}: engine manifest has no {runtime!r} section")
+    return doc
 
 
 def package_record(package: Path, manifest: Mapping[str, Any], engine_dir: Path) -> dict[str, Any]:
@@ -201,4 +210,6 @@ def rebuild_command(engine: Mapping[str, Any], engine_dir: Path, package: Path) 
         args += ["--keep-fp32", ",".join(build["keep_fp32"])]
     if build.get("opt_level") is not None:
         args += ["--opt-level", str(build["opt_level"])]
+    if build.get("threads"):  # CPU engines (OpenVINO's compiled models are made for a thread count)
+        args += ["--threads", str(build["threads"])]
     return shlex.join(args + ["--out", str(engine_dir), "--overwrite"])
