@@ -5,7 +5,7 @@
         [--runs 50] [--warmup 5] [--threads N] [--image FILE] [--prompt TEXT] [--json OUT]
 
 Subjects: every package on every backend (an engine folder: TensorRT), plus PyTorch eager FP32
-(``--checkpoint``, the reference) through the same runtime Detector (``compress.serving.torch_engines``),
+(``--checkpoint``, the reference) through the same runtime Detector (``compress.torch_engines``),
 so every subject pays the same tokenisation and C pre/post-processing. ``--backend default`` is
 ONNX Runtime, OpenVINO and TensorRT / TensorRT-RTX where present; an absent one is listed as "not
 available: <reason>" (a backend named explicitly and absent is a failure: exit status 1). On the ONNX
@@ -240,7 +240,8 @@ def _open_checkpoint(subject: Subject, threads: int | None) -> Opened:
     """PyTorch eager FP32: the checkpoint behind the package interface, in the runtime Detector."""
     import torch
 
-    from compress.serving import resolve_buckets, torch_engines
+    from compress.manifest import resolve_buckets
+    from compress.torch_engines import torch_engines
     from fiber.checkpoint import CheckpointError
     from runtime.predictor import Detector
     from train.predictor import load_grounding_model

@@ -51,8 +51,8 @@ import engines
 from common import package as pkg
 from common.atomic import atomic_dir
 from compress import cpu_int8, onnx_export, onnx_graph, word_table
-from compress.serving import (TOKENIZER_SRC, EvalData, evaluate_engines, find_data, package_sections,
-                              resolve_buckets)
+from compress.accuracy import EvalData, evaluate_engines, find_data
+from compress.manifest import TOKENIZER_SRC, package_sections, resolve_buckets
 from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding

@@ -20,7 +20,7 @@ Calibration: ``--calib-images`` distinct images of DIR (grounding entries, else 
 each with a realistic prompt from the dataset (its caption; the class-name prompt for detection
 images), letterboxed and tokenised exactly like serving (runtime.preprocess / runtime.tokenize).
 The last ``--eval-entries`` grounding entries (their images excluded from calibration) are the
-held-out subset on which accuracy is measured through the runtime (compress.serving).
+held-out subset on which accuracy is measured through the runtime (compress.accuracy).
 
 Sensitivity (``--sensitivity``): quantizer groups (by module kind, e.g. "t2i.out (gated)",
 "ln_adjacent" = every activation right after a LayerNorm; and by block, e.g. "image.stage3.block1")
@@ -53,8 +53,9 @@ import torch
 
 from common.atomic import atomic_dir
 from common.package import sha256_file
-from compress.serving import (TOKENIZER_SRC, EvalData, evaluate_engines, find_data, resolve_buckets,
-                              torch_engines)
+from compress.accuracy import EvalData, evaluate_engines, find_data
+from compress.manifest import TOKENIZER_SRC, resolve_buckets
+from compress.torch_engines import torch_engines
 from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_model_state,
                               resolve_checkpoint_dir, save_checkpoint)
 from fiber.config import ModelConfig

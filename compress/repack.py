@@ -36,7 +36,7 @@ from common.atomic import atomic_dir
 from compress import onnx_export, onnx_graph, word_table
 from compress.export import (AccuracyGuardError, ExportError, evaluate_package, file_table, max_rel_diff,
                              openvino_installed, write_manifest)
-from compress.serving import find_data
+from compress.accuracy import find_data
 
 # accuracy entry -> how to run it: (use the CPU file, backend)
 RUNS = {"fp32": (False, "onnxruntime"), "int8": (False, "onnxruntime"),

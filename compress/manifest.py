@@ -1,0 +1,43 @@
+"""The manifest sections that a package's model config decides (docs/architecture.md), and its text buckets.
+
+- ``package_sections(cfg, buckets)``: the ``input`` / ``text`` / ``postprocess`` manifest sections.
+- ``resolve_buckets(cfg, buckets)``: the text buckets of a package (given, or the defaults that fit).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from common import package as pkg
+from fiber.config import ModelConfig
+
+TOKENIZER_SRC = Path(__file__).resolve().parents[1] / "fiber" / "assets" / pkg.TOKENIZER
+POSTPROCESS = {"threshold": 0.05, "nms_iou": 0.6, "pre_nms_top_k": 1000, "max_detections": 100}
+
+
+def package_sections(cfg: ModelConfig, buckets: Sequence[int]) -> dict[str, Any]:
+    """The manifest's ``input``, ``text`` and ``postprocess`` sections for ``cfg`` (docs/architecture.md)."""
+    s = cfg.swin.img_size
+    return {
+        "input": {"size": [s, s], "channel_order": "RGB", "mean": list(cfg.image_mean),
+                  "std": list(cfg.image_std), "letterbox": "top-left", "pad_value": 0.0},
+        "text": {"tokenizer": pkg.TOKENIZER, "max_tokens": int(max(buckets)),
+                 "buckets": [int(b) for b in buckets], "hidden_size": cfg.text.hidden_size,
+                 "pad_id": cfg.text.pad_token_id, "lowercase": True},
+        "postprocess": dict(POSTPROCESS),
+    }
+
+
+def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:
+    """The text buckets of a package: given ones (ascending, >= 3, <= max_text_len) or the defaults
+    that fit ``cfg.max_text_len``. ValueError naming the problem."""
+    if buckets is None:
+        chosen = tuple(b for b in pkg.DEFAULT_BUCKETS if b <= cfg.max_text_len) or (cfg.max_text_len,)
+    else:
+        chosen = tuple(sorted({int(b) for b in buckets}))
+    if not chosen or chosen[0] < 3:
+        raise ValueError(f"text buckets must be >= 3 tokens, got {list(chosen)}")
+    if chosen[-1] > cfg.max_text_len:
+        raise ValueError(f"text bucket {chosen[-1]} exceeds the {cfg.max_text_len} tokens of config "
+                         f"'{cfg.name}' (max_text_len)")
+    return chosen
