@@ -22,6 +22,7 @@ from compress.onnx_graph import OnnxExportError, check_graph, count_ops, plain_s
 from compress.qdq import clean_qdq
 from compress.shape_folding import fold_shape_arithmetic, fold_shape_ifs, set_static_dims
 from compress.word_table import int8_word_table
+from fiber.deform import DEFORM_CONV_OPSET
 
 OPSET = 17
 
@@ -78,6 +79,12 @@ def export_text(model, x: dict[str, np.ndarray], path: Path,
     return _finish(graph, path, {}), info
 
 
+def detector_opset(cfg) -> int:
+    """ONNX opset of a config's detector graph: the DyHead's DeformConv needs 19; the light head's
+    graphs stay at ``OPSET``."""
+    return max(OPSET, DEFORM_CONV_OPSET) if cfg.head.kind == "dyhead" else OPSET
+
+
 def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: Path,
                     qdq: bool) -> onnx.ModelProto:
     """detector.onnx: ``detect`` (Swin + fused layers + FPN + head + box decode); with ``qdq`` the
@@ -85,7 +92,7 @@ def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: P
     fixed by the image size is folded into constants (fold_shape_arithmetic)."""
     args = (to_torch(x[pkg.IMAGE]), to_torch(hidden), to_torch(x[pkg.ATTENTION_MASK]))
     export_graph(model.detector_graph(), args, path, pkg.DETECTOR_INPUTS, pkg.DETECTOR_OUTPUTS,
-                 DETECTOR_DYNAMIC_AXES)
+                 DETECTOR_DYNAMIC_AXES, opset=detector_opset(model.cfg))
     with torch.inference_mode():
         shapes = {name: tuple(t.shape) for name, t in zip(pkg.DETECTOR_OUTPUTS, model.detect(*args))}
     graph = onnx.load(str(path))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from compress.onnx_export import export_graph
+from compress.onnx_export import OPSET, detector_opset, export_graph
 from fiber.box_ops import BoxCoder
 from fiber.checkpoint import convert_official
 from fiber.config import HeadConfig, ModelConfig, get_config
@@ -273,6 +273,11 @@ def test_head_exports_and_runs_in_onnxruntime(head, levels, out, io, tmp_path):
     np.testing.assert_allclose(logits, out.token_logits.numpy(), **TOL)
     np.testing.assert_allclose(boxes, out.boxes.numpy(), atol=1e-3, rtol=0)
     np.testing.assert_allclose(ctr, out.centerness.numpy(), **TOL)
+
+
+def test_detector_opset_is_19_only_for_the_dyhead():
+    assert detector_opset(CFG) == DEFORM_CONV_OPSET == 19
+    assert detector_opset(get_config("fiber-nano")) == OPSET == 17   # light graphs as before
 
 
 def test_end_to_end_from_the_images(io):
