@@ -25,7 +25,7 @@ INPUT_IDS = "input_ids"            # int64 [B, T]
 ATTENTION_MASK = "attention_mask"  # int64 [B, T], 1 = real token
 TEXT_HIDDEN = "text_hidden"        # float32 [B, T, D]
 # detector.onnx (inputs: IMAGE, TEXT_HIDDEN, ATTENTION_MASK)
-IMAGE = "image"                    # float32 [B, 3, S, S], normalised, letterboxed top-left
+IMAGE = "image"                    # float32 [B, 3, H, W] canvas (S x S letterbox), normalised
 BOXES = "boxes"                    # float32 [B, N, 4], xyxy in network-input pixels
 TOKEN_LOGITS = "token_logits"      # float32 [B, N, T]
 CENTERNESS = "centerness"          # float32 [B, N], logits
