@@ -234,6 +234,13 @@ class InputSpec:
         return INPUT_LETTERBOX if self.resize is None else INPUT_OFFICIAL
 
     @classmethod
+    def official(cls, canvas_hw: tuple[int, int], min_size: int, max_size: int,
+                 size_divisibility: int = 32) -> InputSpec:
+        """The official fine input (BGR 0-255, official mean/std) on an [H, W] canvas."""
+        return cls((int(canvas_hw[0]), int(canvas_hw[1])), "BGR", 255.0, OFFICIAL_BGR255_MEAN,
+                   OFFICIAL_BGR255_STD, ResizeRule(int(min_size), int(max_size), int(size_divisibility)))
+
+    @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
         """From ``manifest["input"]``; PackageError naming the bad field."""
         sec = manifest.get("input")
@@ -295,6 +302,19 @@ class PostprocessSpec:
                                             or any(n < 1 for n in self.level_sizes)):
             raise PackageError("manifest postprocess.level_sizes must list the anchors per level "
                                f"(positive integers) for style 'official', got {list(self.level_sizes)}")
+
+    def check_anchors(self, manifest: Mapping[str, Any]) -> None:
+        """PackageError when ``level_sizes`` disagree with the detector's recorded N (boxes
+        [batch, N, 4] in ``graphs.detector.outputs``, when N is a number)."""
+        if self.style != POST_OFFICIAL:
+            return
+        outputs = ((manifest.get("graphs") or {}).get("detector") or {}).get("outputs") or []
+        for spec in outputs:
+            shape = spec.get("shape") if isinstance(spec, Mapping) else None
+            if spec.get("name") == BOXES and isinstance(shape, list) and len(shape) == 3 \
+                    and isinstance(shape[1], int) and shape[1] != sum(self.level_sizes):
+                raise PackageError(f"manifest postprocess.level_sizes add up to "
+                                   f"{sum(self.level_sizes)} anchors, the detector gives {shape[1]}")
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> PostprocessSpec:

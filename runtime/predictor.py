@@ -139,6 +139,7 @@ def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
                  max_detections, min_per_phrase: int = 0, per_phrase: int = 0,
                  one_label_per_box: bool = False) -> _PostParams:
     spec = pkg.PostprocessSpec.from_manifest(manifest)  # missing keys: the defaults
+    spec.check_anchors(manifest)
 
     def pick(value, default):
         return default if value is None else value

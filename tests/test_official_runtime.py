@@ -25,6 +25,7 @@ from runtime.types import LetterboxInfo
 GOLDEN = Path(__file__).parent / "data" / "golden" / "fine"
 CANVAS = (224, 288)
 SPEC = InputSpec(CANVAS, "BGR", 255.0, OFFICIAL_BGR255_MEAN, OFFICIAL_BGR255_STD, ResizeRule(192, 288))
+assert InputSpec.official(CANVAS, 192, 288) == SPEC
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,11 @@ def test_postprocess_spec_defaults_and_official():
         PostprocessSpec.from_manifest({"postprocess": {"style": "official"}})
     with pytest.raises(PackageError, match="style"):
         PostprocessSpec.from_manifest({"postprocess": {"style": "glip"}})
+    graphs = {"detector": {"outputs": [{"name": "boxes", "shape": ["batch", 1349, 4]}]}}
+    official.check_anchors({"graphs": graphs})
+    graphs["detector"]["outputs"][0]["shape"][1] = 1344
+    with pytest.raises(PackageError, match="add up to 1349 anchors, the detector gives 1344"):
+        official.check_anchors({"graphs": graphs})
 
 
 # ---------------------------------------------------------------------------------------------
