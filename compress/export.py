@@ -196,7 +196,7 @@ def check_openvino(graph: Path, reference: Path, tol: float = OPENVINO_TOL) -> d
     ``static_shapes`` is the verdict; engines use static shapes on this graph only when it is true."""
     if not openvino_installed():
         return {"static_shapes": False, "checked": "OpenVINO is not installed"}
-    code = ("import json, sys; from engines.ort import check_against_reference as check; "
+    code = ("import json, sys; from engines.openvino import check_against_reference as check; "
             "print(json.dumps(check(sys.argv[1], sys.argv[2], cache_dir='', static_shapes=True)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-c", code, str(graph), str(reference)], capture_output=True,

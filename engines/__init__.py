@@ -122,13 +122,14 @@ def _build_first(package: Path, backend: str) -> str:
 
 
 def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
-    from engines import ort
+    from engines import openvino, ort
+    from engines.options import make_options
 
     manifest = read_package(path, verify=bool(opts.get("verify", True)))
     if backend == "auto":
         backend, opts = auto_cpu_backend(manifest, opts)
-    cls = ort.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
-    options = ort.make_options(cls, opts, backend)
+    cls = openvino.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
+    options = make_options(cls, opts, backend)
     text, detector = ort.open_package(path, manifest, backend, options)
     return PackageEngines(text, detector, manifest, path, backend)
 
@@ -143,10 +144,11 @@ def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None
     only ONNX Runtime does (``use_cpu_file=True``, a GPU ``device``); ONNX Runtime otherwise.
     ``intra_op_threads`` and ``threads`` stand for each other when only one is given.
     """
-    from engines import ort
+    from engines import openvino, ort
+    from engines.options import option_names
 
     opts = dict(opts or {})
-    ort_fields, ov_fields = ort.option_names(ort.OrtOptions), ort.option_names(ort.OpenVinoOptions)
+    ort_fields, ov_fields = option_names(ort.OrtOptions), option_names(openvino.OpenVinoOptions)
     unknown = sorted(set(opts) - ort_fields - ov_fields)
     if unknown:
         raise EngineError(f"unknown option(s) {unknown} for backend 'auto'; "
@@ -166,8 +168,9 @@ def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None
 
 
 def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
-    from engines import cpu_engine, ort, trt
+    from engines import cpu_engine, trt
     from engines.manifest import read_engine_manifest
+    from engines.options import make_options
 
     kind = read_engine_manifest(path)["backend"]
     if cpu_engine.is_cpu_engine({"backend": kind}):
@@ -175,6 +178,6 @@ def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> Packa
         return PackageEngines(text, detector, manifest, package, kind, engine)
     if backend in ("onnxruntime", "openvino"):
         raise EngineError(f"{path} is a {kind} engine folder; load its package for {backend}")
-    options = ort.make_options(trt.TrtOptions, opts, "tensorrt")
+    options = make_options(trt.TrtOptions, opts, "tensorrt")
     package, manifest, engine, text, detector = trt.open_engine_dir(path, backend, options)
     return PackageEngines(text, detector, manifest, package, engine["backend"], engine)

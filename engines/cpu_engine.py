@@ -33,12 +33,14 @@ import numpy as np
 
 from common import package as pkg
 from common.atomic import atomic_dir, atomic_write_json
-from engines import ort
 from engines.errors import BackendUnavailable, BuildError, EngineError, EngineMismatch
 from engines.manifest import (
     ENGINE_FORMAT, ENGINE_FORMAT_VERSION, ENGINE_JSON, GRAPHS, TensorSpec, check_package_matches, graph_file,
     graph_specs, package_record, read_engine_manifest, read_package, rebuild_command, recorded_package_path,
 )
+from engines.openvino import OpenVinoEngine, OpenVinoOptions, openvino_options
+from engines.options import first_line
+from engines.ort import OrtEngine, OrtOptions
 
 CPU_BACKENDS = ("onnxruntime", "openvino")
 OV_CACHE = "cache"
@@ -98,7 +100,7 @@ def _build_ort(package: Path, manifest: Mapping[str, Any], graph: str, tmp: Path
     try:
         onnxrt.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types
-        raise BuildError(f"{source}: onnxruntime cannot optimise it: {ort._first_line(e)}") from None
+        raise BuildError(f"{source}: onnxruntime cannot optimise it: {first_line(e)}") from None
     return {"model": target.name, "source": source.name, "graph_optimization": "extended",
             "files": {target.name: _sha256(target)}}
 
@@ -112,11 +114,11 @@ def _build_openvino(package: Path, manifest: Mapping[str, Any], graph: str, tmp:
     try:
         ov.save_model(ov.Core().read_model(str(source)), str(xml), compress_to_fp16=False)
     except Exception as e:
-        raise BuildError(f"{source}: OpenVINO cannot convert it: {ort._first_line(e)}") from None
+        raise BuildError(f"{source}: OpenVINO cannot convert it: {first_line(e)}") from None
     inputs, outputs = graph_specs(manifest, graph)
-    opts = ort.openvino_options(ort.OpenVinoOptions(threads=threads, cache_dir=str(tmp / OV_CACHE)),
+    opts = openvino_options(OpenVinoOptions(threads=threads, cache_dir=str(tmp / OV_CACHE)),
                                 manifest, graph)
-    engine = ort.OpenVinoEngine(xml, inputs, outputs, opts)  # compiles into tmp/cache
+    engine = OpenVinoEngine(xml, inputs, outputs, opts)  # compiles into tmp/cache
     try:
         for tokens in buckets if any("tokens" in s.shape for s in inputs) else (1,):
             engine.run(_dummy_inputs(inputs, tokens))  # static shapes: one compiled model per bucket
@@ -222,11 +224,11 @@ def open_cpu_engine_dir(engine_dir: Path, backend: str, opts: Mapping[str, Any])
         specs = [[TensorSpec.from_dict(d) for d in entry[k]] for k in ("inputs", "outputs")]
         path = engine_dir / entry["model"]
         if kind == "onnxruntime":
-            options = ort.OrtOptions(intra_op_threads=threads, cache_dir="")
-            engines.append(ort.OrtEngine(path, *specs, options))
+            options = OrtOptions(intra_op_threads=threads, cache_dir="")
+            engines.append(OrtEngine(path, *specs, options))
         else:
-            options = ort.OpenVinoOptions(threads=threads or int(engine["build"].get("threads") or 0),
+            options = OpenVinoOptions(threads=threads or int(engine["build"].get("threads") or 0),
                                           cache_dir=str(engine_dir / OV_CACHE),
                                           static_shapes=bool(entry.get("static_shapes")))
-            engines.append(ort.OpenVinoEngine(path, *specs, options))
+            engines.append(OpenVinoEngine(path, *specs, options))
     return package, manifest, engine, engines[0], engines[1]

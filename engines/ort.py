@@ -1,25 +1,14 @@
-"""Engines that run a package's ONNX files directly: ONNX Runtime (default) and OpenVINO (optional).
+"""ONNX Runtime engine: runs a package's ONNX files directly (the default CPU backend).
 
-ONNX Runtime: the CPU execution provider by default, CUDA / TensorRT providers when installed and
-asked for; thread counts, spinning and graph optimisation level; on the CPU provider the optimised
-model is cached (key: the source file's sha256, the ORT version, the level and the CPU
-architecture) and reused on the next load. When the manifest names ``graphs.detector.cpu_file``
-(the package's CPU INT8 variant), the CPU provider runs that file for the detector.
-
-OpenVINO reads the same ONNX files (the Q/DQ INT8 ``detector.onnx`` too, with int8 kernels). With
-``static_shapes`` every distinct set of input shapes (batch x token bucket) gets its own model
-compiled for those static shapes, on first use: OpenVINO's CPU plugin then folds all shape
-arithmetic and picks static kernels (the fiber-nano INT8 detector runs ~1.3x faster than compiled
-with dynamic shapes). OpenVINO 2026.4 has bugs on that path for some graphs (a segfault while
-compiling the toy test detector; wrong FPN convolutions in the fiber-tiny-test INT8 detector with
-snippets off), so it is not the blanket default: ``static_shapes=None`` follows the package
-manifest's ``graphs.<graph>.openvino.static_shapes``, which compress.export sets only after
-OpenVINO reproduced the graph's reference outputs with static shapes in a child process
-(``check_against_reference``).
+The CPU execution provider by default, CUDA / TensorRT providers when installed and asked for;
+thread counts, spinning and graph optimisation level; on the CPU provider the optimised model is
+cached (key: the source file's sha256, the ORT version, the level and the CPU architecture) and
+reused on the next load. When the manifest names ``graphs.detector.cpu_file`` (the package's CPU
+INT8 variant), the CPU provider runs that file for the detector. ``open_package`` opens a
+package's two graphs on ONNX Runtime or on OpenVINO (``engines.openvino``).
 
 On a small CPU shared with other work, spinning threads steal the cores the other threads need:
-``allow_spinning=False`` (ONNX Runtime) halved the fiber-nano detector's latency on a busy 2-core
-machine. OpenVINO's ``performance_hint="LATENCY"`` (default) runs one stream.
+``allow_spinning=False`` halved the fiber-nano detector's latency on a busy 2-core machine.
 """
 from __future__ import annotations
 
@@ -27,7 +16,7 @@ import contextlib
 import json
 import os
 import platform
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +26,8 @@ from common import package as pkg
 from common.atomic import atomic_write_json
 from engines.errors import BackendUnavailable, EngineError
 from engines.manifest import TensorSpec, graph_file, graph_specs, validate_inputs
+from engines.openvino import OpenVinoEngine, OpenVinoOptions, openvino_options
+from engines.options import choice, default_cache_dir, first_line
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
@@ -46,13 +37,6 @@ _PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 _LEVELS = ("disable", "basic", "extended", "all")
-_OV_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
-OV_MAX_SHAPES = 8     # static_shapes: compiled models kept per engine (least recently used dropped)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fiber-edge"
 
 
 @dataclass(frozen=True)
@@ -68,58 +52,8 @@ class OrtOptions:
     verify: bool = True                  # check every package file's sha256 on load
 
     def __post_init__(self):
-        _choice("device", self.device, _PROVIDERS)
-        _choice("graph_optimization", self.graph_optimization, _LEVELS)
-
-
-@dataclass(frozen=True)
-class OpenVinoOptions:
-    device: str = "CPU"                  # OpenVINO device name
-    threads: int = 0                     # INFERENCE_NUM_THREADS; 0 = OpenVINO's default
-    precision_hint: str | None = "f32"   # INFERENCE_PRECISION_HINT: "f32" | "bf16" | "f16" | None (device
-                                         # default: bf16 on AMX CPUs, which changes FP32 results by ~1e-2)
-    performance_hint: str | None = "LATENCY"  # PERFORMANCE_HINT: "LATENCY" | "THROUGHPUT" |
-                                         # "CUMULATIVE_THROUGHPUT" | None (OpenVINO's default)
-    num_streams: int | None = None       # NUM_STREAMS; None = what the performance hint picks (LATENCY: 1)
-    static_shapes: bool | None = None    # compile per distinct input shapes (batch, tokens) on first use;
-                                         # None = graphs.<graph>.openvino.static_shapes of the manifest
-    snippets: bool | None = None         # SNIPPETS_MODE (fused kernels); None = OpenVINO's default (on)
-    cache_dir: str | None = None         # compiled-model cache: None = ~/.cache/fiber-edge/openvino, "" = off
-    use_cpu_file: bool = False           # default: the same (Q/DQ) detector.onnx that TensorRT builds
-    verify: bool = True                  # check every package file's sha256 on load
-
-    def __post_init__(self):
-        if self.precision_hint is not None:
-            _choice("precision_hint", self.precision_hint, ("f32", "bf16", "f16"))
-        if self.performance_hint is not None:
-            _choice("performance_hint", self.performance_hint, _OV_HINTS)
-        if self.num_streams is not None and (not isinstance(self.num_streams, int) or self.num_streams < 1):
-            raise EngineError(f"option num_streams={self.num_streams!r} must be an integer >= 1 or None")
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise EngineError(f"option threads={self.threads!r} must be an integer >= 0")
-
-
-def _choice(name: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise EngineError(f"option {name}={value!r} is not one of {sorted(allowed)}")
-
-
-def option_names(cls) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
-def make_options(cls, opts: Mapping[str, Any], backend: str):
-    """``cls(**opts)`` with one clear EngineError for an unknown option name."""
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(opts) - set(known))
-    if unknown:
-        raise EngineError(f"unknown option(s) {unknown} for backend {backend!r}; known: {known}")
-    return cls(**opts)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        choice("device", self.device, _PROVIDERS)
+        choice("graph_optimization", self.graph_optimization, _LEVELS)
 
 
 def _check_session_io(path: Path, which: str, specs: list[TensorSpec], actual: list[tuple[str, str, int]]) -> None:
@@ -128,6 +62,7 @@ def _check_session_io(path: Path, which: str, specs: list[TensorSpec], actual: l
     got = {name: (dtype, rank) for name, dtype, rank in actual}
     if want != got:
         raise EngineError(f"{path}: {which} are {got} (name: (dtype, rank)) but the manifest says {want}")
+
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
@@ -186,7 +121,7 @@ class OrtEngine:
         except EngineError:
             raise
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
-            raise EngineError(f"{self.path}: onnxruntime cannot load it: {_first_line(e)}") from None
+            raise EngineError(f"{self.path}: onnxruntime cannot load it: {first_line(e)}") from None
 
     def _cache_paths(self, ort, sha256: str | None) -> tuple[Path, Path] | None:
         """(cached model, sidecar json), or None when caching does not apply (off, not CPU, no optimisation)."""
@@ -217,7 +152,7 @@ class OrtEngine:
         try:
             values = self._session.run(names, feeds)
         except Exception as e:
-            raise EngineError(f"{self.path.name}: onnxruntime failed: {_first_line(e)}") from None
+            raise EngineError(f"{self.path.name}: onnxruntime failed: {first_line(e)}") from None
         return dict(zip(names, values))
 
     def close(self) -> None:
@@ -238,97 +173,6 @@ def _cache_valid(model: Path, sidecar: Path) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- OpenVINO
-
-class OpenVinoEngine:
-    """One ONNX file compiled by OpenVINO (``openvino`` package). Same interface as OrtEngine.
-
-    With ``static_shapes`` the model is compiled for each distinct set of input shapes on first
-    use (at most OV_MAX_SHAPES kept); otherwise once, with the file's dynamic dims.
-    """
-
-    backend = "openvino"
-
-    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 opts: OpenVinoOptions = OpenVinoOptions()):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise BackendUnavailable("OpenVINO is not installed: pip install openvino") from None
-        self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
-        self._core = ov.Core()
-        if opts.cache_dir != "":
-            cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir() / "openvino"
-            self._core.set_property({"CACHE_DIR": str(cache)})
-        try:
-            self._model = self._core.read_model(str(self.path))
-        except Exception as e:
-            raise EngineError(f"{self.path}: OpenVINO cannot load it: {_first_line(e)}") from None
-        names = {name for o in self._model.outputs for name in o.get_names()}
-        missing = [s.name for s in outputs if s.name not in names]
-        if missing:
-            raise EngineError(f"{self.path}: outputs {missing} of the manifest are not in the file")
-        self._requests: dict[tuple, tuple[Any, Any, dict[str, Any]]] = {}  # shapes -> (compiled, request,
-                                                                            # ports), LRU order
-        if not opts.static_shapes:
-            self._requests[()] = self._compile(self._model)
-
-    def config(self) -> dict[str, Any]:
-        """The OpenVINO compile properties these options give."""
-        config: dict[str, Any] = {}
-        if self.opts.threads:
-            config["INFERENCE_NUM_THREADS"] = self.opts.threads
-        if self.opts.precision_hint:
-            config["INFERENCE_PRECISION_HINT"] = self.opts.precision_hint
-        if self.opts.performance_hint:
-            config["PERFORMANCE_HINT"] = self.opts.performance_hint
-        if self.opts.num_streams is not None:
-            config["NUM_STREAMS"] = self.opts.num_streams
-        if self.opts.snippets is False:
-            config["SNIPPETS_MODE"] = "DISABLE"
-        return config
-
-    def _compile(self, model) -> tuple[Any, Any, dict[str, Any]]:
-        try:
-            compiled = self._core.compile_model(model, self.opts.device, self.config())
-        except Exception as e:
-            raise EngineError(f"{self.path}: OpenVINO cannot compile it: {_first_line(e)}") from None
-        return compiled, compiled.create_infer_request(), {o.get_any_name(): o for o in compiled.outputs}
-
-    def _request(self, feeds: Mapping[str, np.ndarray]) -> tuple[Any, Any, dict[str, Any]]:
-        key = tuple((name, x.shape) for name, x in sorted(feeds.items())) if self.opts.static_shapes else ()
-        if key not in self._requests:
-            model = self._model.clone()
-            try:
-                model.reshape({name: list(shape) for name, shape in key})
-            except Exception as e:
-                raise EngineError(f"{self.path.name}: OpenVINO cannot reshape it to "
-                                  f"{dict(key)}: {_first_line(e)}") from None
-            self._requests[key] = self._compile(model)
-            while len(self._requests) > OV_MAX_SHAPES:
-                self._requests.pop(next(iter(self._requests)))
-        self._requests[key] = self._requests.pop(key)        # most recently used last
-        return self._requests[key]
-
-    @property
-    def compiled_shapes(self) -> int:
-        """How many compiled models (input-shape sets) the engine holds."""
-        return len(self._requests)
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = validate_inputs(self.inputs, inputs, where=self.path.name)
-        _, request, ports = self._request(feeds)
-        try:
-            result = request.infer(feeds)
-        except Exception as e:
-            raise EngineError(f"{self.path.name}: OpenVINO failed: {_first_line(e)}") from None
-        return {s.name: np.array(result[ports[s.name]], copy=True) for s in self.outputs}
-
-    def close(self) -> None:
-        self._requests = {}
-        self._model = None
-
-
 # ----------------------------------------------------------------------------- packages
 
 def open_package(package: Path, manifest: Mapping[str, Any], backend: str, opts: OrtOptions | OpenVinoOptions):
@@ -343,30 +187,3 @@ def open_package(package: Path, manifest: Mapping[str, Any], backend: str, opts:
         else:
             engines.append(OrtEngine(path, *specs, opts, sha256=manifest["files"][path.name]["sha256"]))
     return tuple(engines)
-
-
-def openvino_options(opts: OpenVinoOptions, manifest: Mapping[str, Any], graph: str) -> OpenVinoOptions:
-    """``opts`` with ``static_shapes`` decided: the caller's, else what the manifest validated."""
-    if opts.static_shapes is not None:
-        return opts
-    checked = (manifest["graphs"].get(graph) or {}).get("openvino") or {}
-    return replace(opts, static_shapes=bool(checked.get("static_shapes", False)))
-
-
-def check_against_reference(path: str | Path, reference: str | Path, **opts: Any) -> dict[str, float]:
-    """Max |out - ref| / (1 + max |ref|) per output of the ONNX file ``path`` on OpenVINO (``opts``:
-    OpenVinoOptions fields) for the inputs stored in the npz ``reference`` (its other arrays are the
-    expected outputs). compress.export runs this in a child process: a compiler crash must not take
-    the export down."""
-    import openvino as ov
-
-    with np.load(reference, allow_pickle=False) as z:
-        ref = {k: z[k] for k in z.files}
-    names = [i.get_any_name() for i in ov.Core().read_model(str(path)).inputs]
-    inputs = [TensorSpec(n, tuple(ref[n].shape), ref[n].dtype) for n in names]
-    outputs = [TensorSpec(n, tuple(v.shape), v.dtype) for n, v in ref.items() if n not in names]
-    engine = OpenVinoEngine(Path(path), inputs, outputs, make_options(OpenVinoOptions, opts, "openvino"))
-    got = engine.run({n: ref[n] for n in names})
-    engine.close()
-    return {s.name: float(np.max(np.abs(got[s.name].astype(np.float64) - ref[s.name]))
-                          / (1.0 + np.max(np.abs(ref[s.name])))) for s in outputs}

@@ -301,7 +301,7 @@ def test_gpu_check_compare_runs_on_two_cpu_backends(toys):
 
 
 def test_engines_import_neither_torch_nor_fiber():
-    code = ("import sys, engines, engines.build, engines.ort, engines.trt, engines.cuda, engines.gpu_check; "
+    code = ("import sys, engines, engines.build, engines.ort, engines.openvino, engines.trt, engines.cuda, engines.gpu_check; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'fiber')]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=REPO)
@@ -319,7 +319,7 @@ def test_ort_spinning_option_reaches_the_session(toys):
 
 
 def test_openvino_compiles_once_per_input_shape(toys, monkeypatch):
-    from engines import ort
+    from engines import openvino
 
     cfg = config_of(toys["toy-int8"])
     x16, x32 = random_inputs(cfg, tokens=16), random_inputs(cfg, batch=2, tokens=32)
@@ -336,7 +336,7 @@ def test_openvino_compiles_once_per_input_shape(toys, monkeypatch):
             assert static.detector.compiled_shapes == compiled
             for name in got[1]:
                 np.testing.assert_allclose(got[0][name], got[1][name], rtol=1e-5, atol=1e-5)
-        monkeypatch.setattr(ort, "OV_MAX_SHAPES", 2)
+        monkeypatch.setattr(openvino, "OV_MAX_SHAPES", 2)
         x5 = random_inputs(cfg, tokens=5)
         static.detect(x5[pkg.IMAGE], static.encode_text(x5[pkg.INPUT_IDS], x5[pkg.ATTENTION_MASK]),
                       x5[pkg.ATTENTION_MASK])
