@@ -27,6 +27,12 @@ With ``--data DIR`` (a held-out split: grounding.json and/or detection.json) the
 accuracy guard refuses a package whose INT8 R@1 (Q/DQ file and CPU file on ONNX Runtime, and the
 Q/DQ file on OpenVINO when it is installed) is more than ``--max-drop`` points below FP32, naming
 the worst layers from QDIR/sensitivity.json, and writes nothing.
+
+The default score threshold (``postprocess.threshold``) is chosen on held-out data when there is
+some with boxes (``--calibration-data DIR``, else ``--data``'s detection.json; ``--no-calibrate``
+keeps 0.05): compress.calibrate runs the package through the runtime with prompts naming the
+phrases present plus absent hard negatives, and records the F1-best threshold and its sweep in the
+manifest's ``calibration``.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ import torch
 import engines
 from common import package as pkg
 from common.atomic import atomic_dir
-from compress import cpu_int8, onnx_export, onnx_graph, word_table
+from compress import calibrate, cpu_int8, onnx_export, onnx_graph, word_table
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, package_sections, resolve_buckets
 from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
@@ -90,6 +96,8 @@ class ExportConfig:
     eval_limit: int | None = None          # evaluate only the first N entries / images
     threads: int | None = None             # ONNX Runtime threads of the accuracy runs
     text_words: str = "int8"               # text.onnx word-embedding table: "int8" (per row) or "fp32"
+    calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
+    calibration_data: str | None = None    # its held-out folder (detection.json); None = data
 
 
 @dataclass
@@ -334,7 +342,22 @@ def export_package(cfg: ExportConfig) -> ExportResult:
                 accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, Path(scratch)))
             manifest["accuracy"] = accuracy
             write_manifest(tmp, manifest)
+            if cfg.calibrate and (cfg.calibration_data or cfg.data):
+                manifest = _calibrate(cfg, tmp)
     return ExportResult(out, manifest)
+
+
+def _calibrate(cfg: ExportConfig, tmp: Path) -> dict[str, Any]:
+    """The package's default threshold from the held-out sweep (compress.calibrate), in its manifest."""
+    folder = cfg.calibration_data or cfg.data
+    if not (Path(folder) / "detection.json").is_file():
+        if cfg.calibration_data:
+            raise ExportError(f"--calibration-data {folder}: no detection.json (boxes with their phrases)")
+        return pkg.read_manifest(tmp)  # grounding-only data: the threshold stays the default
+    record = calibrate.calibrate_package(tmp, folder, limit=cfg.eval_limit, threads=cfg.threads,
+                                         noise=calibrate.DEFAULT_NOISE,
+                                         progress=calibrate.progress_printer())
+    return calibrate.write_calibration(tmp, record)
 
 
 def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
@@ -462,6 +485,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="text.onnx's word-embedding table: per-row int8 (4x smaller file) or fp32")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing package folder")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="choose the default score threshold on held-out data (compress.calibrate: best F1 "
+                        "of phrase-correct boxes, prompts with absent hard negatives)")
+    p.add_argument("--calibration-data", default=None, metavar="DIR",
+                   help="held-out folder with detection.json for --calibrate (default: --data)")
     return p
 
 
@@ -469,7 +497,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(checkpoint=args.checkpoint, out=args.out, int8=args.int8, data=args.data,
                         max_drop=args.max_drop, buckets=args.buckets, overwrite=args.overwrite,
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
-                        eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words)
+                        eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
+                        calibrate=args.calibrate, calibration_data=args.calibration_data)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -486,6 +515,10 @@ def main(args: argparse.Namespace) -> int:
     for key in ("fp32", "int8", "int8_cpu", "int8_openvino"):
         if key in m["accuracy"]:
             print(f"  accuracy {key}: " + ", ".join(f"{k} {v}" for k, v in m["accuracy"][key].items()))
+    if "calibration" in m:
+        c = m["calibration"]
+        print(f"  default threshold {c['threshold']} (held-out precision {c['precision']}, recall {c['recall']}, "
+              f"F1 {c['f1']})")
     return 0
 
 
