@@ -16,6 +16,12 @@
   ". ") from an RNG seeded by the global numpy RNG, which the training loop seeds per micro-batch
   chunk (``train.distributed.chunk_seed``): the same step gives the same prompts after a resume.
 
+Attribute prompts (``AttributeOptions``, issue 14; off by default): a detection image may instead
+be prompted with "colour kind" phrases (every pair present, with its boxes, plus absent hard
+negatives of a present kind in another colour or a present colour as another kind, from each
+annotation's ``attributes.colour``), and a caption may get absent hard-negative phrases appended,
+so that the colour token, not the shared noun, has to decide.
+
 No augmentation: a horizontal flip breaks left/right language and colours are what the text
 names. Captions are tokenised with ``fiber/assets/tokenizer.json`` through the runtime's
 ``PromptTokenizer`` ([CLS] ... [SEP], lower-cased, truncated to ``cfg.max_text_len``).
@@ -36,7 +42,7 @@ from fiber.config import ModelConfig
 from fiber.data.evaluation import load_image_rgb
 from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset, Pair,
                                 load_detection, load_grounding, load_pairs)
-from fiber.data.prompts import build_detection_prompt, sample_detection_prompt
+from fiber.data.prompts import SEPARATOR, build_detection_prompt, sample_detection_prompt
 from runtime.preprocess import letterbox
 from runtime.tokenize import EncodedPrompt, PromptTokenizer
 from runtime.types import LetterboxInfo
@@ -234,6 +240,74 @@ def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int
             np.stack(list(merged.values())).astype(np.float32))
 
 
+@dataclass(frozen=True)
+class AttributeOptions:
+    """Prompts that make the colour token carry the decision (issue 14).
+
+    attribute_prompts: probability that a detection image is prompted with "colour kind" phrases
+    (present pairs with their boxes + absent hard negatives) instead of kind names.
+    hard_negatives: probability that a caption / referring expression gets 1..max_hard_negatives
+    absent "colour kind" phrases appended (". blue star. red moon"), all of whose tokens are
+    negatives at every box.
+    """
+    attribute_prompts: float = 0.0
+    hard_negatives: float = 0.0
+    max_hard_negatives: int = 4
+
+    @property
+    def active(self) -> bool:
+        return self.attribute_prompts > 0 or self.hard_negatives > 0
+
+    def check(self) -> None:
+        for name in ("attribute_prompts", "hard_negatives"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
+        if self.max_hard_negatives < 1:
+            raise ValueError(f"max-hard-negatives must be >= 1, got {self.max_hard_negatives}")
+
+
+def hard_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, str]],
+                        colours: Sequence[str], kinds: Sequence[str],
+                        count: int) -> list[tuple[str, str]]:
+    """Up to ``count`` distinct (colour, kind) pairs absent from ``present``, each sharing the kind
+    (other colour) or the colour (other kind) of a present pair, the two kinds alternating."""
+    have = set(present)
+    same_kind = sorted({(c, k) for _, k in have for c in colours} - have)
+    same_colour = sorted({(c, k) for c, _ in have for k in kinds} - have)
+    pools = [same_kind, same_colour]
+    if rng.random() < 0.5:
+        pools.reverse()
+    out: list[tuple[str, str]] = []
+    for j in range(count):
+        pool = [p for p in pools[j % 2] if p not in out] or [p for p in pools[1 - j % 2] if p not in out]
+        if not pool:
+            break
+        out.append(pool[int(rng.integers(len(pool)))])
+    return out
+
+
+def _within_budget(names: list[str], budget: int, length_fn: Callable[[str], int]) -> list[str]:
+    """The leading names whose "name. " token lengths fit inside ``budget``."""
+    kept = []
+    for name in names:
+        budget -= length_fn(name + SEPARATOR)
+        if budget < 0:
+            break
+        kept.append(name)
+    return kept
+
+
+def load_object_colours(path: str | Path) -> dict[int, str]:
+    """annotation id -> ``attributes.colour`` of a fiber.data.synth ``detection.json``."""
+    import json
+    try:
+        anns = json.loads(Path(path).read_text())["annotations"]
+        return {int(a["id"]): str(a["attributes"]["colour"]) for a in anns}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataFormatError(f"{path}: no per-annotation attributes.colour ({e!r})") from None
+
+
 class GroundingTrainDataset:
     """Grounding entries then detection images as ``GroundingItem`` samples (module docstring).
 
@@ -243,9 +317,15 @@ class GroundingTrainDataset:
 
     def __init__(self, grounding: GroundingDataset | None, detection: DetectionDataset | None,
                  cache: LetterboxCache, tokenizer: PromptTokenizer, max_text_len: int,
-                 max_negatives: int = 85):
+                 max_negatives: int = 85, attributes: AttributeOptions | None = None,
+                 object_colours: dict[int, str] | None = None):
         if grounding is None and detection is None:
             raise ValueError("stage-2 data needs grounding entries or detection images")
+        self.attributes = attributes or AttributeOptions()
+        self.attributes.check()
+        if self.attributes.active and (detection is None or object_colours is None):
+            raise ValueError("attribute prompts / hard negatives need detection.json with each "
+                             "annotation's attributes.colour (fiber.data.synth writes them)")
         self.cache, self.tok, self.pad_id = cache, tokenizer, tokenizer.pad_id
         self.max_text_len, self.max_negatives = max_text_len, max_negatives
         self.grounding = list(grounding.samples) if grounding is not None else []
@@ -254,6 +334,15 @@ class GroundingTrainDataset:
         self.g_images = [cache.add(s.image) for s in self.grounding]
         self.d_images = [cache.add(im.image) for im in self.detection]
         self._name_tokens: dict[str, int] = {}
+        # (colour, kind) of every object per image file, for colour-kind prompts and hard negatives
+        self.scene_pairs: dict[Path, list[tuple[str, str]]] = {}
+        if self.attributes.active:
+            for im in self.detection:
+                self.scene_pairs[im.image] = [
+                    (object_colours[int(a)], self.names[int(c)])
+                    for a, c in zip(im.annotation_ids.tolist(), im.category_ids.tolist())]
+            self.colours = tuple(sorted(set(object_colours.values())))
+            self.kinds = tuple(self.names.values())
 
     def __len__(self) -> int:
         return len(self.grounding) + len(self.detection)
@@ -265,7 +354,19 @@ class GroundingTrainDataset:
 
     def _grounding_item(self, i: int) -> GroundingItem:
         s, image = self.grounding[i], self.g_images[i]
-        enc = self.tok.encode(s.caption, [list(p.spans) for p in s.phrases])
+        caption = s.caption
+        opt = self.attributes
+        if opt.hard_negatives > 0 and s.image in self.scene_pairs:
+            rng = np.random.default_rng([int(np.random.randint(2**31)), i])
+            if rng.random() < opt.hard_negatives:
+                negs = hard_negative_pairs(rng, self.scene_pairs[s.image], self.colours,
+                                           self.kinds, int(rng.integers(1, opt.max_hard_negatives + 1)))
+                # absent phrases after the caption: every one of their tokens is a negative
+                budget = self.max_text_len - 2 - self._token_len(caption)
+                kept = _within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
+                if kept:
+                    caption = caption + SEPARATOR + SEPARATOR.join(kept)
+        enc = self.tok.encode(caption, [list(p.spans) for p in s.phrases])
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
         info = self.cache.info(image)
@@ -275,7 +376,7 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[p])
         b, pm = _targets(boxes, rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, s.caption)
+        return GroundingItem(image, _real_ids(enc), b, pm, caption)
 
     def _token_len(self, text: str) -> int:
         if text not in self._name_tokens:
@@ -286,6 +387,8 @@ class GroundingTrainDataset:
         im, image = self.detection[i], self.d_images[i]
         # the loop seeds numpy's global RNG per micro-batch chunk; + i keeps samples apart
         rng = np.random.default_rng([int(np.random.randint(2**31)), i])
+        if self.attributes.attribute_prompts > 0 and rng.random() < self.attributes.attribute_prompts:
+            return self._attribute_item(i, rng)
         present = [self.names[c] for c in im.category_ids.tolist()]
         sampled = sample_detection_prompt(rng, present, list(self.names.values()),
                                           max_negatives=self.max_negatives,
@@ -303,6 +406,37 @@ class GroundingTrainDataset:
             if name in where:  # positives cut for length lose their boxes
                 boxes.append(box)
                 rows.append(pmap[where[name]])
+        b, pm = _targets(boxes, rows, n)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+
+    def _attribute_item(self, i: int, rng: np.random.Generator) -> GroundingItem:
+        """A detection image prompted with "colour kind" phrases: every (colour, kind) present
+        (its boxes) + absent hard negatives sharing the kind or the colour of a present one, so
+        that only the colour (or only the kind) token tells a positive from a negative."""
+        im, image = self.detection[i], self.d_images[i]
+        pairs = self.scene_pairs[im.image]
+        present = list(dict.fromkeys(pairs))
+        present = [present[j] for j in rng.permutation(len(present))]
+        count = int(rng.integers(1, self.attributes.max_hard_negatives + 1)) + len(present) // 2
+        negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count)
+        budget = self.max_text_len - 2
+        pos = _within_budget([f"{c} {k}" for c, k in present], budget, self._token_len)
+        budget -= sum(self._token_len(n + SEPARATOR) for n in pos)
+        neg = _within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
+        names = pos + neg
+        if not names:  # an image without objects: a few random pairs, all negative
+            names = [f"{self.colours[rng.integers(len(self.colours))]} {k}" for k in self.kinds[:3]]
+        names = [names[j] for j in rng.permutation(len(names))]
+        prompt, spans = build_detection_prompt(names)
+        enc = self.tok.encode(prompt, [[sp] for sp in spans])
+        n = enc.num_tokens
+        pmap = enc.phrase_map[:, :n]
+        where = {name: p for p, name in enumerate(names)}
+        boxes, rows = [], []
+        for box, (c, k) in zip(_network_boxes(im.boxes, self.cache.info(image)), pairs):
+            if f"{c} {k}" in where:
+                boxes.append(box)
+                rows.append(pmap[where[f"{c} {k}"]])
         b, pm = _targets(boxes, rows, n)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt)
 
@@ -336,6 +470,7 @@ class Stage2Options:
     grounding: bool = True       # use DATA/grounding.json (captions + referring expressions)
     detection: bool = True       # use DATA/detection.json (class-name prompts with negatives)
     max_negatives: int = 85      # RANDOM_SAMPLE_NEG of the official O365 config
+    attributes: AttributeOptions = AttributeOptions()  # colour-kind prompts, hard negatives
 
 
 def load_stage1(data_dir: str | Path, cfg: ModelConfig,
@@ -358,7 +493,14 @@ def load_stage2(data_dir: str | Path, cfg: ModelConfig, options: Stage2Options =
     grounding = load_grounding(root / GROUNDING_FILE) if options.grounding else None
     detection = load_detection(root / DETECTION_FILE) if options.detection else None
     cache = build_cache(cfg)
+    colours = None
+    if options.attributes.active:
+        if detection is None:
+            raise ValueError("attribute prompts / hard negatives need the detection data "
+                             "(each image's objects and colours): drop --no-detection")
+        colours = load_object_colours(root / DETECTION_FILE)
     data = GroundingTrainDataset(grounding, detection, cache, build_tokenizer(cfg),
-                                 cfg.max_text_len, options.max_negatives)
+                                 cfg.max_text_len, options.max_negatives, options.attributes,
+                                 colours)
     cache.load(progress)
     return data

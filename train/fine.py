@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.data import Stage2Options, load_stage2
+from train.data import AttributeOptions, Stage2Options, load_stage2
 from train.loop import TrainConfig, fit, train_config_from_args
 from train.tasks import (FineOptions, FineTask, add_stage_args, is_main_process, load_init,
                          model_config, progress_bar, run_cli)
@@ -43,6 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train on DATA/grounding.json (captions, referring expressions)")
     p.add_argument("--max-negatives", type=int, default=85,
                    help="most random negative class names in a detection prompt")
+    p.add_argument("--attribute-prompts", type=float, default=0.0, metavar="P",
+                   help="probability that a detection image is prompted with 'colour kind' phrases "
+                        "(present pairs + absent hard negatives) instead of kind names")
+    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                   help="probability that a caption gets absent 'colour kind' phrases appended "
+                        "(same kind other colour, same colour other kind; all tokens negative)")
+    p.add_argument("--max-hard-negatives", type=int, default=4,
+                   help="most hard-negative phrases added to one caption")
     return p
 
 
@@ -55,7 +63,9 @@ def _run(args: argparse.Namespace) -> str:
         if is_main_process():
             print(report.summary(), flush=True)
     options = Stage2Options(grounding=args.grounding, detection=args.detection,
-                            max_negatives=args.max_negatives)
+                            max_negatives=args.max_negatives,
+                            attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
+                                                        args.max_hard_negatives))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,

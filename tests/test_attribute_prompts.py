@@ -1,0 +1,228 @@
+"""Issue 14: training prompts that make the colour token decide (colour-kind detection prompts with
+absent hard negatives, hard negatives appended to captions), the attribute benchmark's matching,
+and compress.recover (a checkpoint read back from an FP32 package's ONNX graphs)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fiber.config import get_config
+from fiber.data.synth import COLOURS, KINDS, SynthConfig, generate
+from train import fine
+from train.data import (AttributeOptions, Stage2Options, hard_negative_pairs, load_stage2,
+                        raw_tokenizer)
+
+CFG = get_config("fiber-tiny-test")
+S = CFG.swin.img_size
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(SynthConfig(images=8, seed=0, sizes=((160, 128), (128, 160))), out)
+    return out
+
+
+def _scene_pairs(data_dir):
+    det = json.loads((data_dir / "detection.json").read_text())
+    kinds = {c["id"]: c["name"] for c in det["categories"]}
+    pairs: dict[int, list] = {}
+    for a in det["annotations"]:
+        pairs.setdefault(a["image_id"], []).append((a["attributes"]["colour"], kinds[a["category_id"]]))
+    return det, pairs
+
+
+def _marked(item, row):
+    """The lower-cased words whose tokens a positive-map row marks."""
+    tok = raw_tokenizer()
+    enc = tok.encode(item.prompt.lower())
+    assert enc.ids == item.input_ids.tolist()
+    return "".join(item.prompt.lower()[s:e] for t, (s, e) in enumerate(enc.offsets) if row[t] > 0)
+
+
+def test_hard_negative_pairs_are_absent_and_share_a_kind_or_colour():
+    rng = np.random.default_rng(0)
+    present = [("red", "star"), ("blue", "ring")]
+    for _ in range(50):
+        negs = hard_negative_pairs(rng, present, tuple(COLOURS), KINDS, 4)
+        assert len(negs) == len(set(negs)) == 4
+        for c, k in negs:
+            assert (c, k) not in present
+            assert any(c == pc or k == pk for pc, pk in present)
+        # both kinds of hard negative: same kind other colour and same colour other kind
+        assert any(k in ("star", "ring") and c not in ("red", "blue") or
+                   (c, k) in {("blue", "star"), ("red", "ring")} for c, k in negs)
+        assert any(c in ("red", "blue") and k not in ("star", "ring") for c, k in negs)
+    assert hard_negative_pairs(rng, [("red", "star")], ("red",), ("star",), 3) == []
+
+
+def test_attribute_options_are_checked(data_dir):
+    for bad in (AttributeOptions(attribute_prompts=1.5), AttributeOptions(hard_negatives=-0.1),
+                AttributeOptions(hard_negatives=0.5, max_hard_negatives=0)):
+        with pytest.raises(ValueError):
+            load_stage2(data_dir, CFG, Stage2Options(attributes=bad))
+    with pytest.raises(ValueError, match="detection"):
+        load_stage2(data_dir, CFG, Stage2Options(detection=False,
+                                                 attributes=AttributeOptions(hard_negatives=0.5)))
+
+
+def test_colour_kind_prompts_mark_each_object_with_its_own_pair_only(data_dir):
+    data = load_stage2(data_dir, CFG, Stage2Options(grounding=False,
+                                                    attributes=AttributeOptions(attribute_prompts=1.0)))
+    det, pairs = _scene_pairs(data_dir)
+    seen_negative = 0
+    for seed in range(3):
+        np.random.seed(seed)
+        for i, im in enumerate(det["images"]):
+            item = data[i]
+            names = item.prompt.split(". ")
+            present = {f"{c} {k}" for c, k in pairs.get(im["id"], [])}
+            assert all(len(n.split()) == 2 for n in names), item.prompt
+            negs = [n for n in names if n not in present]
+            seen_negative += len(negs)
+            for n in negs:  # absent, and sharing the colour or the kind of a present pair
+                c, k = n.split()
+                assert any(c == p.split()[0] or k == p.split()[1] for p in present), (n, present)
+            scale = S / max(im["width"], im["height"])
+            anns = [a for a in det["annotations"] if a["image_id"] == im["id"]]
+            kinds = {c["id"]: c["name"] for c in det["categories"]}
+            for a in anns:
+                x, y, w, h = a["bbox"]
+                box = np.array([x, y, x + w, y + h], np.float32) * scale
+                hits = np.abs(item.boxes - box).max(1) < 1e-2
+                pair = f"{a['attributes']['colour']} {kinds[a['category_id']]}"
+                if pair not in names:  # cut for the tiny config's 32-token budget
+                    assert not hits.any()
+                    continue
+                assert hits.sum() == 1
+                assert _marked(item, item.positive_map[hits][0]) == pair.replace(" ", "")
+    assert seen_negative > 0
+
+
+def test_captions_get_absent_hard_negatives_whose_tokens_are_all_negative(data_dir):
+    opts = Stage2Options(attributes=AttributeOptions(hard_negatives=1.0, max_hard_negatives=3))
+    data = load_stage2(data_dir, CFG, opts)
+    plain = load_stage2(data_dir, CFG, Stage2Options(detection=True))
+    np.random.seed(0)
+    changed = 0
+    for i in range(len(data.grounding)):
+        item, base = data[i], plain[i]
+        assert item.prompt.startswith(base.prompt)
+        extra = item.prompt[len(base.prompt):]
+        present = {f"{c} {k}" for c, k in data.scene_pairs[data.grounding[i].image]}
+        if extra:
+            changed += 1
+            added = extra[2:].split(". ")
+            assert extra.startswith(". ") and 1 <= len(added) <= 3
+            assert not set(added) & present
+            assert len(item.input_ids) <= CFG.max_text_len
+        # the caption's own targets are unchanged; the appended tokens are negative everywhere
+        np.testing.assert_array_equal(item.boxes, base.boxes)
+        np.testing.assert_array_equal(item.positive_map[:, :len(base.input_ids) - 1],
+                                      base.positive_map[:, :len(base.input_ids) - 1])
+        assert not item.positive_map[:, len(base.input_ids) - 1:].any()
+    assert changed > 0
+
+
+def test_fine_cli_trains_with_attribute_prompts(data_dir, tmp_path):
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--config", "fiber-tiny-test",
+         "--init", "none", "--max-steps", "2", "--batch-size", "4", "--log-every", "1",
+         "--no-progress", "--attribute-prompts", "0.8", "--hard-negatives", "0.5"])
+    assert fine.main(args) == 0
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec[-1]["step"] == 2 and np.isfinite(rec[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_attribute_matching_counts_wrong_colour_absent_phrase_and_duplicates():
+    from benchmarks.attributes import PromptedScene, match
+
+    scene = PromptedScene(np.zeros((64, 64, 3), np.uint8), "red star. blue star. red bolt",
+                          (("red", "star"), ("blue", "star"), ("red", "bolt")),
+                          np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32),
+                          (("red", "star"), ("blue", "star")), (2,))
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]],
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.1], np.float32)
+    phrase = np.array([0, 1, 2, 1, 0])
+    c = match(scene, boxes, scores, phrase, 0.5)
+    assert (c["tp"], c["fp"], c["matched"], c["objects"]) == (2, 2, 2, 2)
+    assert (c["fp_wrong_pair"], c["fp_absent_phrase"], c["fp_duplicate_or_loc"]) == (1, 1, 0)
+    c = match(scene, boxes, scores, phrase, 0.0)   # the low duplicate counts too
+    assert c["fp_duplicate_or_loc"] == 1 and c["tp"] == 2
+    c = match(scene, boxes, scores, phrase, 0.95)
+    assert c["tp"] == c["fp"] == c["matched"] == 0
+
+
+def test_attribute_scenes_name_present_pairs_and_two_absent_hard_negatives():
+    from benchmarks.attributes import make_scenes
+
+    scenes = make_scenes(6, seed=3)
+    assert [s.prompt for s in scenes] == [s.prompt for s in make_scenes(6, seed=3)]
+    for s in scenes:
+        assert set(s.pairs) <= set(s.phrases) and len(s.absent) == 2
+        for j in s.absent:
+            c, k = s.phrases[j]
+            assert (c, k) not in s.pairs
+        kinds = {k for _, k in s.pairs}
+        colours = {c for c, _ in s.pairs}
+        assert any(s.phrases[j][1] in kinds and s.phrases[j][0] not in colours or
+                   s.phrases[j][1] in kinds for j in s.absent)
+        assert any(s.phrases[j][0] in colours for j in s.absent)
+
+
+# ----------------------------------------------------------------------------- recover
+
+
+def test_recover_reads_the_weights_back_from_an_fp32_package(tmp_path):
+    """Export a random tiny checkpoint (gates opened), recover it from the package: every tensor
+    a graph reads comes back exactly (word table: its per-row int8 values); an INT8-labelled
+    package, a missing folder and an existing --out are refused with exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from fiber.checkpoint import save_checkpoint
+    from fiber.models import FiberForGrounding
+
+    repo = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=repo, capture_output=True,  # noqa: E731
+                                    text=True, timeout=600)
+    torch.manual_seed(3)
+    model = FiberForGrounding(CFG)
+    model.backbone.set_gates(0.5)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model.state_dict(), CFG, {"task": "fine"})
+    package = tmp_path / "pkg"
+    r = run("compress.export", "--checkpoint", str(ckpt), "--out", str(package), "--buckets", "16",
+            "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "back"
+    r = run("compress.recover", "--package", str(package), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got, want = load_file(str(out / "model.safetensors")), model.state_dict()
+    words = "backbone.text.embeddings.word_embeddings.weight"
+    unread = {k for k in want if k.endswith("crossattention_t2i.output.LayerNorm.weight")
+              or k.endswith("crossattention_t2i.output.LayerNorm.bias")}
+    for k, v in want.items():
+        if k == words:  # per-row int8: within half a step of each row's scale
+            step = v.abs().amax(1, keepdim=True) / 127
+            assert ((got[k] - v).abs() <= step / 2 + 1e-6).all()
+        elif k == "backbone.text.embeddings.token_type_embeddings.weight":
+            torch.testing.assert_close(got[k][0], v[0], rtol=0, atol=0)  # row 1 is never read
+        elif k not in unread:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["recovered_from"] == str(package) and max(meta["recovery"]["parity"].values()) < 1e-4
+    r = run("compress.recover", "--package", str(package), "--out", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = run("compress.recover", "--package", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
