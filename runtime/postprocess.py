@@ -337,8 +337,8 @@ def _top_desc(scores: np.ndarray, k: int) -> np.ndarray:
 
 def official_candidates(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
                         phrase_map: np.ndarray, level_sizes: Sequence[int], info: LetterboxInfo,
-                        threshold: float = 0.05, pre_nms_top_k: int = 1000,
-                        use_native: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        threshold: float = 0.05,
+                        pre_nms_top_k: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The candidates that reach the official multi-label NMS (golden/fine README §5, 1-5).
 
     boxes float32 [N, 4] decoded xyxy canvas pixels (official box coder), token_logits [N, T],
@@ -454,7 +454,7 @@ def postprocess_official(boxes: np.ndarray, token_logits: np.ndarray, centerness
         raise ValueError(f"max_detections must be >= 1 and per_phrase, min_per_phrase >= 0, got "
                          f"{max_detections}, {per_phrase}, {min_per_phrase}")
     cb, cs, cl = official_candidates(boxes, token_logits, centerness, phrase_map, level_sizes,
-                                     info, threshold, pre_nms_top_k, use_native)
+                                     info, threshold, pre_nms_top_k)
     keep = ml_nms(cb, cs, None if one_label_per_box else cl, nms_iou, use_native)
     if per_phrase > 0 or min_per_phrase > 0:
         keep = keep[_order_desc(cs[keep])]

@@ -161,17 +161,17 @@ def by_score(boxes, scores, labels):
     return boxes[order], scores[order], labels[order]
 
 
+F32 = np.float32
 GOLDEN_POST = dict(threshold=0.05, pre_nms_top_k=40)  # README §1: PRE_NMS_TOP_N 40
 
 
-@pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("i", [0, 1])
-def test_official_candidates_match_the_golden_nms_input(io, i, use_native):
+def test_official_candidates_match_the_golden_nms_input(io, i):
     boxes, logits, ctr, sizes = graph_outputs(io, i)
     assert sizes == [1008, 252, 63, 20, 6]
     pm = io[f"input.phrase_token_map.caption{i}"]
     cb, cs, cl = official_candidates(boxes, logits, ctr, pm, sizes, image_info(io, i),
-                                     **GOLDEN_POST, use_native=use_native)
+                                     **GOLDEN_POST)
     want = by_score(io[f"det.img{i}.prenms_boxes_resized"], io[f"det.img{i}.prenms_scores"],
                     io[f"det.img{i}.prenms_labels"].astype(np.int64) - 1)
     got = by_score(cb, cs, cl)
@@ -260,3 +260,34 @@ def test_detector_runs_the_official_semantics_from_the_manifest(io, tmp_path):
             prepared = det.preprocess(io[f"input.image{i}_rgb_uint8"])  # the threaded path
             np.testing.assert_array_equal(prepared.tensor[0], io["input.images"][i])
             assert len(det.detect(prepared, captions[i])) == 25
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_official_postprocess_by_hand(use_native):
+    # 4 anchors on one level, 2 phrases (tokens 1 and 2+3), canvas 100 x 100, source 200 x 100
+    boxes = np.array([[10, 10, 50, 50], [12, 12, 52, 52], [60, 60, 90, 90], [-5, 0, 120, 40]], F32)
+    logits = np.full((4, 5), -9.0, F32)
+    logits[:, 1] = [2.0, 1.0, 0.0, -9.0]          # phrase 0
+    logits[:, 2] = logits[:, 3] = [1.5, 3.0, -9.0, 0.5]  # phrase 1
+    ctr = np.zeros(4, F32)                          # sigmoid 0.5
+    pm = np.array([[0, 1, 0, 0, 0], [0, 0, 1, 1, 0]], F32)
+    info = LetterboxInfo(0.5, 100, 100, 200, 200)
+    run = lambda **kw: postprocess_official(boxes, logits, ctr, pm, [4], info, use_native=use_native,
+                                            phrases=("a", "b"), **kw)
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    d = run()
+    # anchors 0/1 overlap (+1 IoU 0.82): suppressed within a phrase, not across phrases
+    want = sorted((float(np.sqrt(sig(x) * 0.5)), p) for p, x in [(0, 2.0), (0, 0.0), (1, 3.0),
+                                                                   (1, 0.5)])[::-1]
+    np.testing.assert_allclose(d.scores, [w[0] for w in want], rtol=1e-6)  # best first
+    assert d.phrase_index.tolist() == [w[1] for w in want]
+    # clipped to the resized image [0, 99], then x * 200/100, y * 200/100
+    np.testing.assert_allclose(d.boxes[d.phrase_index == 1][-1], [0, 0, 198, 80])
+    assert len(run(one_label_per_box=True)) == 3     # anchor 0 (phrase 0) loses to anchor 1 (b)
+    assert len(run(max_detections=2)) == 2 and len(run(per_phrase=1)) == 2
+    assert len(run(threshold=0.99)) == 0 and run(threshold=0.99).phrases == ("a", "b")
+    tied = postprocess_official(boxes[[0, 2]], logits[[0, 0]], ctr[:2], pm, [2], info,
+                                max_detections=1, use_native=use_native)
+    assert len(tied) == 2  # the kthvalue cut keeps every score >= the k-th: a tie keeps both
+    with pytest.raises(ValueError, match="do not add up"):
+        postprocess_official(boxes, logits, ctr, pm, [3], info)
