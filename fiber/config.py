@@ -169,6 +169,47 @@ class HeadConfig:
                and 0.0 < self.nms_th <= 1.0, "head: post-processing limits out of range")
 
 
+INPUT_STYLES = ("letterbox", "official")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How a camera image becomes the detector's input (the package's ``input`` section).
+
+    "letterbox" (the small edge configs): a square ``swin.img_size`` canvas, scale = S / max(h, w),
+    RGB, ``(pixel / 255 - image_mean) / image_std``. "official" (the official fine models): the
+    official test resize (shorter side ``min_size``, longer side at most ``max_size``), BGR 0-255
+    with the official pixel mean/std, placed top-left on a fixed ``canvas`` [H, W] (a multiple of
+    32; an image that does not fit is scaled down to fit), zero padding after normalisation.
+    """
+    style: str = "letterbox"                  # "letterbox" | "official"
+    min_size: int = 800                       # official: INPUT.MIN_SIZE_TEST
+    max_size: int = 1333                      # official: INPUT.MAX_SIZE_TEST
+    canvas: tuple[int, int] = (800, 1344)     # official: [H, W] the exported detector graph runs at
+
+    def validate(self) -> None:
+        _check(self.style in INPUT_STYLES, f"input: style must be one of {', '.join(INPUT_STYLES)}, "
+               f"got {self.style!r}")
+        if self.style == "official":
+            _check(1 <= self.min_size <= self.max_size,
+                   f"input: need 1 <= min_size <= max_size, got {self.min_size} / {self.max_size}")
+            check_canvas(self.canvas)
+
+
+def check_canvas(canvas: tuple[int, ...], stride: int = 32, smallest: int = 64) -> tuple[int, int]:
+    """An official-style canvas [H, W]: two multiples of ``stride`` (the coarsest Swin stage), each
+    at least ``smallest`` (P7 needs a 2 x 2 P5 grid). ValueError naming what to change."""
+    if len(canvas) != 2 or not all(isinstance(v, int) for v in canvas):
+        raise ValueError(f"canvas must be two integers H x W, got {canvas!r}")
+    h, w = canvas
+    if h % stride or w % stride:
+        raise ValueError(f"canvas {h}x{w} is not divisible by {stride} (the coarsest stride); "
+                         f"use e.g. {max(stride, round(h / stride) * stride)}x{max(stride, round(w / stride) * stride)}")
+    if h < smallest or w < smallest:
+        raise ValueError(f"canvas {h}x{w} is too small for the model's strides: each side needs at least {smallest}")
+    return h, w
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -179,8 +220,10 @@ class ModelConfig:
     max_text_len: int = 64                    # largest text bucket (tokens incl. specials)
     image_mean: tuple[float, ...] = IMAGENET_MEAN  # RGB, applied to pixel / 255 outside the model
     image_std: tuple[float, ...] = IMAGENET_STD
+    input: InputConfig = field(default_factory=InputConfig)  # how images become the network input
 
     def __post_init__(self) -> None:
+        self.input.validate()
         self.swin.validate()
         self.text.validate()
         self.head.validate()
@@ -238,7 +281,8 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-_NESTED = {"swin": SwinConfig, "text": TextConfig, "fusion": FusionConfig, "head": HeadConfig}
+_NESTED = {"swin": SwinConfig, "text": TextConfig, "fusion": FusionConfig, "head": HeadConfig,
+           "input": InputConfig}
 
 
 def _from_dict(cls: type, d: Any, where: str) -> Any:
@@ -337,6 +381,7 @@ register_config(ModelConfig(
     head=HeadConfig(kind="dyhead", fpn_channels=256, num_convs=6, proj_dim=256, use_p6=True, use_p7=True,
                     queue_size=4096),
     max_text_len=256,  # official MAX_QUERY_LEN
+    input=InputConfig(style="official", min_size=800, max_size=1333, canvas=(800, 1344)),
 ))
 _FINE_VARIANTS["fiber-b"] = "fiber-b-fine"
 
@@ -353,6 +398,8 @@ register_config(ModelConfig(
     head=HeadConfig(kind="dyhead", fpn_channels=32, num_convs=6, proj_dim=32, use_p6=True, use_p7=True,
                     gn_groups=16, num_classes=80, pre_nms_top_n=40, detections_per_img=25),
     max_text_len=16,  # MAX_QUERY_LEN of the golden run
+    # The golden test transform (min 192 / max 288) and its batch's padded shape as the canvas.
+    input=InputConfig(style="official", min_size=192, max_size=288, canvas=(224, 288)),
 ))
 
 # The golden-parity config (tests/data/golden/PROVENANCE.md §1): FIBER-B's fusion topology shrunk.
