@@ -15,15 +15,31 @@ TOKENIZER_SRC = Path(__file__).resolve().parents[1] / "fiber" / "assets" / pkg.T
 POSTPROCESS = {"threshold": 0.05, "nms_iou": 0.6, "pre_nms_top_k": 1000, "max_detections": 100}
 
 
-def package_sections(cfg: ModelConfig, buckets: Sequence[int]) -> dict[str, Any]:
-    """The manifest's ``input``, ``text`` and ``postprocess`` sections for ``cfg`` (docs/architecture.md)."""
+def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequence[int] = (),
+                     lowercase: bool = True) -> dict[str, Any]:
+    """The manifest's ``input``, ``text`` and ``postprocess`` sections for ``cfg`` (docs/architecture.md).
+
+    An official-input config (``cfg.input.style == "official"``) gets the official input on its
+    canvas and the official per-level post-processing with the head's limits; ``level_sizes``
+    (anchors per level at the canvas) is required then. ``lowercase``: the default WordPiece
+    tokenizer lowercases; a checkpoint's own (RoBERTa byte-level BPE) tokenizer does not."""
+    text = {"tokenizer": pkg.TOKENIZER, "max_tokens": int(max(buckets)),
+            "buckets": [int(b) for b in buckets], "hidden_size": cfg.text.hidden_size,
+            "pad_id": cfg.text.pad_token_id, "lowercase": lowercase}
+    if cfg.input.style == "official":
+        if not level_sizes:
+            raise ValueError(f"config '{cfg.name}': official post-processing needs the anchors per level")
+        head = cfg.head
+        post = pkg.PostprocessSpec(style=pkg.POST_OFFICIAL, threshold=head.inference_th, nms_iou=head.nms_th,
+                                   pre_nms_top_k=head.pre_nms_top_n, max_detections=head.detections_per_img,
+                                   level_sizes=tuple(int(n) for n in level_sizes))
+        return {"input": pkg.InputSpec.official(cfg.input.canvas, cfg.input.min_size, cfg.input.max_size).to_json(),
+                "text": text, "postprocess": post.to_json()}
     s = cfg.swin.img_size
     return {
         "input": {"size": [s, s], "channel_order": "RGB", "mean": list(cfg.image_mean),
                   "std": list(cfg.image_std), "letterbox": "top-left", "pad_value": 0.0},
-        "text": {"tokenizer": pkg.TOKENIZER, "max_tokens": int(max(buckets)),
-                 "buckets": [int(b) for b in buckets], "hidden_size": cfg.text.hidden_size,
-                 "pad_id": cfg.text.pad_token_id, "lowercase": True},
+        "text": text,
         "postprocess": dict(POSTPROCESS),
     }
 

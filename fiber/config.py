@@ -236,6 +236,21 @@ class ModelConfig:
                f"{self.name}: max_text_len {self.max_text_len} exceeds the {self.text.max_length} "
                f"positions of the text encoder")
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """[H, W] of the detector's image input: the official canvas, or the square letterbox."""
+        if self.input.style == "official":
+            return tuple(self.input.canvas)
+        return self.swin.img_size, self.swin.img_size
+
+    def with_canvas(self, canvas: tuple[int, int]) -> "ModelConfig":
+        """This config with another official canvas (``compress.export --canvas``); ValueError for
+        a letterbox config or a canvas that is not a multiple of 32 or too small."""
+        if self.input.style != "official":
+            raise ValueError(f"config '{self.name}' uses the square {self.swin.img_size} px letterbox; "
+                             f"only official-input configs take a canvas")
+        return self.replace(input=dataclasses.replace(self.input, canvas=check_canvas(tuple(canvas))))
+
     # -- fused-layer layout -------------------------------------------------------------
     @property
     def first_fused_text_layer(self) -> int:

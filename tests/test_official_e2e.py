@@ -1,0 +1,83 @@
+"""The user's path for an official FIBER fine release, end to end, against golden/fine:
+
+    python -m fiber.checkpoint convert-official WEIGHTS --config fiber-golden-fine --tokenizer DIR --out CK
+    python -m compress.export --checkpoint CK --out PKG
+    python -m runtime.detect --package PKG --requests R.jsonl --json OUT.jsonl
+
+on the two raw golden images with their two prompts returns the official final detections (boxes in
+original pixels within 0.05 px, scores within 1e-3, the same phrases, the same count).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from common import package as pkg
+
+pytestmark = pytest.mark.slow  # converts, exports (78 DeformConv nodes) and runs the golden detector: ~2 min
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "data" / "golden" / "fine"
+TOKENIZER = REPO / "tests" / "data" / "golden" / "fine_tokenizer"
+
+
+@pytest.fixture(scope="module")
+def golden_package(tmp_path_factory) -> Path:
+    from compress import export
+    from fiber import checkpoint
+
+    tmp = tmp_path_factory.mktemp("official")
+    args = checkpoint.get_args_parser().parse_args([
+        "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
+        "--tokenizer", str(TOKENIZER), "--out", str(tmp / "ck")])
+    assert checkpoint.main(args) == 0
+    args = export.get_args_parser().parse_args(["--checkpoint", str(tmp / "ck"), "--out", str(tmp / "pkg")])
+    assert export.main(args) == 0
+    return tmp / "pkg"
+
+
+def test_the_package_records_the_official_input_and_post_processing(golden_package):
+    manifest = pkg.read_manifest(golden_package)
+    assert manifest["input"]["size"] == [224, 288] and manifest["input"]["channel_order"] == "BGR"
+    assert manifest["input"]["resize"]["min_size"] == 192 and manifest["input"]["resize"]["max_size"] == 288
+    post = manifest["postprocess"]
+    assert post["style"] == "official" and post["level_sizes"] == [1008, 252, 63, 20, 6]
+    assert (post["threshold"], post["pre_nms_top_k"], post["max_detections"], post["nms_iou"]) == (0.05, 40, 25, 0.6)
+    assert manifest["text"]["lowercase"] is False and manifest["text"]["pad_id"] == 1
+    assert manifest["text"]["buckets"] == [16]
+
+
+def test_official_release_to_runtime_detections(golden_package, tmp_path):
+    from runtime import detect
+
+    io = load_file(str(GOLDEN / "fiber_fine_small_io.safetensors"))
+    with safe_open(str(GOLDEN / "fiber_fine_small_io.safetensors"), "np") as f:
+        meta = f.metadata()
+    captions, labels = json.loads(meta["queries"]), json.loads(meta["label_lists"])
+    requests = tmp_path / "requests.jsonl"
+    with requests.open("w") as f:
+        for i, caption in enumerate(captions):
+            Image.fromarray(io[f"input.image{i}_rgb_uint8"]).save(tmp_path / f"golden{i}.png")
+            f.write(json.dumps({"image": f"golden{i}.png", "prompt": caption}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = detect.get_args_parser().parse_args(["--package", str(golden_package), "--requests", str(requests),
+                                                "--json", str(out), "--headless", "--backend", "onnxruntime"])
+    assert detect.main(args) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        got = sorted(line["detections"], key=lambda d: -d["score"])
+        order = np.argsort(-io[f"det.img{i}.scores"], kind="stable")
+        want_boxes = io[f"det.img{i}.boxes_orig"][order]
+        want_scores = io[f"det.img{i}.scores"][order]
+        want_phrases = [labels[i][int(k) - 1] for k in io[f"det.img{i}.labels"][order]]
+        assert len(got) == len(want_scores) == 25
+        assert [d["phrase"] for d in got] == want_phrases
+        np.testing.assert_allclose([d["score"] for d in got], want_scores, atol=1e-3)
+        np.testing.assert_allclose([d["box"] for d in got], want_boxes, atol=0.05)
