@@ -39,6 +39,7 @@ import onnx
 from onnx import shape_inference
 
 from common import package as pkg
+from fiber.flops import giga
 
 # op type -> (index of operand A (the activations), index of operand B (the weights / 2nd operand))
 MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "FusedMatMul": (0, 1),
@@ -50,11 +51,6 @@ GROUPS = ("image backbone", "fused image blocks", "fused text layers", "cross-at
 FUSED_GROUPS = ("fused image blocks", "fused text layers", "cross-attention")
 _FC2 = re.compile(r"^/blocks[^/]*/mlp/fc2[^/]*/")
 _IMAGE_SCOPES = ("patch_embed", "blocks", "downsample", "norm")
-
-
-def giga(flops: int, digits: int = 4) -> float:
-    """FLOPs in units of 1e9, to ``digits`` significant digits (0.0001234, 1.912, 8.301)."""
-    return float(f"{flops / 1e9:.{digits}g}")
 
 
 class FlopsError(ValueError):
@@ -331,43 +327,6 @@ def package_flops(package: str | Path, tokens: int | None = None, verify: bool =
         "text": count_graph(package / graphs["text"]["file"], dims),
         "detector": count_graph(package / graphs["detector"]["file"], dims, detector_grouper(manifest)),
     }
-
-
-def torch_flops(fn: Callable[..., Any], *args: Any) -> int:
-    """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter`` (for checkpoints, and as a cross-check)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return int(counter.get_total_flops())
-
-
-def checkpoint_flops(checkpoint: str | Path, tokens: int = pkg.DEFAULT_BUCKETS[0]) -> dict[str, Any]:
-    """``{"text": {...}, "detector": {...}}`` (as ``GraphFlops.to_json``, without groups) of a fine
-    checkpoint, by ``torch_flops`` on ``encode_text`` and ``detect`` at batch 1 and ``tokens``."""
-    import torch
-
-    from train.predictor import load_grounding_model
-
-    model, _ = load_grounding_model(checkpoint)
-    dims = {"batch": 1, "tokens": tokens}
-    return {g: {"file": f"{checkpoint} ({g})", "dims": dims, "flops": v, "gflops": giga(v),
-                "shapes_from": "torch.utils.flop_counter"} for g, v in model_flops(model, tokens).items()}
-
-
-def model_flops(model: Any, tokens: int = pkg.DEFAULT_BUCKETS[0]) -> dict[str, int]:
-    """``{"text": FLOPs, "detector": FLOPs}`` of a grounding model (``encode_text`` / ``detect``) at
-    batch 1 and ``tokens`` text tokens; the weights do not matter, only the config."""
-    import torch
-
-    s = model.cfg.swin.img_size
-    ids = torch.ones(1, tokens, dtype=torch.int64)
-    mask = torch.ones(1, tokens, dtype=torch.int64)
-    with torch.inference_mode():
-        hidden = model.encode_text(ids, mask)
-    return {"text": torch_flops(model.encode_text, ids, mask),
-            "detector": torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)}
 
 
 # ----------------------------------------------------------------------------- CLI

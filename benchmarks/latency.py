@@ -242,14 +242,13 @@ def _open_checkpoint(subject: Subject, threads: int | None) -> Opened:
 
     from compress.manifest import resolve_buckets
     from compress.torch_engines import torch_engines
-    from fiber.checkpoint import CheckpointError
+    from fiber.checkpoint import CheckpointError, load_fine_model
     from runtime.predictor import Detector
-    from train.predictor import load_grounding_model
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        model, meta = load_grounding_model(subject.package)
+        model, meta = load_fine_model(subject.package, "the torch reference")
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     cfg = model.cfg

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 from benchmarks import flops as flops_mod
 from benchmarks import machine, plots
+from fiber.flops import checkpoint_flops
 from benchmarks.accuracy import AccuracyConfig, run_accuracy
 from benchmarks.latency import (DEFAULT_BACKENDS, TORCH, LatencyConfig, one_line, is_engine_dir,
                                 measure_video, parse_backends, ratio, run_latency)
@@ -135,7 +136,7 @@ def count_flops(packages: Sequence[Mapping[str, Any]], teacher_ckpt: str | None)
         try:
             name = "/".join(Path(teacher_ckpt).resolve().parts[-2:])
             out[teacher_ckpt] = {"status": "ok", "name": f"{name} (checkpoint)",
-                                 **flops_mod.checkpoint_flops(teacher_ckpt)}
+                                 **checkpoint_flops(teacher_ckpt)}
         except Exception as e:  # a bad checkpoint must not stop the report
             out[teacher_ckpt] = {"status": "not measured", "name": teacher_ckpt, "reason": one_line(e)}
     return out

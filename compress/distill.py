@@ -54,7 +54,7 @@ from torch import nn
 
 from fiber.backbone import FusedOutput
 from fiber.box_ops import paired_generalized_box_iou
-from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint_dir
+from fiber.checkpoint import load_fine_model
 from fiber.config import ModelConfig
 from fiber.heads.grounding import GroundingOutput
 from fiber.losses import GroundingTarget
@@ -150,16 +150,8 @@ def load_teacher(path: str | Path) -> tuple[FiberForGrounding, Path]:
     CheckpointError for a missing or malformed checkpoint, a coarse one, or weights that do not
     fit its own config. ``kd_proj.*`` tensors (a distillation checkpoint) are ignored.
     """
-    folder = resolve_checkpoint_dir(path)
-    state, cfg, meta = load_checkpoint(folder)
-    task = meta.get("task")
-    if task not in (None, "fine"):
-        raise CheckpointError(f"--teacher {folder} is a '{task}' checkpoint; the teacher must be a "
-                              f"fine (grounding) checkpoint, e.g. a train.fine run")
-    teacher = FiberForGrounding(cfg)
-    state = {k: v for k, v in state.items() if not k.startswith(KD_PROJ_PREFIX)}
-    load_model_state(teacher, state, source=f"--teacher {folder}")
-    return teacher.eval().requires_grad_(False), folder
+    teacher, meta = load_fine_model(path, "the teacher (--teacher)")
+    return teacher.requires_grad_(False), Path(meta["path"])
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ from common.atomic import atomic_dir
 from compress import calibrate, cpu_int8, onnx_export, onnx_graph, word_table
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, package_sections, resolve_buckets
-from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from fiber import checkpoint as checkpoint_io
+from fiber.checkpoint import CheckpointError
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
 
@@ -110,21 +111,12 @@ class ExportResult:
 
 def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
                     ) -> tuple[FiberForGrounding, ModelConfig, dict[str, Any]]:
-    """A ``FiberForGrounding`` in eval mode from a *fine* checkpoint; ExportError otherwise."""
+    """``fiber.checkpoint.load_fine_model`` for export: (model in eval mode, its config, meta); ExportError."""
     try:
-        state, cfg, meta = load_checkpoint(checkpoint, expect_name=expect_name)
+        model, meta = checkpoint_io.load_fine_model(checkpoint, "export", expect_name=expect_name)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    task = meta.get("task")
-    if task != "fine":
-        raise ExportError(f"checkpoint {checkpoint} is a {task!r} checkpoint; export needs a fine-tuned "
-                          "grounding checkpoint (task 'fine', written by train.fine or compress.distill)")
-    model = FiberForGrounding(cfg)
-    try:
-        load_model_state(model, state, source=f"checkpoint {checkpoint} (config '{cfg.name}')")
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    return model.eval(), cfg, meta
+    return model, model.cfg, meta
 
 
 # ----------------------------------------------------------------------------- example inputs
@@ -402,7 +394,7 @@ def distillation_record(meta: dict[str, Any], student: FiberForGrounding) -> dic
     kd = meta.get("distill")
     if not isinstance(kd, dict):
         return None
-    from benchmarks.flops import giga, model_flops
+    from fiber.flops import giga, model_flops
     from fiber.config import get_config
 
     record: dict[str, Any] = {k: kd.get(k) for k in ("teacher", "teacher_config", "weights")}

@@ -56,7 +56,7 @@ from common.package import sha256_file
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, resolve_buckets
 from compress.torch_engines import torch_engines
-from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_model_state,
+from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_fine_model, load_model_state,
                               resolve_checkpoint_dir, save_checkpoint)
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
@@ -491,19 +491,12 @@ def _checkpoint_dir(checkpoint: str | Path) -> Path:
 
 
 def load_fine(checkpoint: str | Path, expect_name: str | None = None) -> tuple[FiberForGrounding, ModelConfig]:
+    """``fiber.checkpoint.load_fine_model`` for quantisation: (model in eval mode, its config); QuantizeError."""
     try:
-        state, mcfg, meta = load_checkpoint(checkpoint, expect_name=expect_name)
+        model, _ = load_fine_model(checkpoint, "quantisation", expect_name=expect_name)
     except CheckpointError as e:
         raise QuantizeError(str(e)) from None
-    if meta.get("task") != "fine":
-        raise QuantizeError(f"checkpoint {checkpoint} is a {meta.get('task')!r} checkpoint; quantisation "
-                            "needs a fine-tuned grounding checkpoint (task 'fine')")
-    model = FiberForGrounding(mcfg)
-    try:
-        load_model_state(model, state, source=f"checkpoint {checkpoint}")
-    except CheckpointError as e:
-        raise QuantizeError(str(e)) from None
-    return model.eval(), mcfg
+    return model, model.cfg
 
 
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> QuantizeResult:

@@ -174,6 +174,29 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     model.load_state_dict(state_dict)
 
 
+def load_fine_model(path: str | Path, purpose: str, device: torch.device | str = "cpu",
+                    expect_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A fine (grounding) checkpoint folder or run folder (-> ``RUN/final``) -> (``FiberForGrounding``
+    in eval mode on ``device``, meta with ``"path"``: the folder read).
+
+    The one rule for what may be evaluated, quantised, exported or distilled from: config.json says
+    ``"task": "fine"`` (train.fine, compress.distill, QAT and recovered checkpoints do). ``purpose``
+    names the caller in the error. CheckpointError for a missing or malformed checkpoint, another
+    task or config name, or weights that do not fit the config.
+    """
+    from fiber.models import FiberForGrounding
+
+    folder = resolve_checkpoint_dir(path)
+    state, cfg, meta = load_checkpoint(folder, expect_name=expect_name)
+    task = meta.get("task")
+    if task != "fine":
+        raise CheckpointError(f"checkpoint {folder} is a {task!r} checkpoint; {purpose} needs a fine-tuned "
+                              "grounding checkpoint (task 'fine', written by train.fine or compress.distill)")
+    model = FiberForGrounding(cfg)
+    load_model_state(model, state, source=f"checkpoint {folder} (config '{cfg.name}')")
+    return model.to(device).eval(), {**meta, "path": str(folder)}
+
+
 def _s(items: list) -> str:
     return "s" if len(items) > 1 else ""
 

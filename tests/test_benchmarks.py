@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import flops, latency, machine, report
+from fiber.flops import checkpoint_flops, torch_flops
 from common import package as pkg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -136,8 +137,8 @@ def test_flops_match_torch_flop_counter(tiny, tokens):
     ids, mask = torch.ones(1, tokens, dtype=torch.int64), torch.ones(1, tokens, dtype=torch.int64)
     with torch.inference_mode():
         hidden = model.encode_text(ids, mask)
-    want_text = flops.torch_flops(model.encode_text, ids, mask)
-    want_det = flops.torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)
+    want_text = torch_flops(model.encode_text, ids, mask)
+    want_det = torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)
     assert counts["text"].flops == pytest.approx(want_text, rel=0.02)
     assert counts["detector"].flops == pytest.approx(want_det, rel=0.02)
     groups = counts["detector"].groups()
@@ -145,7 +146,7 @@ def test_flops_match_torch_flop_counter(tiny, tokens):
     assert "other" not in groups            # every counted node of the exporter's graph is placed
     for g in ("image backbone", "fused image blocks", "fused text layers", "cross-attention", "head"):
         assert groups[g] > 0, g
-    ck = flops.checkpoint_flops(tiny["checkpoint"], tokens)
+    ck = checkpoint_flops(tiny["checkpoint"], tokens)
     assert ck["detector"]["flops"] == want_det
 
 

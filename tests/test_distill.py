@@ -23,7 +23,7 @@ from fiber.config import FusionConfig, get_config, register_config
 from fiber.data.synth import SynthConfig, generate
 from fiber.models import FiberForGrounding
 from train.data import load_stage2
-from train.predictor import load_grounding_model
+from fiber.checkpoint import load_fine_model
 
 TEACHER = get_config("fiber-tiny-test")
 # Narrower Swin (4 vs 8), 3 text layers (vs 4), K = 2 (vs 3); same input, strides, head, tokenizer.
@@ -217,7 +217,7 @@ def test_cli_run_final_is_a_plain_student_and_resume_is_exact(teacher_ckpt, data
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(KD_KEYS | {"loss_gt", "loss_kd"} <= set(r) and np.isfinite(r["loss"]) for r in recs)
 
-    model, meta = load_grounding_model(straight)         # strict load as a plain student
+    model, meta = load_fine_model(straight, "evaluation")         # strict load as a plain student
     assert type(model) is FiberForGrounding and model.cfg == STUDENT
     assert meta["task"] == "fine" and meta["distill"]["teacher_config"] == TEACHER.name
     assert meta["distill"]["init"]["tensors_copied"] > 0
@@ -289,7 +289,7 @@ def test_export_records_the_teacher_flops_and_accuracy(teacher_ckpt, data_dir, t
 
     out = tmp_path / "kd"
     assert _cli(teacher_ckpt, data_dir, out, "--max-steps", "1") == 0
-    model, meta = load_grounding_model(out)
+    model, meta = load_fine_model(out, "evaluation")
     (teacher_ckpt.parent / "eval.json").write_text(json.dumps(
         {"split": "synth-val", "step": 7, "metrics": {"R@1": 41.25, "R@5": 90.0, "R@10": 95.5, "mAP": 12.0}}))
     try:

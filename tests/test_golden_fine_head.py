@@ -332,3 +332,13 @@ def test_fine_task_trains_the_dyhead_model(io):
     for k in history[0]:
         assert history[-1][k] < history[0][k], (k, history[0][k], history[-1][k])
     assert history[-1]["loss"] < 0.9 * history[0]["loss"]
+
+
+def test_no_candidates_gives_empty_detections(out, io):
+    dets = postprocess(out.boxes, torch.full_like(out.token_logits, -20.0), out.centerness, out.level_sizes,
+                       _maps(io), _sizes(io), PostprocessLimits.from_head(CFG.head))
+    assert [len(d) for d in dets] == [0, 0]
+    assert dets[0].boxes.shape == (0, 4) and dets[0].labels.dtype == torch.long
+    with pytest.raises(ValueError, match="no tokens"):
+        postprocess(out.boxes, out.token_logits, out.centerness, out.level_sizes,
+                    [torch.zeros(1, 16), torch.zeros(1, 16)], _sizes(io))

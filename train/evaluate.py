@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 from common.atomic import atomic_write_json
+from fiber.checkpoint import load_fine_model
 from fiber.data.evaluation import evaluate
 from fiber.data.formats import DataFormatError
 from train.data import DETECTION_FILE, GROUNDING_FILE
-from train.predictor import PostConfig, TorchPredictor, load_grounding_model
+from train.predictor import PostConfig, TorchPredictor
 from train.distributed import resolve_device
 from train.tasks import progress_bar, run_cli
 
@@ -52,7 +53,7 @@ def run_evaluation(checkpoint: str | Path, data_dir: str | Path, limit: int | No
     """Load, predict, score -> the JSON-able report (see the module docstring)."""
     grounding, detection = data_files(data_dir)
     dev = resolve_device(device)
-    model, meta = load_grounding_model(checkpoint, dev)
+    model, meta = load_fine_model(checkpoint, "evaluation", dev)
     predictor = TorchPredictor(model, dev, post)
     start = time.perf_counter()
     metrics = evaluate(predictor, grounding, detection, limit=limit, progress=progress)

@@ -15,17 +15,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.package import DEFAULT_BUCKETS
-from fiber.checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint_dir
+from fiber.checkpoint import load_fine_model
 from fiber.config import ModelConfig
 from fiber.data.evaluation import EVAL_POSTPROCESS
-from fiber.models import FiberForGrounding
 from runtime.postprocess import postprocess
 from runtime.preprocess import Preprocessor
 from runtime.tokenize import EncodedPrompt, PromptTokenizer
@@ -42,23 +41,6 @@ class PostConfig:
     pre_nms_top_k: int = EVAL_POSTPROCESS["pre_nms_top_k"]      # per phrase, before NMS
     max_detections: int = EVAL_POSTPROCESS["max_detections"]    # per image (COCO)
     min_per_phrase: int = EVAL_POSTPROCESS["min_per_phrase"]    # best boxes kept per phrase
-
-
-def load_grounding_model(path: str | Path, device: torch.device | str = "cpu"
-                         ) -> tuple[FiberForGrounding, dict[str, Any]]:
-    """A fine checkpoint folder or run folder (-> RUN/final) -> (model in eval mode, meta).
-
-    CheckpointError for a missing/malformed checkpoint or a coarse one.
-    """
-    folder = resolve_checkpoint_dir(path)
-    state, cfg, meta = load_checkpoint(folder)
-    task = meta.get("task")
-    if task not in (None, "fine"):
-        raise CheckpointError(f"checkpoint {folder} is a '{task}' checkpoint; evaluation needs a "
-                              f"fine (grounding) one, e.g. the output of train.fine")
-    model = FiberForGrounding(cfg)
-    load_model_state(model, state, source=str(folder))
-    return model.to(device).eval(), {**meta, "path": str(folder)}
 
 
 def _buckets(cfg: ModelConfig) -> tuple[int, ...]:
@@ -88,7 +70,7 @@ class TorchPredictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
                         post: PostConfig = PostConfig()) -> "TorchPredictor":
         dev = resolve_device(device)
-        model, _ = load_grounding_model(path, dev)
+        model, _ = load_fine_model(path, "evaluation", dev)
         return cls(model, dev, post)
 
     @torch.no_grad()
