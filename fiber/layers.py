@@ -32,18 +32,22 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
            dropout: nn.Module | None = None, matmuls: tuple = (torch.matmul, torch.matmul)) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v.
 
-    q: [B, H, N, d], k and v: [B, H, M, d], bias: additive, broadcastable to [B, H, N, M].
+    q: [B, H, N, d], k and v: [B, H, M, d], bias: additive, broadcastable to [B, H, N, M], or a
+    tuple of such terms added one after the other (so an exporter cannot fold them into one
+    constant of the broadcast shape).
     ``matmuls``: the (scores, output) matmul callables (``Attend`` passes its MatMul modules).
     Returns [B, H, N, d].
     """
     qk, pv = matmuls
     scores = qk(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
-    if bias is not None:
-        scores = scores + bias
+    for term in (bias if isinstance(bias, tuple) else (bias,)):
+        if term is not None:
+            scores = scores + term
     probs = scores.softmax(dim=-1)
     if dropout is not None:
         probs = dropout(probs)

@@ -174,14 +174,18 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         return bias.reshape(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B*nW, N, C] windows; mask: [nW, N, N] (0 / -100) or None. Returns [B*nW, N, C]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, fold_mask: bool = True) -> torch.Tensor:
+        """x: [B*nW, N, C] windows; mask: [nW, N, N] (0 / -100) or None. Returns [B*nW, N, C].
+
+        ``fold_mask=False`` adds the position bias and the mask to the scores one after the other:
+        an exported graph then holds [heads, N, N] + [nW, 1, N, N] constants instead of one
+        folded [nW, heads, N, N] (hundreds of MB for FIBER-B's fine canvas)."""
         n, c = x.shape[1], x.shape[2]
         bias = self.position_bias()                                # [heads, N, N]
         nw = 1
         if mask is not None:                                       # shifted block
             nw = mask.shape[0]
-            bias = bias + mask[:, None]                            # [nW, heads, N, N]
+            bias = bias + mask[:, None] if fold_mask else (bias, mask[:, None])  # [nW, heads, N, N]
         # [B, nW, N, 3, heads, d] -> [3, B, nW, heads, N, d]; the bias broadcasts over B
         qkv = self.qkv(x).reshape(-1, nw, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
@@ -256,7 +260,7 @@ class SwinBlock(nn.Module):
         if self.shift:
             h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
             mask = _padded_grid_mask(hp, wp, win, self.shift).to(h.device, h.dtype)
-        h = window_reverse(self.attn(window_partition(h, win), mask), win, hp, wp)
+        h = window_reverse(self.attn(window_partition(h, win), mask, fold_mask=False), win, hp, wp)
         if self.shift:
             h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
         return h[:, :gh, :gw].reshape(-1, gh * gw, c)
