@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.detect import default_package
+    from runtime.packages import default_package
 
     package = args.package or default_package()
     if package is None:

@@ -60,9 +60,8 @@ from fiber.heads.grounding import GroundingOutput
 from fiber.losses import GroundingTarget
 from fiber.models import FiberForGrounding
 from train.data import GroundingTrainDataset, Stage2Options, load_stage2
-from train.fine import DEFAULTS as FINE_DEFAULTS
 from train.loop import add_train_args, fit, train_config_from_args
-from train.tasks import (TEXT_INITS, FineOptions, FineTask, init_text_tower, model_config,
+from train.tasks import (FINE_DEFAULTS, TEXT_INITS, FineOptions, FineTask, init_text_tower, model_config,
                          progress_bar, run_cli)
 
 KD_PROJ_PREFIX = "kd_proj."

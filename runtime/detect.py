@@ -47,6 +47,7 @@ from engines import EngineError
 from runtime.draw import backend as draw_backend
 from runtime.draw import draw_detections
 from runtime.outputs import ImageSink, JsonlWriter, StageStats, UsageError, VideoSink, make_sink
+from runtime.packages import DEFAULT_PACKAGES, REPO, default_package
 from runtime.predictor import Detector, DetectorConfig, build_detector
 from runtime.sources import (
     VIDEO_EXTENSIONS, Frame, ImageReadError, Prefetcher, SourceError, SourceSpec, open_source,
@@ -55,8 +56,6 @@ from runtime.sources import (
 from runtime.types import Detections
 
 PROG = "fiber-detect"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PACKAGES = ("fiber-nano-int8", "fiber-nano")  # first found under ./models or <repo>/models
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "ort", "onnxruntime", "openvino")
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 
@@ -109,15 +108,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Setup: package, inputs, prompt
-
-def default_package() -> Path | None:
-    """models/fiber-nano-int8 (then models/fiber-nano) in the working folder or the repository."""
-    for root in (Path.cwd() / "models", REPO / "models"):
-        for name in DEFAULT_PACKAGES:
-            if (root / name / "manifest.json").is_file():
-                return root / name
-    return None
-
 
 def _package(args: argparse.Namespace) -> Path:
     chosen = args.engine or args.package

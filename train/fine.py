@@ -18,21 +18,15 @@ import argparse
 import sys
 
 from train.data import AttributeOptions, Stage2Options, load_stage2
-from train.loop import TrainConfig, fit, train_config_from_args
-from train.tasks import (FineOptions, FineTask, add_stage_args, is_main_process, load_init,
+from train.loop import fit, train_config_from_args
+from train.tasks import (FINE_DEFAULTS, FineOptions, FineTask, add_stage_args, is_main_process, load_init,
                          model_config, progress_bar, run_cli)
 
-# fiber.md §3: AdamW, decay 0.01, warm-up from 1e-3, x0.1 at 67% and 89%, clip 1.0. The lr is 3x
-# the official 1e-4: nothing here starts pretrained (a 60-step fiber-nano pilot at batch 16: 4e-4
-# below 1e-4 in every loss part from step 20 on).
-DEFAULTS = TrainConfig(max_steps=2000, batch_size=16, lr=3e-4, weight_decay=0.01, warmup_frac=0.05,
-                       warmup_start=1e-3, schedule="multistep", milestones=(0.67, 0.89),
-                       clip_grad=1.0, ckpt_every=200, log_every=10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("train.fine", description=__doc__.split("\n\n")[0])
-    add_stage_args(p, DEFAULTS)
+    add_stage_args(p, FINE_DEFAULTS)
     p.add_argument("--init", required=True,
                    help="coarse/fine run folder, checkpoint folder, or 'none' (fine only)")
     p.add_argument("--text-lr-mult", type=float, default=1.0,

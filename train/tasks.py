@@ -120,6 +120,13 @@ class CoarseTask(BaseTask):
 
 # ----------------------------------------------------------------------------- stage 2
 
+# fiber.md §3: AdamW, decay 0.01, warm-up from 1e-3, x0.1 at 67% and 89%, clip 1.0. The lr is 3x
+# the official 1e-4: nothing here starts pretrained (a 60-step fiber-nano pilot at batch 16: 4e-4
+# below 1e-4 in every loss part from step 20 on). train.fine and compress.distill start from these.
+FINE_DEFAULTS = TrainConfig(max_steps=2000, batch_size=16, lr=3e-4, weight_decay=0.01, warmup_frac=0.05,
+                            warmup_start=1e-3, schedule="multistep", milestones=(0.67, 0.89),
+                            clip_grad=1.0, ckpt_every=200, log_every=10)
+
 
 @dataclass(frozen=True)
 class FineOptions:
