@@ -15,8 +15,6 @@ import numpy as np
 from runtime.preprocess import load_native
 from runtime.types import Detections, LetterboxInfo
 
-Span = tuple[int, int]  # [start, end) character offsets into a prompt
-
 
 # ---------------------------------------------------------------------------------------------
 # numpy references of the C functions
@@ -198,45 +196,6 @@ def decode_boxes(boxes: np.ndarray, info: LetterboxInfo, use_native: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
-# Phrases
-
-def parse_phrases(prompt: str) -> list[list[Span]]:
-    """Character spans of the class names in a ``". "``-separated prompt, one span per phrase.
-
-    ``"person. red mug."`` -> ``[[(0, 6)], [(8, 15)]]``: names are stripped of whitespace and
-    trailing periods; empty names are skipped. ValueError when no name is left.
-    """
-    spans: list[list[Span]] = []
-    start = 0
-    for part in prompt.split(". "):
-        name = part.strip().rstrip(".").rstrip()
-        if name:
-            s = start + part.index(name)
-            spans.append([(s, s + len(name))])
-        start += len(part) + 2
-    if not spans:
-        raise ValueError(f"prompt {prompt!r} has no phrases (it is empty or only separators)")
-    return spans
-
-
-def phrase_token_map(offsets: Sequence[Span], phrase_spans: Sequence[Sequence[Span]],
-                     num_tokens: int) -> np.ndarray:
-    """float32 [P, num_tokens]: 1 where token t's character span overlaps one of phrase p's.
-
-    offsets: one (start, end) per real token (special tokens have (0, 0) and never belong);
-    tokens past ``len(offsets)`` (padding) belong to no phrase.
-    """
-    out = np.zeros((len(phrase_spans), num_tokens), np.float32)
-    for t, (ts, te) in enumerate(offsets[:num_tokens]):
-        if te <= ts:
-            continue
-        for p, spans in enumerate(phrase_spans):
-            if any(ts < e and s < te for s, e in spans):
-                out[p, t] = 1.0
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole post-processing of one image
 
 def _candidates(scores: np.ndarray, threshold: float, top_k: int,
@@ -265,7 +224,7 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     """The detector outputs of ONE image (no batch dim) -> Detections in source pixels.
 
     boxes float32 [N, 4] xyxy network-input pixels; token_logits float32 [N, T]; centerness
-    float32 [N] (logits); phrase_map [P, T] (phrase_token_map). Steps: phrase scores [N, P];
+    float32 [N] (logits); phrase_map [P, T] (common.prompts.phrase_token_map). Steps: phrase scores [N, P];
     per phrase keep scores > threshold, then its pre_nms_top_k best; decode boxes to source
     pixels (clipped); NMS per phrase at nms_iou; the best max_detections overall, best first.
     ``phrases`` names the P phrases in the result (default "0", "1", ...).

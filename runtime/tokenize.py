@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from common.package import DEFAULT_BUCKETS
-from runtime.postprocess import Span, parse_phrases, phrase_token_map
+from common.prompts import Span, parse_phrases, phrase_token_map
 
 _PAD_TOKENS = ("[PAD]", "<pad>")
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from runtime import postprocess as post
 from runtime import preprocess as pre
-from runtime.postprocess import parse_phrases, phrase_token_map, postprocess
+from common.prompts import parse_phrases, phrase_token_map
+from runtime.postprocess import postprocess
 from runtime.preprocess import Preprocessor, letterbox_info, letterbox_ref, to_rgb_uint8
 from runtime.types import Detections, LetterboxInfo
 

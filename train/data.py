@@ -11,7 +11,7 @@
 - ``GroundingTrainDataset`` (stage 2): ``grounding.json`` entries (captions and referring
   expressions) followed by ``detection.json`` images. Each sample has boxes xyxy in the
   letterboxed network frame and a positive map ``[G, T]`` from the token offsets and the phrase
-  character spans (``runtime.postprocess.phrase_token_map``, via the tokenizer). Detection prompts are drawn by
+  character spans (``common.prompts.phrase_token_map``, via the tokenizer). Detection prompts are drawn by
   ``fiber.data.prompts.sample_detection_prompt`` (positives + random negative names joined by
   ". ") from an RNG seeded by the global numpy RNG, which the training loop seeds per micro-batch
   chunk (``train.distributed.chunk_seed``): the same step gives the same prompts after a resume.

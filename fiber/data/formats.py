@@ -28,10 +28,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from common.prompts import Span
+
 BOX_TOLERANCE = 1.0  # px a box may exceed its image before it is an error (it is then clipped)
 REFEXP_DATASETS = ("refcoco", "refcoco+", "refcocog")
-
-Span = tuple[int, int]
 
 
 class DataFormatError(ValueError):

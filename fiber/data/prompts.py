@@ -11,15 +11,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.postprocess import parse_phrases
+from common.prompts import SEPARATOR, Span, parse_phrases
 
-SEPARATOR = ". "
 # fiber.md section 3: (one negative, one positive, full, drop positive). The released FIBER config
 # says 0.2 for the last value, but the code asserts it is 0 (as in GLIP's configs).
 CONTROL_PROB = (0.05, 0.05, 0.5, 0.0)
 MAX_NEGATIVES = 85  # RANDOM_SAMPLE_NEG of the O365 pre-training config
-
-Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,8 @@ def build_detection_prompt(class_names: Sequence[str]) -> tuple[str, list[Span]]
 
 def parse_prompt(prompt: str) -> list[Span]:
     """Spans of the names in a ``". "``-separated prompt: ``"person. red mug.. dog."`` -> spans
-    of "person", "red mug", "dog". The runtime's parser (runtime.postprocess.parse_phrases) is
-    the one definition, so training, evaluation and serving split prompts identically."""
+    of "person", "red mug", "dog". ``common.prompts.parse_phrases`` is the one
+    definition, so training, evaluation and serving split prompts identically."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {prompt!r} is not a string")
     return [tuple(spans[0]) for spans in parse_phrases(prompt)]
