@@ -372,11 +372,10 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
 
 
 def progress_bar(enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    """A stderr progress line when ``enabled`` and stderr is a terminal, else None."""
+    from common.progress import progress_line
 
-    return lambda items, **kw: tqdm(items, mininterval=1.0, leave=False, **kw)
+    return progress_line(enabled)
 
 
 def _open_all(subjects, threads, scratch, stack, frame, prompt, other, warmup):

@@ -36,6 +36,7 @@ import numpy as np
 
 from common import package as pkg
 from common.atomic import atomic_write_text
+from common.progress import Progress, progress_line
 
 IOU = 0.5
 DEFAULT_NOISE = 8       # pure-noise images (1x1, 64x64, 320x320) added to the held-out ones
@@ -174,16 +175,15 @@ def best(curve: dict[str, list[float]]) -> int:
 # ----------------------------------------------------------------------------- the package
 
 def calibrate(detect: Callable[[Any, str], Any], items: Sequence[Item], iou: float = IOU,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run ``detect(image, prompt) -> Detections`` (threshold 0) on every item; the sweep and choice."""
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``detect(image, prompt) -> Detections`` (threshold 0) on every item; the sweep and choice.
+    ``progress``: e.g. common.progress.progress_line(), called as ``progress(items, desc=...)``."""
     scores, correct, truth = [], [], 0
-    for n, item in enumerate(items):
+    for item in (progress(items, desc="calibration", unit="image") if progress else items):
         dets = detect(item.image, item.prompt)
         scores.append(np.asarray(dets.scores, np.float64))
         correct.append(match(dets.scores, dets.phrase_index, dets.boxes, item.boxes, iou))
         truth += sum(len(b) for b in item.boxes)
-        if progress:
-            progress(n + 1, len(items))
     curve = sweep(np.concatenate(scores) if scores else np.zeros(0), np.concatenate(correct) if correct
                   else np.zeros(0, bool), truth)
     i = best(curve)
@@ -194,7 +194,7 @@ def calibrate(detect: Callable[[Any, str], Any], items: Sequence[Item], iou: flo
 
 def calibrate_package(package: str | Path, data: str | Path, negatives: int = 2, limit: int | None = None,
                       noise: int = 0, seed: int = 0, backend: str = "auto", threads: int | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                      progress: Progress | None = None) -> dict[str, Any]:
     """The calibration record of ``package`` on ``data`` (nothing written)."""
     from runtime.predictor import Detector
 
@@ -237,18 +237,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def progress_printer(enabled: bool | None = None, stream=None) -> Callable[[int, int], None] | None:
-    """A ``(done, total)`` callback drawing one stderr line when stderr is a terminal, else None."""
-    stream = stream or sys.stderr
-    if enabled is False or (enabled is None and not stream.isatty()):
-        return None
-
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\rcalibrating: {done}/{total} images", end=end, file=stream, flush=True)
-    return show
-
-
 def main(args: argparse.Namespace) -> int:
     for flag, value, low in (("--negatives", args.negatives, 0), ("--noise", args.noise, 0),
                              ("--limit", args.limit, 1)):
@@ -258,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         pkg.read_manifest(args.package)
         record = calibrate_package(args.package, args.data, args.negatives, args.limit, args.noise, args.seed,
-                                   args.backend, args.threads, progress_printer())
+                                   args.backend, args.threads, progress_line())
         if not args.dry_run:
             write_calibration(args.package, record)
     except (ValueError, OSError, RuntimeError) as e:  # PackageError, EngineError, bad data

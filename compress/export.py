@@ -56,6 +56,7 @@ import torch
 import engines
 from common import package as pkg
 from common.atomic import atomic_dir
+from common.progress import progress_line
 from compress import calibrate, cpu_int8, onnx_export, onnx_graph, word_table
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, package_sections, resolve_buckets
@@ -269,7 +270,7 @@ def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: 
     if threads:
         opts["threads" if backend == "openvino" else "intra_op_threads"] = threads
     with engines.load(folder, backend, **opts) as e:
-        return evaluate_engines(e, data)
+        return evaluate_engines(e, data, progress=progress_line())  # a stderr line on a terminal only
 
 
 def openvino_installed() -> bool:
@@ -348,7 +349,7 @@ def _calibrate(cfg: ExportConfig, tmp: Path) -> dict[str, Any]:
         return pkg.read_manifest(tmp)  # grounding-only data: the threshold stays the default
     record = calibrate.calibrate_package(tmp, folder, limit=cfg.eval_limit, threads=cfg.threads,
                                          noise=calibrate.DEFAULT_NOISE,
-                                         progress=calibrate.progress_printer())
+                                         progress=progress_line())
     return calibrate.write_calibration(tmp, record)
 
 

@@ -53,6 +53,7 @@ import torch
 
 from common.atomic import atomic_dir
 from common.package import sha256_file
+from common.progress import progress_line
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, resolve_buckets
 from compress.torch_engines import torch_engines
@@ -376,7 +377,7 @@ class Judge:
     def accuracy(self, model: FiberForGrounding) -> dict[str, float | None]:
         if self.held.grounding is None or not len(self.held.grounding):
             return {"R@1": None}
-        return evaluate_engines(torch_engines(model, model.cfg, self.buckets), self.held)
+        return evaluate_engines(torch_engines(model, model.cfg, self.buckets), self.held, progress=progress_line())
 
     @torch.inference_mode()
     def output_error(self, model: FiberForGrounding) -> float:
@@ -520,7 +521,11 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
         f"{len(held.grounding) if held.grounding else 0} entries")
     qmodel = _copy_model(fp32)
     insert_quantizers(qmodel, cfg.method, cfg.attention)
-    calibrate(qmodel, lambda m: [m.detect(*b) for b in calibration_batches(items, fp32, buckets, cfg.batch_size)],
+    bar = progress_line()  # a stderr line on a terminal only
+    batches = lambda: calibration_batches(items, fp32, buckets, cfg.batch_size)  # noqa: E731
+    total = -(-len(items) // cfg.batch_size)
+    calibrate(qmodel, lambda m: [m.detect(*b) for b in (bar(batches(), desc="calibration", total=total, unit="batch")
+                                                        if bar else batches())],
               cfg.method, cfg.percentile)
     probe = list(calibration_batches(items[:2 * cfg.batch_size], fp32, buckets, cfg.batch_size))
     judge = Judge(fp32, held, probe, buckets)

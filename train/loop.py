@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.progress import is_terminal
 from train import checkpointing as ckpt
 from train.distributed import (DataOrder, DistEnv, all_gather_object, all_reduce_mean_, barrier,
                                init_distributed, micro_batch_loader, rank_seed, shutdown,
@@ -75,7 +76,7 @@ class TrainConfig:
     num_workers: int = 0                    # DataLoader worker processes per rank
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     find_unused_parameters: bool = True     # DDP: needed when some params get no grad in a step
-    progress: bool = True                   # tqdm bar on rank 0
+    progress: bool = True                   # progress bar on rank 0 when stderr is a terminal
     tensorboard: bool = False               # also log to RUN/tensorboard if tensorboard is installed
 
     def __post_init__(self):
@@ -362,7 +363,7 @@ class _Trainer:
         from tqdm.auto import tqdm
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.env.is_main and cfg.progress))
+                   disable=not (self.env.is_main and cfg.progress and is_terminal()))  # TTY only
         tb = _tensorboard(self.out, cfg.tensorboard and self.env.is_main)
         t0 = t_log = time.perf_counter()
         step_log = self.step

@@ -284,8 +284,7 @@ def run_cli(prog: str, body: Callable[[], str]) -> int:
 
 
 def progress_bar(enabled: bool):
-    """tqdm for rank 0 when ``enabled``, else None."""
-    if not (enabled and is_main_process()):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm
+    """A stderr progress line for rank 0 when ``enabled`` and stderr is a terminal, else None."""
+    from common.progress import progress_line
+
+    return progress_line(enabled) if is_main_process() else None
