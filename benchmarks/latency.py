@@ -190,7 +190,8 @@ def plan_subjects(packages: Sequence[str], backends: Sequence[str], explicit: bo
                   ) -> tuple[list[Subject], dict[str, str]]:
     """(subjects to open, {backend: why not available}) for every package x available backend.
 
-    An engine folder runs on TensorRT only. With ``explicit`` an unavailable backend still makes
+    An engine folder runs on the backend it was built for (engine.json: TensorRT, ONNX Runtime or
+    OpenVINO). With ``explicit`` an unavailable backend still makes
     subjects (they fail on opening, with the reason); otherwise it is only listed as not available.
     """
     roles = roles or {}

@@ -23,14 +23,15 @@ from typing import Callable
 
 import numpy as np
 
-from common.package import IMAGENET_MEAN, IMAGENET_STD
+from common.package import IMAGENET_MEAN, IMAGENET_STD, PostprocessSpec
 from runtime.postprocess import phrase_scores_ref, postprocess
 from runtime.preprocess import Preprocessor, letterbox_info, letterbox_ref, load_native
 from runtime.types import LetterboxInfo
 
 STRIDES = (8, 16, 32)
 PHRASE_TOKENS = ((1,), (3, 4), (6, 7, 8), (10,))  # token positions of the 4 phrases (T = 32)
-THRESHOLD, NMS_IOU, TOP_K, MAX_DET = 0.05, 0.6, 1000, 100
+_POST = PostprocessSpec()  # a package's defaults
+THRESHOLD, NMS_IOU, TOP_K, MAX_DET = _POST.threshold, _POST.nms_iou, _POST.pre_nms_top_k, _POST.max_detections
 
 
 def make_frame(rng: np.random.Generator, width: int = 640, height: int = 480) -> np.ndarray:

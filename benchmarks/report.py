@@ -101,14 +101,25 @@ def teacher_is_package(path: str | None) -> bool:
     return bool(path) and ((Path(path) / pkg.MANIFEST).is_file() or is_engine_dir(path))
 
 
+def _engine_kind(path: str) -> str:
+    """The backend an engine folder's engine.json names (TensorRT, ONNX Runtime or OpenVINO)."""
+    import json
+
+    try:
+        return str(json.loads((Path(path) / "engine.json").read_text()).get("backend", "TensorRT"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
 def check_packages(paths: Sequence[str], roles: Mapping[str, str]) -> list[dict[str, Any]]:
     """One record per package: verified (every file's sha256) or failed with the reason."""
     out = []
     for p in dict.fromkeys(paths):
         rec: dict[str, Any] = {"path": p, "role": roles.get(p, "compare")}
         if is_engine_dir(p):
+            kind = _engine_kind(p)
             out.append({**rec, "status": "ok", "name": Path(p).name, "precision": "engine", "model": "?",
-                        "sha256": None, "note": "TensorRT engine folder (verified on loading)"})
+                        "sha256": None, "note": f"{kind} engine folder (verified on loading)"})
             continue
         try:
             m = pkg.load_package_manifest(p, verify=True)

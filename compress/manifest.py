@@ -12,7 +12,6 @@ from common import package as pkg
 from fiber.config import ModelConfig
 
 TOKENIZER_SRC = Path(__file__).resolve().parents[1] / "fiber" / "assets" / pkg.TOKENIZER
-POSTPROCESS = {"threshold": 0.05, "nms_iou": 0.6, "pre_nms_top_k": 1000, "max_detections": 100}
 
 
 def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequence[int] = (),
@@ -36,12 +35,8 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
         return {"input": pkg.InputSpec.official(cfg.input.canvas, cfg.input.min_size, cfg.input.max_size).to_json(),
                 "text": text, "postprocess": post.to_json()}
     s = cfg.swin.img_size
-    return {
-        "input": {"size": [s, s], "channel_order": "RGB", "mean": list(cfg.image_mean),
-                  "std": list(cfg.image_std), "letterbox": "top-left", "pad_value": 0.0},
-        "text": text,
-        "postprocess": dict(POSTPROCESS),
-    }
+    image = pkg.InputSpec((s, s), mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
+    return {"input": image.to_json(), "text": text, "postprocess": pkg.PostprocessSpec().to_json()}
 
 
 def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:

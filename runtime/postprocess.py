@@ -12,8 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
+from common.package import PostprocessSpec
 from runtime.preprocess import load_native
 from runtime.types import Detections, LetterboxInfo
+
+_DEFAULT = PostprocessSpec()  # a package's post-processing defaults (the manifest may set others)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +219,9 @@ def _candidates(scores: np.ndarray, threshold: float, top_k: int,
 
 
 def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
-                phrase_map: np.ndarray, info: LetterboxInfo, threshold: float = 0.05,
-                nms_iou: float = 0.6, pre_nms_top_k: int = 1000, max_detections: int = 100,
+                phrase_map: np.ndarray, info: LetterboxInfo, threshold: float = _DEFAULT.threshold,
+                nms_iou: float = _DEFAULT.nms_iou, pre_nms_top_k: int = _DEFAULT.pre_nms_top_k,
+                max_detections: int = _DEFAULT.max_detections,
                 use_native: bool = True, phrases: Sequence[str] | None = None,
                 min_per_phrase: int = 0, per_phrase: int = 0,
                 one_label_per_box: bool = False) -> Detections:
@@ -296,8 +300,8 @@ def _top_desc(scores: np.ndarray, k: int) -> np.ndarray:
 
 def official_candidates(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
                         phrase_map: np.ndarray, level_sizes: Sequence[int], info: LetterboxInfo,
-                        threshold: float = 0.05,
-                        pre_nms_top_k: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        threshold: float = _DEFAULT.threshold,
+                        pre_nms_top_k: int = _DEFAULT.pre_nms_top_k) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The candidates that reach the official multi-label NMS (golden/fine README §5, 1-5).
 
     boxes float32 [N, 4] decoded xyxy canvas pixels (official box coder), token_logits [N, T],
@@ -388,8 +392,9 @@ def _phrase_means_above(logits: np.ndarray, phrase_map: np.ndarray,
 
 def postprocess_official(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndarray,
                          phrase_map: np.ndarray, level_sizes: Sequence[int], info: LetterboxInfo,
-                         threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_iou: float = 0.6,
-                         max_detections: int = 100, use_native: bool = True,
+                         threshold: float = _DEFAULT.threshold, pre_nms_top_k: int = _DEFAULT.pre_nms_top_k,
+                         nms_iou: float = _DEFAULT.nms_iou, max_detections: int = _DEFAULT.max_detections,
+                         use_native: bool = True,
                          phrases: Sequence[str] | None = None, min_per_phrase: int = 0,
                          per_phrase: int = 0, one_label_per_box: bool = False) -> Detections:
     """The detector outputs of ONE image -> Detections in source pixels, the official way.

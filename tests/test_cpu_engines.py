@@ -136,3 +136,10 @@ def test_threads_reach_a_cpu_engine(built):
         assert d.engines.detector.opts.intra_op_threads == 1
     with Detector(built["toy", "openvino"], threads=1) as d:
         assert d.engines.detector.opts.threads == 1
+
+
+def test_report_names_the_engine_backend(built):
+    from benchmarks.report import check_packages
+
+    (rec,) = check_packages([str(built["toy", "openvino"])], {})
+    assert rec["status"] == "ok" and rec["note"] == "openvino engine folder (verified on loading)"

@@ -23,14 +23,16 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from common.package import PostprocessSpec
 from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset,
                                 load_detection, load_grounding)
 from fiber.data.metrics import coco_map, recall_at_k, referring_accuracy
 from fiber.data.prompts import build_detection_prompt
 
 KS = (1, 5, 10)
-EVAL_POSTPROCESS = {"threshold": 0.0, "nms_iou": 0.6, "pre_nms_top_k": 1000, "max_detections": 100,
-                    "min_per_phrase": 10}
+_SERVING = PostprocessSpec()  # a package's defaults; the protocol changes the threshold and adds min_per_phrase
+EVAL_POSTPROCESS = {"threshold": 0.0, "nms_iou": _SERVING.nms_iou, "pre_nms_top_k": _SERVING.pre_nms_top_k,
+                    "max_detections": _SERVING.max_detections, "min_per_phrase": 10}
 Predict = Callable[[np.ndarray, str, list], Any]
 
 
