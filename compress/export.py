@@ -98,6 +98,7 @@ class ExportConfig:
     eval_limit: int | None = None          # evaluate only the first N entries / images
     threads: int | None = None             # ONNX Runtime threads of the accuracy runs
     text_words: str = "int8"               # text.onnx word-embedding table: "int8" (per row) or "fp32"
+    canvas: tuple[int, int] | None = None  # official-input configs: the detector's [H, W] canvas (default: the config's)
     calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
 
@@ -122,14 +123,30 @@ def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
 
 # ----------------------------------------------------------------------------- example inputs
 
-def example_inputs(cfg: ModelConfig, tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """B=1 inputs: the reference prompt padded to ``tokens`` (with padding) and a seeded image."""
+@dataclass(frozen=True)
+class TokenizerSource:
+    """The tokenizer a package ships: the checkpoint's own ``tokenizer.json`` (a converted official
+    release: RoBERTa byte-level BPE, case-sensitive) or the default WordPiece asset (lowercased)."""
+    path: Path = TOKENIZER_SRC
+    lowercase: bool = True
+
+    @classmethod
+    def of_checkpoint(cls, folder: str | Path) -> "TokenizerSource":
+        own = checkpoint_io.tokenizer_file(folder)
+        return cls(own, lowercase=False) if own is not None else cls()
+
+
+def example_inputs(cfg: ModelConfig, tokens: int, seed: int = 0,
+                   tokenizer: TokenizerSource = TokenizerSource()) -> dict[str, np.ndarray]:
+    """B=1 inputs: the reference prompt padded to ``tokens`` (with padding) and a seeded image of
+    the config's input size (``cfg.input_hw``: the official canvas or the square letterbox)."""
     from runtime.tokenize import PromptTokenizer
 
-    tok = PromptTokenizer(TOKENIZER_SRC, buckets=(tokens,), lowercase=True, pad_id=cfg.text.pad_token_id)
+    tok = PromptTokenizer(tokenizer.path, buckets=(tokens,), lowercase=tokenizer.lowercase,
+                          pad_id=cfg.text.pad_token_id)
     enc = tok.encode(REFERENCE_PROMPT[: 3 * tokens])   # short enough to leave padding in the bucket
     rng = np.random.default_rng(seed)
-    image = rng.standard_normal((1, 3, cfg.swin.img_size, cfg.swin.img_size)).astype(np.float32)
+    image = rng.standard_normal((1, 3, *cfg.input_hw)).astype(np.float32)
     return {pkg.INPUT_IDS: enc.input_ids, pkg.ATTENTION_MASK: enc.attention_mask, pkg.IMAGE: image}
 
 
@@ -139,12 +156,13 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
-                 buckets: Sequence[int], cpu_method: str, text_words: str) -> dict[str, Any]:
+                 buckets: Sequence[int], cpu_method: str, text_words: str,
+                 tokenizer: TokenizerSource = TokenizerSource()) -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
     ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
     table as per-row int8 (the text parity check is then against the model with that table read
     back), "fp32" as it is. Returns the manifest's ``graphs`` and ``parity`` parts."""
-    x = example_inputs(cfg, buckets[0])
+    x = example_inputs(cfg, buckets[0], tokenizer=tokenizer)
     text_model, words = (model, None) if text_words == "fp32" else int8_word_embeddings(model)
     text_graph, words_info = onnx_export.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
@@ -154,7 +172,7 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     det_out = onnx_export.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
     parity = _parity(text_model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
-    shutil.copyfile(TOKENIZER_SRC, tmp / pkg.TOKENIZER)
+    shutil.copyfile(tokenizer.path, tmp / pkg.TOKENIZER)
     (tmp / pkg.REFERENCE_DIR).mkdir()
     np.savez(tmp / pkg.reference_file("text"), **text_in, **{pkg.TEXT_HIDDEN: hidden})
     np.savez(tmp / pkg.reference_file("detector"), **det_in, **det_out)
@@ -241,12 +259,13 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def build_manifest(name: str, cfg: ModelConfig, buckets: Sequence[int], parts: dict[str, Any],
-                   files: dict, precision: str, extra: dict[str, Any]) -> dict[str, Any]:
+                   files: dict, precision: str, extra: dict[str, Any], level_sizes: Sequence[int] = (),
+                   lowercase: bool = True) -> dict[str, Any]:
     return {
         "format": pkg.FORMAT, "format_version": pkg.FORMAT_VERSION,
         "name": name, "precision": precision,
         "model": {"name": cfg.name, "config": cfg.to_dict()},
-        **package_sections(cfg, buckets),
+        **package_sections(cfg, buckets, level_sizes, lowercase),
         "graphs": parts["graphs"],
         "files": files,
         "accuracy": {"split": None},
@@ -319,6 +338,12 @@ def export_package(cfg: ExportConfig) -> ExportResult:
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
     model, mcfg, meta = load_fine_model(cfg.checkpoint, cfg.config)
+    if cfg.canvas is not None:
+        try:
+            mcfg = mcfg.with_canvas(cfg.canvas)
+        except ValueError as e:
+            raise ExportError(f"--canvas: {e}") from None
+        model.cfg = mcfg
     try:
         buckets = resolve_buckets(mcfg, cfg.buckets)
     except ValueError as e:
@@ -373,7 +398,8 @@ def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
 
 def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta
                    ) -> dict[str, Any]:
-    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words)
+    tokenizer = TokenizerSource.of_checkpoint(meta["path"])
+    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words, tokenizer)
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
     extra: dict[str, Any] = {"checkpoint": {"path": str(cfg.checkpoint), "task": meta.get("task")}}
@@ -382,7 +408,9 @@ def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfi
         extra["distillation"] = distilled
     if quant is not None:
         extra["quantization"] = quant["info"]
-    manifest = build_manifest(name, mcfg, buckets, parts, file_table(tmp), precision, extra)
+    level_sizes = model.level_sizes(*mcfg.input_hw) if mcfg.input.style == "official" else ()
+    manifest = build_manifest(name, mcfg, buckets, parts, file_table(tmp), precision, extra, level_sizes,
+                              tokenizer.lowercase)
     write_manifest(tmp, manifest)
     return manifest
 
@@ -459,6 +487,13 @@ def _buckets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--buckets must be comma-separated integers, got {text!r}") from None
 
 
+def _canvas(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
@@ -468,6 +503,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="held-out data folder (grounding.json / detection.json)")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy guard: allowed INT8 R@1 drop (points)")
     p.add_argument("--buckets", type=_buckets, default=None, help="text buckets, e.g. 16,32,64")
+    p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
+                   help="official-input configs: the fixed canvas the detector runs at, e.g. 512x672 for an "
+                        "edge deployment (multiples of 32; default the config's, FIBER-B 800x1344); images "
+                        "are resized by the official rule and scaled down to fit it")
     p.add_argument("--cpu-int8", default=cpu_int8.DEFAULT, choices=cpu_int8.METHODS,
                    help="CPU variant of an INT8 package's detector (detector.cpu.onnx)")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
@@ -491,7 +530,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
                         max_drop=args.max_drop, buckets=args.buckets, overwrite=args.overwrite,
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
                         eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
-                        calibrate=args.calibrate, calibration_data=args.calibration_data)
+                        calibrate=args.calibrate, calibration_data=args.calibration_data,
+                        canvas=args.canvas)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ from safetensors.numpy import load_file
 
 from common import package as pkg
 
-pytestmark = pytest.mark.slow  # converts, exports (78 DeformConv nodes) and runs the golden detector: ~2 min
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "data" / "golden" / "fine"
@@ -42,6 +41,7 @@ def golden_package(tmp_path_factory) -> Path:
     return tmp / "pkg"
 
 
+@pytest.mark.slow  # the fixture converts and exports the golden detector (78 DeformConv nodes): ~2 min
 def test_the_package_records_the_official_input_and_post_processing(golden_package):
     manifest = pkg.read_manifest(golden_package)
     assert manifest["input"]["size"] == [224, 288] and manifest["input"]["channel_order"] == "BGR"
@@ -53,6 +53,7 @@ def test_the_package_records_the_official_input_and_post_processing(golden_packa
     assert manifest["text"]["buckets"] == [16]
 
 
+@pytest.mark.slow
 def test_official_release_to_runtime_detections(golden_package, tmp_path):
     from runtime import detect
 
@@ -81,3 +82,27 @@ def test_official_release_to_runtime_detections(golden_package, tmp_path):
         assert [d["phrase"] for d in got] == want_phrases
         np.testing.assert_allclose([d["score"] for d in got], want_scores, atol=1e-3)
         np.testing.assert_allclose([d["box"] for d in got], want_boxes, atol=0.05)
+
+
+@pytest.mark.parametrize("canvas, message", [
+    ("500x672", "canvas 500x672 is not divisible by 32 (the coarsest stride); use e.g. 512x672"),
+    ("32x64", "canvas 32x64 is too small for the model's strides: each side needs at least 64"),
+    ("512by672", "canvas must be HxW in pixels"),
+])
+def test_export_refuses_a_bad_canvas_with_one_line(tmp_path, capsys, canvas, message):
+    from compress import export
+    from fiber import checkpoint
+
+    args = checkpoint.get_args_parser().parse_args([
+        "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
+        "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "ck")])
+    assert checkpoint.main(args) == 0
+    capsys.readouterr()
+    argv = ["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "pkg"), "--canvas", canvas]
+    try:
+        code = export.main(export.get_args_parser().parse_args(argv))
+    except SystemExit as e:  # argparse rejects a malformed HxW itself
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1]  # the last (argparse: after its usage) line says what to change
+    assert not (tmp_path / "pkg").exists()
