@@ -1,8 +1,10 @@
 """The README's commands still work: the demo command runs on the shipped model, every `make`
-target it names exists, and CI runs the README's test command."""
+target it names exists, CI runs the README's test command, and every CLI it names answers --help."""
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -63,22 +65,46 @@ def test_every_make_target_in_the_readme_exists():
     assert named and named <= targets, named - targets
 
 
-def test_ci_runs_the_readme_test_command():
-    assert "make test" in README
-    ci = (REPO / ".ci" / "run").read_text()
-    assert re.search(r"^make test$", ci, re.M)
-    assert re.search(r"^make setup$", ci, re.M)
+def test_ci_runs_setup_then_the_readme_test_command(tmp_path):
+    """.ci/run executed with a `make` that records its arguments: setup, then the README's test."""
+    assert re.search(r"^\s+make test$", README, re.M)
+    log = tmp_path / "make.log"
+    fake = tmp_path / "bin" / "make"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == ["setup", "test"]
 
 
-@pytest.mark.parametrize("module", ["runtime.detect", "engines.build", "train.coarse", "train.fine",
-                                    "train.evaluate", "compress.distill", "compress.quantize",
-                                    "compress.export", "compress.repack", "benchmarks.report", "fiber.data.synth",
-                                    "fiber.checkpoint"])
-def test_every_cli_in_the_readme_answers_help(module):
+def test_make_test_runs_pytest_on_the_tests():
+    """What `make test` would run (make -n): pytest over tests/ with the project's interpreter."""
+    proc = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^\.venv/bin/python -m pytest .*\btests$", proc.stdout, re.M), proc.stdout
+
+
+CLIS = ["runtime.detect", "engines.build", "train.coarse", "train.fine", "train.evaluate", "compress.distill",
+        "compress.quantize", "compress.export", "compress.repack", "benchmarks.report", "fiber.data.synth",
+        "fiber.checkpoint"]
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_cli_in_the_readme_answers_help(module, capsys):
+    """In-process: ``get_args_parser().parse_args(["--help"])`` prints a usage and exits 0."""
     if f"python -m {module}" not in README and f"{module.split('.')[0]}/" not in README:
         pytest.fail(f"{module} is not mentioned in the README")
-    args = [sys.executable, "-m", module, "--help"]
-    if module == "fiber.checkpoint":
-        args = [sys.executable, "-m", module, "convert-official", "--help"]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-1000:]
+    argv = ["convert-official", "--help"] if module == "fiber.checkpoint" else ["--help"]
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).get_args_parser().parse_args(argv)
+    assert done.value.code == 0
+    assert capsys.readouterr().out.lower().startswith("usage")
+
+
+def test_a_cli_answers_help_as_a_program():
+    """One subprocess smoke test of ``python -m <cli> --help`` (the in-process test covers the rest)."""
+    proc = subprocess.run([sys.executable, "-m", "compress.export", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.lower().startswith("usage"), proc.stderr[-1000:]
