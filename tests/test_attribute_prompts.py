@@ -226,3 +226,23 @@ def test_recover_reads_the_weights_back_from_an_fp32_package(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run("compress.recover", "--package", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_colour_prompts_and_caption_swaps(data_dir):
+    """Colour-only prompts name every colour and mark each box with its own colour; a swapped
+    caption sample becomes an attribute sample of its own image."""
+    opts = AttributeOptions(attribute_prompts=1.0, colour_prompts=1.0, caption_swap=1.0)
+    data = load_stage2(data_dir, CFG, Stage2Options(attributes=opts))
+    det, pairs = _scene_pairs(data_dir)
+    np.random.seed(0)
+    for i, im in enumerate(det["images"]):
+        item = data[len(data.grounding) + i]
+        assert sorted(item.prompt.split(". ")) == sorted(data.colours)
+        colours = [c for c, _ in pairs.get(im["id"], [])]
+        assert len(item.boxes) == len({tuple(a["bbox"]) for a in det["annotations"] if a["image_id"] == im["id"]})
+        marked = sorted(_marked(item, row) for row in item.positive_map)
+        assert set(marked) <= set(colours) and marked
+    for i, s in enumerate(data.grounding):
+        item = data[i]
+        assert sorted(item.prompt.split(". ")) == sorted(data.colours)  # swapped for its image's
+        assert data.cache.paths[item.image] == s.image

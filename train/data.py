@@ -249,17 +249,24 @@ class AttributeOptions:
     hard_negatives: probability that a caption / referring expression gets 1..max_hard_negatives
     absent "colour kind" phrases appended (". blue star. red moon"), all of whose tokens are
     negatives at every box.
+    colour_prompts: probability that such an attribute item is prompted with the colour names
+    alone ("pink. red. blue. ...", every colour; each object positive for its colour): the colour
+    token is the class, with no noun shared between a positive and a negative phrase.
+    caption_swap: probability that a caption / referring expression sample is replaced by an
+    attribute item of its own image (more attribute samples without changing the dataset length).
     """
     attribute_prompts: float = 0.0
     hard_negatives: float = 0.0
     max_hard_negatives: int = 4
+    colour_prompts: float = 0.0
+    caption_swap: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.attribute_prompts > 0 or self.hard_negatives > 0
+        return self.attribute_prompts > 0 or self.hard_negatives > 0 or self.caption_swap > 0
 
     def check(self) -> None:
-        for name in ("attribute_prompts", "hard_negatives"):
+        for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
@@ -342,6 +349,7 @@ class GroundingTrainDataset:
                     (object_colours[int(a)], self.names[int(c)])
                     for a, c in zip(im.annotation_ids.tolist(), im.category_ids.tolist())]
             self.colours = tuple(sorted(set(object_colours.values())))
+            self.det_index = {im.image: j for j, im in enumerate(self.detection)}
             self.kinds = tuple(self.names.values())
 
     def __len__(self) -> int:
@@ -356,8 +364,10 @@ class GroundingTrainDataset:
         s, image = self.grounding[i], self.g_images[i]
         caption = s.caption
         opt = self.attributes
-        if opt.hard_negatives > 0 and s.image in self.scene_pairs:
+        if (opt.hard_negatives > 0 or opt.caption_swap > 0) and s.image in self.scene_pairs:
             rng = np.random.default_rng([int(np.random.randint(2**31)), i])
+            if rng.random() < opt.caption_swap:
+                return self._attribute_item(self.det_index[s.image], rng)
             if rng.random() < opt.hard_negatives:
                 negs = hard_negative_pairs(rng, self.scene_pairs[s.image], self.colours,
                                            self.kinds, int(rng.integers(1, opt.max_hard_negatives + 1)))
@@ -415,6 +425,8 @@ class GroundingTrainDataset:
         that only the colour (or only the kind) token tells a positive from a negative."""
         im, image = self.detection[i], self.d_images[i]
         pairs = self.scene_pairs[im.image]
+        if self.attributes.colour_prompts > 0 and rng.random() < self.attributes.colour_prompts:
+            return self._colour_item(i, rng)
         present = list(dict.fromkeys(pairs))
         present = [present[j] for j in rng.permutation(len(present))]
         count = int(rng.integers(1, self.attributes.max_hard_negatives + 1)) + len(present) // 2
@@ -438,6 +450,19 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[where[f"{c} {k}"]])
         b, pm = _targets(boxes, rows, n)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+
+    def _colour_item(self, i: int, rng: np.random.Generator) -> GroundingItem:
+        """A detection image prompted with every colour name, shuffled; each box names its colour."""
+        im, image = self.detection[i], self.d_images[i]
+        names = [self.colours[j] for j in rng.permutation(len(self.colours))]
+        prompt, spans = build_detection_prompt(names)
+        enc = self.tok.encode(prompt, [[sp] for sp in spans])
+        n = enc.num_tokens
+        pmap = enc.phrase_map[:, :n]
+        where = {name: p for p, name in enumerate(names)}
+        rows = [pmap[where[c]] for c, _ in self.scene_pairs[im.image]]
+        b, pm = _targets(list(_network_boxes(im.boxes, self.cache.info(image))), rows, n)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt)
 
     def collate(self, samples: list[GroundingItem]) -> dict:

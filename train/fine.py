@@ -45,6 +45,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(same kind other colour, same colour other kind; all tokens negative)")
     p.add_argument("--max-hard-negatives", type=int, default=4,
                    help="most hard-negative phrases added to one caption")
+    p.add_argument("--colour-prompts", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute sample is prompted with the colour names "
+                        "alone (each object positive for its colour)")
+    p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
+                   help="probability that a caption sample is replaced by an attribute sample of "
+                        "its own image")
     return p
 
 
@@ -59,7 +65,8 @@ def _run(args: argparse.Namespace) -> str:
     options = Stage2Options(grounding=args.grounding, detection=args.detection,
                             max_negatives=args.max_negatives,
                             attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
-                                                        args.max_hard_negatives))
+                                                        args.max_hard_negatives, args.colour_prompts,
+                                                        args.caption_swap))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
