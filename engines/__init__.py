@@ -33,6 +33,7 @@ from common import package as pkg
 from engines.errors import (
     BackendUnavailable, BuildError, CudaError, EngineError, EngineMismatch, InputError, PackageInvalid,
 )
+from engines.deform import package_has_deform_conv
 from engines.manifest import ENGINE_JSON, TensorSpec, read_package
 
 __all__ = [
@@ -66,6 +67,9 @@ class PackageEngines:
     package: Path
     backend: str
     engine_manifest: dict[str, Any] | None = field(default=None)
+    deform_conv: str | None = field(default=None)  # how the DyHead's DeformConv nodes run: "native" (ONNX
+                                                   # Runtime's kernel / OpenVINO's DeformableConvolution-8),
+                                                   # "plugin" / "gridsample" (TensorRT, engine.json); None: none
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 [B, T] ids and mask (1 = real token) -> text_hidden float32 [B, T, D]."""
@@ -131,7 +135,8 @@ def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageE
     cls = openvino.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
     options = make_options(cls, opts, backend)
     text, detector = ort.open_package(path, manifest, backend, options)
-    return PackageEngines(text, detector, manifest, path, backend)
+    return PackageEngines(text, detector, manifest, path, backend,
+                          deform_conv="native" if package_has_deform_conv(manifest) else None)
 
 
 def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None = None
@@ -175,9 +180,9 @@ def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> Packa
     kind = read_engine_manifest(path)["backend"]
     if cpu_engine.is_cpu_engine({"backend": kind}):
         package, manifest, engine, text, detector = cpu_engine.open_cpu_engine_dir(path, backend, opts)
-        return PackageEngines(text, detector, manifest, package, kind, engine)
+        return PackageEngines(text, detector, manifest, package, kind, engine, engine.get("deform_conv"))
     if backend in ("onnxruntime", "openvino"):
         raise EngineError(f"{path} is a {kind} engine folder; load its package for {backend}")
     options = make_options(trt.TrtOptions, opts, "tensorrt")
     package, manifest, engine, text, detector = trt.open_engine_dir(path, backend, options)
-    return PackageEngines(text, detector, manifest, package, engine["backend"], engine)
+    return PackageEngines(text, detector, manifest, package, engine["backend"], engine, engine.get("deform_conv"))

@@ -24,6 +24,13 @@ Writes, atomically (a temp folder renamed at the end; nothing is left behind on 
 
 One optimisation profile per text-length bucket: tokens in (previous bucket, bucket], opt = max =
 the bucket, batch 1 (the runtime pads prompts to a bucket).
+
+Deformable convolutions (ONNX ``DeformConv``, the DyHead's): ``--deform-conv auto`` uses TensorRT's
+``ModulatedDeformConv2d`` plugin when libnvinfer_plugin has it ("plugin", FP32/FP16) and otherwise,
+and always on TensorRT-RTX (which has no such plugin), rewrites them to GridSample + Conv before
+parsing ("gridsample", engines/deform.py; its sampling coordinates stay FP32 in fp16 builds). Either
+way they run in the graph's float type, never INT8. engine.json records the choice as
+``deform_conv`` (None when the package has none).
 """
 from __future__ import annotations
 
@@ -46,11 +53,13 @@ from engines.manifest import (
     package_record, read_package,
 )
 from engines.cpu_engine import build_cpu_engine
+from engines.deform import FP32_SCOPE, PLUGIN, deform_convs_in, lower_deform_conv
 from engines.trt import INSTALL_HINTS, TensorRT, installed_backends, parse_cc
 
 CPU_CHOICES = ("onnxruntime", "ort", "openvino")
 
 PRECISIONS = ("auto", "int8", "fp16", "fp32", "fp8")
+DEFORM_CHOICES = ("auto", "plugin", "gridsample")  # how DeformConv nodes are built (see the docstring)
 FP32_OPS = (  # kept in FP32 by to_fp16: the known FP16 failures of Swin/BERT, and ops with fp32-only inputs
     "LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "ReduceSumSquare", "Pow", "Sqrt",
     "Reciprocal", "Resize", "Upsample", "Range", "CumSum", "TopK", "NonMaxSuppression", "RoiAlign",
@@ -73,6 +82,7 @@ class BuildConfig:
     keep_fp32: tuple[str, ...] = ()            # extra ONNX op types to keep in FP32 in fp16 builds
     opt_level: int | None = None               # builder optimisation level (0-5); None = default (3)
     device: int = 0                            # CUDA device to build for (TensorRT)
+    deform_conv: str = "auto"                  # DeformConv: "auto" | "plugin" | "gridsample" (DEFORM_CHOICES)
     overwrite: bool = False                    # replace an existing engine folder
     fp32_ops: tuple[str, ...] = field(default=FP32_OPS, repr=False)
 
@@ -108,7 +118,8 @@ def _retype_attributes(node) -> None:
 
 
 def to_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
-    """Rewrite an FP32 ONNX model to FP16, keeping ``fp32_ops`` nodes (and graph inputs/outputs) FP32.
+    """Rewrite an FP32 ONNX model to FP16, keeping ``fp32_ops`` nodes, nodes named under
+    ``engines.deform.FP32_SCOPE`` (deformable-conv sampling coordinates) and graph inputs/outputs FP32.
 
     Every float tensor gets an fp32 and/or fp16 version on demand: float initializers are
     converted, other tensors get a Cast where a node of the other precision consumes them.
@@ -138,7 +149,8 @@ def to_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
         return v[want]
 
     for node in g.node:
-        mode = "fp32" if node.op_type in fp32_ops or node.domain not in ("", "ai.onnx") else "fp16"
+        keep = node.op_type in fp32_ops or node.domain not in ("", "ai.onnx") or node.name.startswith(FP32_SCOPE)
+        mode = "fp32" if keep else "fp16"
         n = onnx.NodeProto()
         n.CopyFrom(node)
         n.input[:] = [get(x, mode) if x in versions else x for x in node.input]
@@ -289,6 +301,57 @@ def _check_request(requested: str, quants: Mapping[str, str | None], package: st
                              f"is 8.7): build the INT8 or FP16 engine instead")
 
 
+# ----------------------------------------------------------------------------- deformable convolutions
+
+def has_deform_plugin(rt: TensorRT) -> bool:
+    """Does this TensorRT's plugin library register ``ModulatedDeformConv2d`` (what its ONNX parser
+    turns DeformConv into)? Loads libnvinfer_plugin's creators first."""
+    trt = rt.trt
+    try:
+        init = getattr(trt, "init_libnvinfer_plugins", None)
+        if init is not None:
+            init(rt.logger, "")
+        registry = trt.get_plugin_registry()
+        creators = getattr(registry, "all_creators", None) or getattr(registry, "plugin_creator_list", [])
+        return any(getattr(c, "name", None) == PLUGIN for c in creators)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def deform_path(rt: TensorRT, requested: str, nodes: int, path: Path) -> str | None:
+    """How ``nodes`` DeformConv nodes of ``path`` are built: "plugin" | "gridsample" (None: no nodes)."""
+    if requested not in DEFORM_CHOICES:
+        raise BuildError(f"--deform-conv {requested!r} is not one of {list(DEFORM_CHOICES)}")
+    if nodes == 0:
+        return None
+    if requested == "gridsample":
+        return "gridsample"
+    if rt.is_rtx:
+        if requested == "plugin":
+            raise BuildError(f"{path}: --deform-conv plugin: TensorRT-RTX has no {PLUGIN} plugin for its "
+                             f"{nodes} DeformConv nodes; use --deform-conv auto (the GridSample rewrite)")
+        return "gridsample"
+    if has_deform_plugin(rt):
+        return "plugin"
+    if requested == "plugin":
+        raise BuildError(f"{path} has {nodes} DeformConv nodes and TensorRT {rt.version}'s libnvinfer_plugin has "
+                         f"no {PLUGIN} plugin: install TensorRT >= 10.1 with its plugin library "
+                         f"(libnvinfer_plugin), or build with --deform-conv auto / gridsample (the GridSample rewrite)")
+    return "gridsample"
+
+
+def _load_onnx(path: Path):
+    try:
+        import onnx
+    except ImportError:
+        raise BackendUnavailable("fp16 builds and DyHead packages rewrite the ONNX with the onnx package: "
+                                 "pip install onnx") from None
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise BuildError(f"{path}: onnx cannot read it: {e}") from None
+
+
 # ----------------------------------------------------------------------------- the whole build
 
 def _backend(name: str) -> TensorRT:
@@ -332,10 +395,14 @@ def build_engines(cfg: BuildConfig) -> Path:
     buckets = tuple(cfg.buckets or manifest["text"].get("buckets") or pkg.DEFAULT_BUCKETS)
     started = time.time()
     builder = rt.trt.Builder(rt.logger)
-    graphs, precisions, results = {}, {}, {}
+    graphs, precisions, results, deform = {}, {}, {}, {}
     for graph in ("text", "detector"):
         path = graph_file(package, manifest, graph)
-        network, parser = _parse(rt, builder, path, None)  # the parser owns the weights: keep it alive
+        nodes = deform_convs_in(path)
+        deform[graph] = {"nodes": nodes, "path": deform_path(rt, cfg.deform_conv, nodes, path)}
+        lowered = (lower_deform_conv(_load_onnx(path)).SerializeToString()
+                   if deform[graph]["path"] == "gridsample" else None)
+        network, parser = _parse(rt, builder, path, lowered)  # the parser owns the weights: keep it alive
         graphs[graph] = (path, network, parser, quantization_of(rt, network))
     _check_request(cfg.precision, {g: v[3] for g, v in graphs.items()}, str(package), device, cfg.target_cc, rt)
     for graph, (path, _, _, quant) in graphs.items():
@@ -348,13 +415,17 @@ def build_engines(cfg: BuildConfig) -> Path:
         for graph, (path, network, parser, quant) in graphs.items():
             precision = precisions[graph]
             if precision == "fp16":
-                network, parser = _parse(rt, builder, path, _fp16_bytes(path, cfg))
+                network, parser = _parse(rt, builder, path,
+                                         _fp16_bytes(path, cfg, deform[graph]["path"] == "gridsample"))
             specs = graph_specs(manifest, graph)
             profiles = profiles_for(specs[0], buckets)
             config, targets = _configure(rt, builder, cfg, profiles, timing_cache)
             plan = _build_plan(rt, builder, network, config, path)
             atomic_write_bytes(tmp / f"{graph}.plan", plan)
-            results[graph] = _graph_record(graph, plan, precision, specs, profiles, config, rt)
+            # deformable convs run in the graph's float type (fp16 or the package's fp32), never INT8/FP8
+            results[graph] = {**_graph_record(graph, plan, precision, specs, profiles, config, rt),
+                              "deform_conv": {**deform[graph], "precision": "fp16" if precision == "fp16" else "fp32"}
+                              if deform[graph]["nodes"] else None}
         if timing_cache is not None:
             atomic_write_bytes(tmp / TIMING_CACHE, bytes(timing_cache.serialize()))
         record = _engine_record(cfg, rt, device, targets, manifest, package, out, buckets, results, started)
@@ -372,15 +443,11 @@ def _make_readable(folder: Path) -> None:
         path.chmod(0o644)
 
 
-def _fp16_bytes(path: Path, cfg: BuildConfig) -> bytes:
-    try:
-        import onnx
-    except ImportError:
-        raise BackendUnavailable("fp16 builds rewrite the ONNX with the onnx package: pip install onnx") from None
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise BuildError(f"{path}: onnx cannot read it: {e}") from None
+def _fp16_bytes(path: Path, cfg: BuildConfig, lower: bool = False) -> bytes:
+    """The FP16 rewrite of ``path`` (after the DeformConv -> GridSample rewrite when ``lower``)."""
+    model = _load_onnx(path)
+    if lower:
+        model = lower_deform_conv(model)
     return to_fp16(model, tuple(cfg.fp32_ops) + tuple(cfg.keep_fp32)).SerializeToString()
 
 
@@ -406,18 +473,21 @@ def _graph_record(graph, plan: bytes, precision, specs, profiles, config, rt: Te
 def _engine_record(cfg, rt, device, targets, manifest, package, out, buckets, results, started) -> dict[str, Any]:
     precisions = {g: r["precision"] for g, r in results.items()}
     overall = overall_precision(precisions)
+    deform = sorted({r["deform_conv"]["path"] for r in results.values() if r.get("deform_conv")})
     return {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
         "backend": rt.backend, "tensorrt": {"module": rt.trt.__name__, "version": rt.version},
         "device": {"name": device.name if device else None, "compute_capability": device.sm if device else None,
                    "targets": targets if rt.is_rtx else [device.sm]},
         "precision": overall, "requested_precision": cfg.precision, "graph_precision": precisions,
+        "deform_conv": deform[0] if len(deform) == 1 else (deform or None),
         "package": package_record(package, manifest, out),
         "graphs": results, "buckets": list(buckets),
         "build": {"strongly_typed": True, "workspace_mb": cfg.workspace_mb, "opt_level": cfg.opt_level,
                   "fp32_ops": list(cfg.fp32_ops) + list(cfg.keep_fp32) if "fp16" in precisions.values() else [],
                   "timing_cache": TIMING_CACHE if rt.uses_timing_cache else None,
                   "target_cc": list(cfg.target_cc) if cfg.target_cc else None, "keep_fp32": list(cfg.keep_fp32),
+                  "deform_conv": cfg.deform_conv,
                   "seconds": round(time.time() - started, 2)},
         "producer": {"fiber_edge": "0.1.0", "python": sys.version.split()[0]},
     }
@@ -460,6 +530,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fp32", type=_names, default=(), metavar="OPS",
                    help="more ONNX op types kept FP32 in fp16 builds (e.g. Add,Mul)")
     p.add_argument("--opt-level", type=int, default=None, choices=range(6), help="builder optimisation level")
+    p.add_argument("--deform-conv", default="auto", choices=DEFORM_CHOICES,
+                   help="DeformConv nodes (DyHead packages): auto = TensorRT's ModulatedDeformConv2d plugin when "
+                        "present, else (and on TensorRT-RTX) the GridSample rewrite; plugin / gridsample force one")
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
     p.add_argument("--out", default=None, help="engine folder (default: runs/engines/<package>-<backend>-<precision>)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -471,7 +544,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(package=args.package, out=args.out, backend=args.backend, precision=args.precision,
                        workspace_mb=args.workspace, timing_cache=args.timing_cache, buckets=args.buckets,
                        target_cc=args.target_cc, keep_fp32=args.keep_fp32, opt_level=args.opt_level,
-                       device=args.device, overwrite=args.overwrite)
+                       device=args.device, overwrite=args.overwrite, deform_conv=args.deform_conv)
 
 
 def _main_cpu(args: argparse.Namespace) -> int:
@@ -479,7 +552,8 @@ def _main_cpu(args: argparse.Namespace) -> int:
     ignored = [flag for flag, value, default in (
         ("--precision", args.precision, "auto"), ("--workspace", args.workspace, None),
         ("--timing-cache", args.timing_cache, None), ("--target-cc", args.target_cc, None),
-        ("--keep-fp32", args.keep_fp32, ()), ("--opt-level", args.opt_level, None)) if value != default]
+        ("--keep-fp32", args.keep_fp32, ()), ("--opt-level", args.opt_level, None),
+        ("--deform-conv", args.deform_conv, "auto")) if value != default]
     if ignored:
         print(f"engines.build: {', '.join(ignored)} apply to TensorRT builds only; a {backend} engine runs "
               "the package's own precision", file=sys.stderr)

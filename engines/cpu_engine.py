@@ -33,12 +33,13 @@ import numpy as np
 
 from common import package as pkg
 from common.atomic import atomic_dir, atomic_write_json
+from engines.deform import deform_convs_in
 from engines.errors import BackendUnavailable, BuildError, EngineError, EngineMismatch
 from engines.manifest import (
     ENGINE_FORMAT, ENGINE_FORMAT_VERSION, ENGINE_JSON, GRAPHS, TensorSpec, check_package_matches, graph_file,
     graph_specs, package_record, read_engine_manifest, read_package, rebuild_command, recorded_package_path,
 )
-from engines.openvino import OpenVinoEngine, OpenVinoOptions, openvino_options
+from engines.openvino import OpenVinoEngine, OpenVinoOptions, openvino_core, openvino_options
 from engines.options import first_line
 from engines.ort import OrtEngine, OrtOptions
 
@@ -111,8 +112,8 @@ def _build_openvino(package: Path, manifest: Mapping[str, Any], graph: str, tmp:
 
     source = graph_file(package, manifest, graph, cpu=False)  # the Q/DQ file, as the runtime runs it
     xml = tmp / f"{graph}.xml"
-    try:
-        ov.save_model(ov.Core().read_model(str(source)), str(xml), compress_to_fp16=False)
+    try:  # DeformConv becomes OpenVINO's DeformableConvolution-8 in the IR (engines.deform)
+        ov.save_model(openvino_core().read_model(str(source)), str(xml), compress_to_fp16=False)
     except Exception as e:
         raise BuildError(f"{source}: OpenVINO cannot convert it: {first_line(e)}") from None
     inputs, outputs = graph_specs(manifest, graph)
@@ -147,13 +148,17 @@ def build_cpu_engine(package: Path, backend: str, out: Path | None, overwrite: b
             record = (_build_ort(package, manifest, graph, tmp) if backend == "onnxruntime"
                       else _build_openvino(package, manifest, graph, tmp, buckets, threads))
             inputs, outputs = graph_specs(manifest, graph)
+            nodes = deform_convs_in(package / record["source"])
             graphs[graph] = {**record, "inputs": [s.to_dict() for s in inputs],
-                             "outputs": [s.to_dict() for s in outputs]}
+                             "outputs": [s.to_dict() for s in outputs],
+                             "deform_conv": {"nodes": nodes, "path": "native"} if nodes else None}
         record = {
             "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
             "backend": backend, "runtime": {"module": backend, "version": version},
             "device": {"cpu": cpu_description()},
             "precision": precision, "requested_precision": "auto",
+            # DeformConv: ONNX Runtime's kernel / OpenVINO's DeformableConvolution-8 (engines.deform)
+            "deform_conv": "native" if any(g["deform_conv"] for g in graphs.values()) else None,
             "package": package_record(package, manifest, out),
             "graphs": graphs, "buckets": list(buckets),
             "build": {"command": command, "threads": threads, "seconds": round(time.time() - started, 2)},

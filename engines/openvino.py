@@ -53,6 +53,19 @@ class OpenVinoOptions:
             raise EngineError(f"option threads={self.threads!r} must be an integer >= 0")
 
 
+def openvino_core():
+    """An ``openvino.Core`` whose ONNX reader knows ``DeformConv`` (engines.deform: OpenVINO's own
+    DeformableConvolution-8, ``bilinear_interpolation_pad=True``). Every ONNX file goes through one."""
+    import openvino as ov
+
+    from engines.deform import openvino_extensions
+
+    core = ov.Core()
+    for extension in openvino_extensions():
+        core.add_extension(extension)
+    return core
+
+
 class OpenVinoEngine:
     """One ONNX file compiled by OpenVINO (``openvino`` package). Same interface as OrtEngine.
 
@@ -65,11 +78,11 @@ class OpenVinoEngine:
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  opts: OpenVinoOptions = OpenVinoOptions()):
         try:
-            import openvino as ov
+            import openvino  # noqa: F401
         except ImportError:
             raise BackendUnavailable("OpenVINO is not installed: pip install openvino") from None
         self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
-        self._core = ov.Core()
+        self._core = openvino_core()
         if opts.cache_dir != "":
             cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir() / "openvino"
             self._core.set_property({"CACHE_DIR": str(cache)})
@@ -155,11 +168,9 @@ def check_against_reference(path: str | Path, reference: str | Path, **opts: Any
     OpenVinoOptions fields) for the inputs stored in the npz ``reference`` (its other arrays are the
     expected outputs). compress.export runs this in a child process: a compiler crash must not take
     the export down."""
-    import openvino as ov
-
     with np.load(reference, allow_pickle=False) as z:
         ref = {k: z[k] for k in z.files}
-    names = [i.get_any_name() for i in ov.Core().read_model(str(path)).inputs]
+    names = [i.get_any_name() for i in openvino_core().read_model(str(path)).inputs]
     inputs = [TensorSpec(n, tuple(ref[n].shape), ref[n].dtype) for n in names]
     outputs = [TensorSpec(n, tuple(v.shape), v.dtype) for n, v in ref.items() if n not in names]
     engine = OpenVinoEngine(Path(path), inputs, outputs, make_options(OpenVinoOptions, opts, "openvino"))

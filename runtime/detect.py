@@ -188,9 +188,13 @@ def _check_prompt(detector: Detector, prompt: str | None) -> None:
 
 
 def backend_line(detector: Detector, threads: int | None) -> str:
-    """``fiber-detect: <model> on <backend>[, N threads][: hint]``: the backend chosen, and how to
+    """``fiber-detect: <model> on <backend>[, N threads][, deformable convs: PATH][: hint]``: the
+    backend chosen, for a DyHead how its DeformConv nodes run (native / plugin / gridsample), and how to
     get the faster one when a package made for OpenVINO runs on ONNX Runtime for want of it."""
     line = f"{PROG}: {detector.name} on {detector.backend}" + (f", {threads} threads" if threads else "")
+    deform = getattr(detector.engines, "deform_conv", None)  # a DyHead's DeformConv path (engines.deform)
+    if deform:
+        line += f", deformable convs: {deform}"
     wanted = (detector.manifest.get("graphs", {}).get("detector", {}) or {}).get("cpu_backend")
     if (detector.backend == "onnxruntime" and wanted == "openvino"
             and importlib.util.find_spec("openvino") is None):
