@@ -9,7 +9,10 @@ hand-built graph against numpy.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import io
 import json
 import subprocess
 import sys
@@ -45,12 +48,29 @@ def make_checkpoint(path: Path, name: str = CONFIG, task: str = "fine", seed: in
 
 
 def make_data(path: Path, images: int = 8) -> Path:
-    subprocess.run([sys.executable, "-m", "fiber.data.synth", "--out", str(path), "--images", str(images),
-                    "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    result = run_cli("fiber.data.synth", "--out", str(path), "--images", str(images), "--seed", "0")
+    assert result.returncode == 0, result.stderr
     return path
 
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module *args`` in-process: ``main(get_args_parser().parse_args(args))`` with stdout
+    and stderr captured, as a CompletedProcess (an argparse error is its SystemExit code). torch's
+    thread count is restored afterwards (``--threads`` sets it)."""
+    cli = importlib.import_module(module)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(cli.get_args_parser().parse_args(list(args)))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_program(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module *args`` in a child process (one smoke test per CLI)."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
 
@@ -222,7 +242,7 @@ def test_repack_turns_an_fp32_word_table_into_the_exporters_int8_one(work, fp32_
     with np.load(new / pkg.reference_file("text")) as z:
         assert rel_diff(ort_session(new / pkg.TEXT_GRAPH).run(None, {k: z[k] for k in pkg.TEXT_INPUTS})[0],
                         z[pkg.TEXT_HIDDEN]) < 1e-6
-    again = run_cli("compress.repack", "--package", str(new), "--out", str(tmp_path / "again"))
+    again = run_program("compress.repack", "--package", str(new), "--out", str(tmp_path / "again"))  # smoke
     assert again.returncode == 2 and "int8 already" in again.stderr and not (tmp_path / "again").exists()
     exists = run_cli("compress.repack", "--package", str(old), "--out", str(new))
     assert exists.returncode == 2 and "already exists" in exists.stderr
@@ -309,8 +329,9 @@ def test_reference_outputs_match_every_backend(work):
 # ----------------------------------------------------------------------------- refusals
 
 def test_existing_out_is_refused(work):
+    """As a program (the compress.export smoke test): exit 2, one line, no traceback."""
     before = sorted(p.name for p in work["package"].iterdir())
-    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(work["package"]),
+    result = run_program("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(work["package"]),
                      "--buckets", BUCKETS)
     assert result.returncode == 2
     assert "already exists" in result.stderr and "--overwrite" in result.stderr

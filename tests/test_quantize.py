@@ -19,7 +19,7 @@ from onnx import TensorProto
 import engines
 from common import package as pkg
 from compress import export, quantize
-from test_export import BUCKETS, CONFIG, make_checkpoint, make_data, rel_diff, run_cli
+from test_export import BUCKETS, CONFIG, make_checkpoint, make_data, rel_diff, run_cli, run_program
 
 INT8_VS_FAKEQUANT = 1e-3   # Q/DQ ONNX (ORT, optimisations off) vs modelopt fake-quant torch
 CPU_FILE_TOL = 0.1         # detector.cpu.onnx (dynamic, different activation scales) vs detector.onnx
@@ -105,7 +105,8 @@ def test_quantizer_groups_cover_every_quantizer():
 
 
 def test_too_few_calibration_images_refused(work, tmp_path):
-    result = run_cli("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
+    """The first refusal as a program (the compress.quantize smoke test)."""
+    result = run_program("compress.quantize", "--checkpoint", str(work["ckpt"]), "--data", str(work["data"]),
                      "--out", str(tmp_path / "q"))                  # 8 images, default minimum 64
     assert result.returncode == 2
     assert "calibration images" in result.stderr and "at least 64" in result.stderr
