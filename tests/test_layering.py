@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -96,6 +97,30 @@ def violations() -> list[str]:
 def test_imports_follow_the_layering():
     bad = violations()
     assert not bad, "imports against docs/architecture.md:\n" + "\n".join(bad)
+
+
+def test_torch_free_layers_load_no_torch():
+    """Importing every module of common/, engines/, runtime/ (then fiber/data/) in a fresh interpreter
+    loads no torch-family package (third-party imports included) and no fiber model code."""
+    first = [module_name(p) for p in source_files() if layer_of(module_name(p)) in ("common", "engines", "runtime")
+             and module_name(p) != "runtime.__main__"]
+    data = [module_name(p) for p in source_files() if layer_of(module_name(p)) == "fiber.data"]
+    code = f"""
+import importlib, sys
+def heavy(*names):
+    return sorted(m for m in sys.modules if m.split(".")[0] in names)
+for m in {first!r}:
+    importlib.import_module(m)
+assert not heavy("torch", "torchvision", "transformers", "modelopt", "fiber"), heavy("torch", "fiber")
+for m in {data!r}:
+    importlib.import_module(m)
+assert not heavy("torch", "torchvision", "transformers", "modelopt"), heavy("torch")
+assert sorted(m for m in sys.modules if m.startswith("fiber.")) == sorted({data!r}), "fiber model code loaded"
+print("clean")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "clean", proc.stderr[-2000:]
+    assert len(first) > 20 and len(data) >= 5
 
 
 def test_the_checker_sees_lazy_relative_and_from_imports(tmp_path, monkeypatch):
