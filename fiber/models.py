@@ -18,7 +18,6 @@ from torch import nn
 
 from fiber.backbone import FusedOutput, build_backbone
 from fiber.config import ModelConfig
-from fiber.heads import head_options
 from fiber.heads.coarse import CoarseHeads
 from fiber.heads.dyhead import build_dyhead
 from fiber.heads.grounding import GroundingOutput, build_fpn, build_grounding_head, fpn_strides
@@ -50,7 +49,7 @@ class FiberForPretraining(CoarseHeads):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(text_dim=cfg.text.hidden_size, image_dim=cfg.swin.stage_dims[-1],
-                         vocab_size=cfg.text.vocab_size, queue_size=head_options(cfg.head).queue_size,
+                         vocab_size=cfg.text.vocab_size, queue_size=cfg.head.queue_size,
                          layer_norm_eps=cfg.text.layer_norm_eps)
         self.cfg = cfg
         self.backbone = build_backbone(cfg)

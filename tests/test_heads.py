@@ -10,7 +10,6 @@ import torch
 
 from fiber.box_ops import (BoxCoder, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
                            generalized_box_iou, level_anchors, make_anchors, paired_generalized_box_iou)
-from fiber.heads import HeadOptions, head_options
 from fiber.heads.coarse import CoarseHeads
 from fiber.heads.grounding import FPN, GroundingHead
 
@@ -87,24 +86,6 @@ def test_anchors_count_sizes_and_centres():
 
 
 # ----------------------------------------------------------------------------- options, FPN
-
-def test_head_options_from_config_and_unknown_field():
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class Cfg:
-        fpn_channels: int = 32
-        proj_dim: int = 8
-
-    @dataclass(frozen=True)
-    class Bad:
-        fpn_chanels: int = 32
-
-    opts = head_options(Cfg())
-    assert opts.fpn_channels == 32 and opts.proj_dim == 8 and opts.num_convs == HeadOptions().num_convs
-    with pytest.raises(ValueError, match="fpn_chanels"):
-        head_options(Bad())
-
 
 @pytest.mark.parametrize("use_p6", [False, True])
 def test_fpn_shapes(use_p6):

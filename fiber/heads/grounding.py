@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiber.box_ops import BoxCoder, make_anchors
-from fiber.heads import HeadOptions, head_options
 
 LOGIT_CLAMP = 50000.0  # GLIP CLAMP_DOT_PRODUCT
 
@@ -129,7 +128,7 @@ class GroundingHead(nn.Module):
         in_channels: FPN width (also the tower width).
         text_dim: width D of the fused text states.
         strides: stride of each FPN level in input pixels, e.g. ``(8, 16, 32)``.
-        num_convs, proj_dim, prior_prob, anchor_scale, gn_groups: see ``HeadOptions``.
+        num_convs, proj_dim, prior_prob, anchor_scale, gn_groups: see ``fiber.config.HeadConfig``.
     """
 
     def __init__(self, in_channels: int, text_dim: int, strides: Sequence[int], num_convs: int = 2,
@@ -237,14 +236,14 @@ def fpn_strides(patch_size: int, use_p6: bool, use_p7: bool = False) -> tuple[in
 
 
 def build_fpn(cfg) -> FPN:
-    """FPN for a ``ModelConfig`` (reads ``cfg.swin.embed_dim`` and the head options)."""
-    opts = head_options(cfg.head)
+    """FPN for a ``ModelConfig`` (reads ``cfg.swin.embed_dim`` and ``cfg.head``)."""
+    opts = cfg.head
     return FPN(stage_channels(cfg.swin.embed_dim), opts.fpn_channels, opts.use_p6, opts.use_p7)
 
 
 def build_grounding_head(cfg) -> GroundingHead:
     """Grounding head for a ``ModelConfig`` (text width ``cfg.text.hidden_size``)."""
-    opts: HeadOptions = head_options(cfg.head)
+    opts = cfg.head
     return GroundingHead(
         in_channels=opts.fpn_channels, text_dim=cfg.text.hidden_size,
         strides=fpn_strides(cfg.swin.patch_size, opts.use_p6, opts.use_p7), num_convs=opts.num_convs,
