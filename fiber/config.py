@@ -430,8 +430,8 @@ register_config(ModelConfig(
     max_text_len=32,
 ))
 
-# The deployable student: 256 px, ~7 M parameters besides word embeddings. With 4 text layers and
-# K = 4 every text layer is fused, so the text prefix (text.onnx) is the embeddings only.
+# The deployable student: 256 px, ~7 M parameters besides word embeddings. Of its 4 text layers the
+# top K = 3 are fused; the text prefix (text.onnx) is the embeddings and text layer 0.
 register_config(ModelConfig(
     name="fiber-nano",
     swin=SwinConfig(img_size=256, embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8),
