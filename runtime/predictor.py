@@ -12,6 +12,7 @@ extension). Torch-free. A Detector is not thread-safe: one per thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -79,16 +80,16 @@ class DetectorConfig:
     prompt_cache_size: int = 8         # encoded prompts (+ text_hidden) kept, least recently used out
     use_native: bool = True            # C extension for pre/post (False: the numpy references)
     verify: bool = True                # check the package files' sha256 on load
+    min_per_phrase: int = 0            # > 0: keep each phrase's best max(this, max_detections // P)
     per_phrase: int = 0                # > 0: grounding, each phrase's best K boxes (Flickr30k protocol)
     one_label_per_box: bool = False    # detection: NMS across phrases, a box keeps its best phrase
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
-    return Detector(cfg.package, backend=cfg.backend, threads=cfg.threads, threshold=cfg.threshold,
-                    max_detections=cfg.max_detections, nms_iou=cfg.nms_iou,
-                    pre_nms_top_k=cfg.pre_nms_top_k, prompt_cache_size=cfg.prompt_cache_size,
-                    use_native=cfg.use_native, verify=cfg.verify, per_phrase=cfg.per_phrase,
-                    one_label_per_box=cfg.one_label_per_box)
+    """``Detector(cfg.package, **the other fields)``: the fields are Detector's keyword arguments
+    (tests/test_predictor.py holds the two to the same names and defaults)."""
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "package"}
+    return Detector(cfg.package, **options)
 
 
 @dataclass

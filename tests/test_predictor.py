@@ -6,6 +6,8 @@ letterbox_ref and postprocess(use_native=False). Backend parity: ONNX Runtime vs
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 import warnings
 
@@ -189,6 +191,13 @@ def test_non_ascii_prompt(toy_detector, image):
     dets = toy_detector.detect(image, "café au lait. 猫. Straße")
     assert dets.phrases == ("café au lait", "猫", "Straße")
     assert len(dets) > 0
+
+
+def test_detector_config_fields_are_the_detectors_keyword_arguments():
+    """DetectorConfig and Detector list the same options with the same defaults (no drift)."""
+    params = list(inspect.signature(Detector).parameters.values())[1:]
+    fields = [f for f in dataclasses.fields(DetectorConfig) if f.name != "package"]
+    assert [(p.name, p.default) for p in params] == [(f.name, f.default) for f in fields]
 
 
 def test_build_detector_and_bad_settings(toys, tmp_path):
