@@ -34,7 +34,7 @@ test-fast: setup
 clean:
 	rm -rf build runtime/*.so .pytest_cache
 
-# ---- the fiber-nano recipe (issue 3): data -> stage 1 (coarse) -> stage 2 (fine) -> evaluation.
+# ---- the fiber-nano recipe: data -> stage 1 (coarse) -> stage 2 (fine) -> evaluation.
 # Sized for ~60 min on this 2-core CPU. Measured at batch 16: coarse ~1.7-1.8 samples/s, fine
 # ~8 samples/s with 1 thread (busy machine) or ~13 with 2 threads (idle machine only: on a shared,
 # busy CPU 2 threads run 5-10x slower). Each step is one plain command; a finished step is not
@@ -93,7 +93,7 @@ ablation-late: | data
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.fine --config fiber-nano --late-fusion --data $(SYNTH_TRAIN) --init runs/abl-late/coarse --out runs/abl-late/fine --max-steps $(NANO_FINE_STEPS) --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0
 	OMP_NUM_THREADS=$(NANO_THREADS) $(PY) -m train.evaluate --checkpoint runs/abl-late/fine --data $(SYNTH_VAL) --json runs/abl-late/eval.json
 
-# ---- teacher -> student distillation (issue 4). train-teacher: fiber-t, stage 2 only (the nano
+# ---- teacher -> student distillation. train-teacher: fiber-t, stage 2 only (the nano
 # ablation showed stage 1 does not pay at these budgets) with the text tower from MiniLM-L6, then
 # evaluation; measured at batch 16 on this 2-core CPU with 2 threads: 4.3 samples/s when nothing
 # else ran, 4942 s (82 min) for 1200 steps with other jobs now and then. kd-compare: KD against
@@ -162,7 +162,7 @@ distill-nano-long: $(LONG_KD_RUN)/eval.json
 kd-compare: $(KD_RUN)/eval.json $(ALONE_RUN)/eval.json
 	@$(PY) -c "import json,sys; [print(f'{p:28s}', '  '.join(f'{k} {json.load(open(p))[\"metrics\"][k]:.1f}' for k in ('R@1', 'R@5', 'R@10', 'R@1_relation', 'refexp', 'mAP'))) for p in sys.argv[1:]]" $^
 
-# ---- attribute-aware fiber-nano (issue 14). The shipped student scored "red star" and "blue star"
+# ---- attribute-aware fiber-nano. The shipped student scored "red star" and "blue star"
 # alike: colour is linearly decodable from its Swin stage 2 but not from the FPN maps the head reads
 # (docs/results.md). train-nano-attr fine-tunes the shipped FP32 package's own weights (recovered
 # exactly from its ONNX graphs by compress.recover) for ATTR_STEPS stage-2 steps in which 80% of the
@@ -171,7 +171,7 @@ kd-compare: $(KD_RUN)/eval.json $(ALONE_RUN)/eval.json
 # phrases (present pairs + absent hard negatives of the same kind or colour); half of the remaining
 # captions get absent hard-negative phrases appended. Measured: 1.5-3 s/step at 1 thread on this
 # shared CPU (2000 steps ~ 60-90 min).
-# attributes-nano: the issue-14 attribute metric of both packages through the runtime.
+# attributes-nano: the attribute metric (benchmarks.attributes) of both packages through the runtime.
 ATTR_RUN ?= runs/nano-attr
 ATTR_STEPS ?= 2000
 ATTR_INIT_PACKAGE ?= models/fiber-nano
@@ -192,7 +192,7 @@ train-nano-attr: $(ATTR_RUN)/eval.json
 attributes-nano:
 	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 200 --seed 1414
 
-# ---- benchmark report (issue 7): docs/report/ (report.md, report.json, PNG plots) for the shipped
+# ---- benchmark report: docs/report/ (report.md, report.json, PNG plots) for the shipped
 # INT8 package against its FP32 twin, the teacher and the PyTorch eager student when present, on
 # the validation split: every backend installed here, alternating, plus accuracy through the
 # runtime. Exit status 1 = the report was written but some part is marked "not measured".

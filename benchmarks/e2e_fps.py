@@ -11,7 +11,7 @@ A 640x480 video (moving coloured boxes, MJPG .avi by default) is generated in a 
                 network, as the CLI does) + network + post per frame through Detector.detect;
                 no drawing, no output
 
-and prints both FPS, the ratio (issue 6 target: end-to-end >= 0.85x network-only) and where the
+and prints both FPS, the ratio (target: end-to-end >= 0.85x network-only) and where the
 end-to-end time goes. ``--min-ratio R`` exits 1 below R (for CI).
 """
 from __future__ import annotations

@@ -198,7 +198,7 @@ def _net(s: Mapping[str, Any]) -> float:
 def int8_ratios(report: Mapping[str, Any]) -> list[dict]:
     rows = []
     for r in report["latency"].get("ratios", {}).get("int8_vs_fp32", []):
-        rows.append(_row("INT8 vs FP32 detector latency", r["fp32_over_int8_network"], "x", ">= 2.0 (issue 4)",
+        rows.append(_row("INT8 vs FP32 detector latency", r["fp32_over_int8_network"], "x", ">= 2.0",
                          f"median network ms: {r['fp32']} / {r['int8']}"))
     acc = _ok(report["accuracy"].get("subjects", []))
     for q in (s for s in acc if s["precision"] == "int8"):
@@ -206,10 +206,10 @@ def int8_ratios(report: Mapping[str, Any]) -> list[dict]:
                   and s["backend"] == q["backend"]):
             a, b = q["metrics"].get("R@1"), f["metrics"].get("R@1")
             value = round(a - b, 2) if a is not None and b is not None else None
-            rows.append(_row("INT8 vs FP32 R@1", value, "points", ">= -1.0 (issue 4)",
+            rows.append(_row("INT8 vs FP32 R@1", value, "points", ">= -1.0",
                              f"R@1 {q['label']} minus {f['label']}", "no R@1 (no grounding data)"))
     if not rows:
-        rows.append(_row("INT8 vs FP32 detector latency", None, "x", ">= 2.0 (issue 4)", "",
+        rows.append(_row("INT8 vs FP32 detector latency", None, "x", ">= 2.0", "",
                          "needs an INT8 and an FP32 package of the same model (--package / --compare)"))
     return rows
 
@@ -231,7 +231,7 @@ def teacher_ratios(report: Mapping[str, Any], main_model: str | None, teacher: s
                 and _model_of(report, p) == main_model), None)
     value = ratio(t_f.get("detector", {}).get("flops"), (s_f or {}).get("detector", {}).get("flops")) \
         if t_f.get("status") == "ok" and s_f else None
-    rows.append(_row(names[0], value, "x", ">= 3 (issue 4)", "teacher GFLOP / student GFLOP",
+    rows.append(_row(names[0], value, "x", ">= 3", "teacher GFLOP / student GFLOP",
                      t_f.get("reason", "teacher or student FLOPs missing")))
     lat = _ok(report["latency"].get("subjects", []))
     t = next((s for s in lat if s["role"] == "teacher"), None)
@@ -244,7 +244,7 @@ def teacher_ratios(report: Mapping[str, Any], main_model: str | None, teacher: s
     s = _student(acc, main_model, t["backend"]) if t else None
     r1 = (t or {}).get("metrics", {}).get("R@1"), (s or {}).get("metrics", {}).get("R@1")
     rows.append(_row(names[2], round(r1[1] - r1[0], 2) if t and s and None not in r1 else None, "points",
-                     ">= -3 (issue 4)", f"R@1 {s['label']} minus {t['label']}" if t and s else "",
+                     ">= -3", f"R@1 {s['label']} minus {t['label']}" if t and s else "",
                      _no_pair("R@1", t, main_model) if not (t and s) else "no R@1 (no grounding data)"))
     return rows
 
@@ -264,12 +264,12 @@ def runtime_ratios(report: Mapping[str, Any], main: str) -> list[dict]:
     rows = []
     pp = report["latency"].get("prepost", {})
     why = pp.get("reason") or pp.get("opencv")
-    rows.append(_row("C extension vs numpy pre+post", pp.get("numpy_over_native"), "x", ">= 3 (issue 6)",
+    rows.append(_row("C extension vs numpy pre+post", pp.get("numpy_over_native"), "x", ">= 3",
                      "median ms per frame: numpy / C", why))
-    rows.append(_row("C extension vs OpenCV pre+post", pp.get("opencv_over_native"), "x", "> 1 (issue 6)",
+    rows.append(_row("C extension vs OpenCV pre+post", pp.get("opencv_over_native"), "x", "> 1",
                      "median ms per frame: OpenCV / C", why))
     v = report.get("video", {})
-    rows.append(_row("end-to-end vs network-only FPS (video)", v.get("e2e_over_network"), "x", ">= 0.85 (issue 6)",
+    rows.append(_row("end-to-end vs network-only FPS (video)", v.get("e2e_over_network"), "x", ">= 0.85",
                      f"{v.get('name')} {v.get('backend')}: decode + pre overlapped, {v.get('frames')} frames",
                      v.get("reason")))
     mains = [s for s in _ok(report["latency"].get("subjects", [])) if s["package"] == main]

@@ -121,7 +121,7 @@ def package_digest(manifest: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-# Optional reference data inside a package (added by the engines work): reference/<graph>.npz holds
+# Optional reference data inside a package: reference/<graph>.npz holds
 # one set of the graph's inputs and the expected outputs, keyed by tensor name; listed in "files".
 REFERENCE_DIR = "reference"
 
@@ -133,8 +133,8 @@ def reference_file(graph: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Typed views of the manifest's "input" and "postprocess" sections (docs/architecture.md).
-# A manifest without the new keys (every package exported before the official fine model) reads
-# as today's behaviour: square letterbox, RGB, x/255, per-phrase post-processing.
+# A manifest without these keys (a package exported before the official fine model) reads as the
+# letterbox style: square letterbox, RGB, x/255, per-phrase post-processing.
 
 INPUT_LETTERBOX = "letterbox"   # square S x S canvas, scale S / max(h, w), bilinear half-pixel
 INPUT_OFFICIAL = "official"     # official FIBER/GLIP test resize on a fixed [H, W] canvas

@@ -11,7 +11,7 @@ the attention matmuls that run through ``fiber.layers.Attend`` (q and k of q k^T
 probabilities and v; per-tensor symmetric int8, calibrated like every activation; ``QuantMatMul``
 registers the MatMul module with modelopt). LayerNorm, GELU, softmax, residual adds, the box
 decode and attention called as the plain ``fiber.layers.attend`` function (the Swin window and
-i2t attention today) stay FP32. The text prefix (the layers of text.onnx) is not quantised: it
+i2t attention) stay FP32. The text prefix (the layers of text.onnx) is not quantised: it
 runs once per prompt. ``--attention`` is off by default: on fiber-nano with every attention
 (Swin windows included, through a local Attend patch) it made the detector ~10% slower on
 OpenVINO and ~3% slower on ONNX Runtime, at the same R@1.
