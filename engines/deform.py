@@ -86,18 +86,19 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.asarray(array), full))
         return full
 
-    def op(self, op_type: str, inputs: list[str], name: str, fp32: bool = False, **attrs) -> str:
+    def op(self, op_type: str, inputs: list[str], name: str, fp32: bool = False, output: str | None = None,
+           **attrs) -> str:
         from onnx import helper
 
-        out = f"{self.prefix}{name}"
-        node_name = (FP32_SCOPE if fp32 else "") + out
+        out = output or f"{self.prefix}{name}"
+        node_name = (FP32_SCOPE if fp32 else "") + f"{self.prefix}{name}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
         return out
 
 
 def _lower_one(node, index: int, opset: int) -> tuple[list, list]:
     """(nodes, initializers) computing ``node``'s output with Pad / GridSample / Mul / Conv."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     a = _attrs(node)
     if a.get("group", 1) != 1 or a.get("offset_group", 1) != 1:
@@ -170,10 +171,8 @@ def _lower_one(node, index: int, opset: int) -> tuple[list, list]:
         sampled = b.op("Mul", [sampled, b.op("Reshape", [m, mask_rows], "mask_rows")], "modulated")
     w_shape = i64("w_shape", [0, 0, taps, 1])
     weight = b.op("Reshape", [w, w_shape], "weight")                                     # [O, C, K, 1]
-    conv_in = [sampled, weight] + ([bias] if bias else [])
-    from onnx import helper as _h
-    b.nodes.append(_h.make_node("Conv", conv_in, [node.output[0]], name=f"{b.prefix}conv",
-                                kernel_shape=[taps, 1], strides=[taps, 1]))
+    b.op("Conv", [sampled, weight] + ([bias] if bias else []), "conv", output=node.output[0],
+         kernel_shape=[taps, 1], strides=[taps, 1])                                      # [B, O, Ho, Wo]
     return b.nodes, b.inits
 
 
