@@ -31,7 +31,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,34 +53,56 @@ class CheckpointError(ValueError):
 
 
 # -- our format ---------------------------------------------------------------------------
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One safetensors file of CPU copies (cloned: safetensors refuses tied, storage-sharing tensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                     overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> Path:
+    """The one checkpoint writer: ``path/model.safetensors`` + ``path/config.json`` (``{"format",
+    "format_version", **meta}``) and whatever ``extra_files(folder)`` adds, atomically (all or nothing).
+
+    Used by ``save_checkpoint`` (a model config) and by train.loop (step checkpoints with trainer
+    state, ``RUN/final``). CheckpointError when ``meta`` sets ``format`` / ``format_version`` or is
+    not JSON-serialisable (NaN included).
+    """
+    meta = dict(meta)
+    clash = sorted({"format", "format_version"} & set(meta))
+    if clash:
+        raise CheckpointError(f"checkpoint meta may not set reserved key '{clash[0]}'")
+    path = Path(path)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        save_tensors(tmp / WEIGHTS_FILE, tensors)
+        try:
+            text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta}, indent=2,
+                              allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: meta is not JSON-serialisable ({e})") from None
+        (tmp / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        if extra_files is not None:
+            extra_files(tmp)
+    return path
+
+
 def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                     extra_meta: Mapping[str, Any] | None = None, overwrite: bool = False,
                     tokenizer: Any = None) -> Path:
-    """Write ``path/model.safetensors`` + ``path/config.json`` atomically (all or nothing).
+    """A model checkpoint (``write_checkpoint`` with ``"model": cfg.to_dict()``).
 
     extra_meta: JSON-able top-level entries for config.json (e.g. ``{"task": "fine"}``); it may not
     override ``format``, ``format_version`` or ``model``. tokenizer: a ``tokenizers.Tokenizer``
     stored as ``tokenizer.json`` (the model's own; absent = the default WordPiece asset).
     """
-    from safetensors.torch import save_file
-
     extra = dict(extra_meta or {})
     clash = sorted({"format", "format_version", "model"} & set(extra))
     if clash:
         raise CheckpointError(f"extra_meta may not set reserved key '{clash[0]}'")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state_dict.items()}
-    path = Path(path)
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **extra}
-        try:
-            text = json.dumps(meta, indent=2)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: extra_meta is not JSON-serialisable ({e})") from None
-        (tmp / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / TOKENIZER_FILE))
-    return path
+    save_tokenizer = None if tokenizer is None else (lambda folder: tokenizer.save(str(folder / TOKENIZER_FILE)))
+    return write_checkpoint(path, model_state_dict, {"model": cfg.to_dict(), **extra}, overwrite, save_tokenizer)
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

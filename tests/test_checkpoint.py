@@ -225,7 +225,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 def test_save_is_atomic(tmp_path):
     state, cfg = tiny_state()
-    with pytest.raises(CheckpointError, match="extra_meta is not JSON-serialisable"):
+    with pytest.raises(CheckpointError, match="meta is not JSON-serialisable"):
         save_checkpoint(tmp_path / "ck", state, cfg, {"task": object()})  # fails after the weights
     assert list(tmp_path.iterdir()) == []  # no partial folder, no temp left behind
     save_checkpoint(tmp_path / "ck", state, cfg, {"task": "fine"})

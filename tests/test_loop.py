@@ -111,7 +111,7 @@ def test_clip_and_norm_clips():
 
 def test_param_group_lr_multipliers_and_decay(tmp_path):
     fit(ToyTask(), tiny_config(max_steps=2, schedule="constant"), tmp_path / "run")
-    groups = ckpt.load_checkpoint(tmp_path / "run/checkpoints/step-0000002")[
+    groups = ckpt.load_step(tmp_path / "run/checkpoints/step-0000002")[
         "trainer_state"]["optimizer"]["param_groups"]
     by_mult = {(g["lr_mult"], g["weight_decay"]): g["lr"] for g in groups}
     assert by_mult == {(1.0, 0.0): 0.01, (1.0, 0.01): 0.01, (2.0, 0.0): 0.02, (2.0, 0.01): 0.02}
@@ -203,7 +203,7 @@ def test_amp_on_gpu_trains_and_resumes(tmp_path, amp):
     res = fit(ToyTask(), cfg, tmp_path / "run", resume=True)
     assert res.step == 6 and math.isfinite(res.metrics["loss"])
     assert next(res.model.parameters()).device.type == "cuda"
-    state = ckpt.load_checkpoint(tmp_path / "run/checkpoints/step-0000006")["trainer_state"]
+    state = ckpt.load_step(tmp_path / "run/checkpoints/step-0000006")["trainer_state"]
     assert (state["scaler"] is not None) == (amp == "fp16")
 
 

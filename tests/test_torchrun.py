@@ -55,6 +55,6 @@ def test_two_process_run_resumes_and_matches_one_process(tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # one writer, cut back to the checkpoint on resume
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4, 6]
-    state = ckpt.load_checkpoint(run / "checkpoints/step-0000006")["trainer_state"]
+    state = ckpt.load_step(run / "checkpoints/step-0000006")["trainer_state"]
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not list(run.rglob(".*"))  # no temp folders left behind

@@ -7,6 +7,9 @@ Layout of a run folder::
     RUN/checkpoints/latest          "step-0000100\\n" (written after the folder is complete)
     RUN/final/                      model.safetensors, config.json (the "checkpoint" artefact)
 
+Both folders are written by ``fiber.checkpoint.write_checkpoint`` (the one checkpoint writer); a
+step folder adds the EMA weights and the trainer state to it.
+
 Nested state (optimiser, grad scaler, RNG) is split by ``to_json_and_tensors`` into a JSON tree
 where each tensor is replaced by ``{"__tensor__": key}`` and a flat ``{key: tensor}`` dict.
 Each folder is written into a temporary sibling and renamed (``common.atomic.atomic_dir``), so a
@@ -24,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from common.atomic import atomic_dir, atomic_write_text
+from common.atomic import atomic_write_text
+from fiber.checkpoint import save_tensors, write_checkpoint
 
-CHECKPOINT_FORMAT = "fiber-edge-checkpoint"
 TRAINER_STATE_FORMAT = "fiber-edge-trainer-state"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -123,35 +126,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_config(task_config: dict, step: int, weights: str) -> dict:
-    """config.json: the architecture.md header + what the task supplies (e.g. "model", "task")."""
+    """config.json's entries after the format header (``write_checkpoint`` adds it): what the task
+    supplies (e.g. "model", "task"), the step and which weights ("model" or "ema")."""
     clash = {"format", "format_version", "step", "weights"} & set(task_config)
     if clash:
         raise ValueError(f"task checkpoint config must not set reserved keys {sorted(clash)}")
-    return {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, **task_config,
-            "step": step, "weights": weights}
+    return {**task_config, "step": step, "weights": weights}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    # clone: safetensors refuses tensors that share storage (tied weights)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
-
-
-def write_weights_dir(path: Path, model_state: dict[str, torch.Tensor], config: dict,
-                      overwrite: bool = False) -> None:
-    """A ``{model.safetensors, config.json}`` folder, written atomically (RUN/final)."""
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        _save_tensors(tmp / "model.safetensors", model_state)
-        _write_json(tmp / "config.json", config)
-
-
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
-                    ema_state: dict[str, torch.Tensor] | None, config: dict,
-                    trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save_step(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+              ema_state: dict[str, torch.Tensor] | None, config: dict,
+              trainer_state: dict[str, Any], keep_last: int) -> Path:
     """Write ``RUN/checkpoints/step-NNNNNNN`` atomically, update ``latest``, prune old ones.
 
     ``trainer_state`` may hold tensors anywhere (they go to trainer_state.safetensors). Older
@@ -162,13 +147,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     tensors: dict[str, torch.Tensor] = {}
     meta = to_json_and_tensors(trainer_state, "state", tensors)
     meta = {"format": TRAINER_STATE_FORMAT, "format_version": FORMAT_VERSION, "state": meta}
-    with atomic_dir(path, overwrite=True) as tmp:
-        _save_tensors(tmp / "model.safetensors", model_state)
+
+    def trainer_files(tmp: Path) -> None:
         if ema_state is not None:
-            _save_tensors(tmp / "ema.safetensors", ema_state)
-        _write_json(tmp / "config.json", config)
+            save_tensors(tmp / "ema.safetensors", ema_state)
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _save_tensors(tmp / "trainer_state.safetensors", tensors)
+        save_tensors(tmp / "trainer_state.safetensors", tensors)
+
+    write_checkpoint(path, model_state, config, overwrite=True, extra_files=trainer_files)
     atomic_write_text(root / "latest", path.name + "\n")
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
@@ -176,8 +162,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder: ``{"model", "ema" (or None), "config", "trainer_state"}``."""
+def load_step(path: str | Path) -> dict[str, Any]:
+    """Read a step checkpoint folder: ``{"model", "ema" (or None), "config", "trainer_state"}``."""
     path = Path(path)
     meta = json.loads((path / "trainer_state.json").read_text())
     if meta.get("format") != TRAINER_STATE_FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:

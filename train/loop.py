@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common.progress import is_terminal
+from fiber.checkpoint import write_checkpoint
 from train import checkpointing as ckpt
 from train.distributed import (DataOrder, DistEnv, all_gather_object, all_reduce_mean_, barrier,
                                init_distributed, micro_batch_loader, rank_seed, shutdown,
@@ -490,9 +491,9 @@ class _Trainer:
         barrier(self.env)
         if self.env.is_main:
             config = ckpt.checkpoint_config(self.task.checkpoint_config(), self.step, "model")
-            ckpt.save_checkpoint(self.out, self.step, self.model.state_dict(),
-                                 self.ema.state_dict() if self.ema else None, config,
-                                 self._trainer_state(rng), self.cfg.keep_last)
+            ckpt.save_step(self.out, self.step, self.model.state_dict(),
+                           self.ema.state_dict() if self.ema else None, config,
+                           self._trainer_state(rng), self.cfg.keep_last)
         barrier(self.env)
         self.last_ckpt = self.out / "checkpoints" / ckpt.step_dir_name(self.step)
 
@@ -504,13 +505,13 @@ class _Trainer:
                 self.ema.state_dict() if use_ema else self.model.state_dict())
             config = ckpt.checkpoint_config(self.task.checkpoint_config(), self.step,
                                             "ema" if use_ema else "model")
-            ckpt.write_weights_dir(final, weights, config, overwrite=True)
+            write_checkpoint(final, weights, config, overwrite=True)
         barrier(self.env)
         return FitResult(step=self.step, run_dir=self.out, final_dir=final,
                          last_checkpoint=self.last_ckpt, metrics=self.metrics, model=self.model)
 
     def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_step(path)
         ts = state["trainer_state"]
         _check_resume_compatible(ts, self.cfg, self.order, path)
         self.model.load_state_dict(state["model"])
