@@ -4,7 +4,8 @@
 (``fine_grained/``, SWINT-FPN-RETINANET + VLDyHead, fusion v2 or v3) puts in its state dict. The
 rules are checked against the golden file made by the official code (tests/test_convert_fine.py),
 so the FIBER-B table they produce (806 tensors, ~252 M values) stands for the released checkpoints
-without shipping one. Test helper only.
+without shipping one. Used by the tests and by ``benchmarks.fiber_b make-release`` (a random-valued
+FIBER-B release for the deployment runs); never a source of real weights.
 """
 from __future__ import annotations
 
