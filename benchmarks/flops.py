@@ -44,7 +44,10 @@ from fiber.flops import giga
 # op type -> (index of operand A (the activations), index of operand B (the weights / 2nd operand))
 MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "FusedMatMul": (0, 1),
               "MatMulIntegerToFloat": (0, 1), "DynamicQuantizeMatMul": (0, 1)}
-CONV_OPS = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3), "ConvTranspose": (0, 1)}
+# DeformConv (the DyHead's modulated deformable conv, opset 19): counted as the conv it is (the
+# multiply-accumulates with W); its bilinear sampling (4 taps x C x K per output position) is not.
+CONV_OPS = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3), "ConvTranspose": (0, 1),
+            "DeformConv": (0, 1)}
 COUNTED_OPS = frozenset(MATMUL_OPS) | frozenset(CONV_OPS) | {"Gemm", "Einsum"}
 
 GROUPS = ("image backbone", "fused image blocks", "fused text layers", "cross-attention", "head", "other")

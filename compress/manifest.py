@@ -39,11 +39,16 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
     return {"input": image.to_json(), "text": text, "postprocess": pkg.PostprocessSpec().to_json()}
 
 
+LONG_BUCKETS = (128, 256)  # default buckets past DEFAULT_BUCKETS, for configs with long prompts (FIBER-B: 256)
+
+
 def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:
     """The text buckets of a package: given ones (ascending, >= 3, <= max_text_len) or the defaults
-    that fit ``cfg.max_text_len``. ValueError naming the problem."""
+    (16, 32, 64, 128, 256) that fit ``cfg.max_text_len`` (FIBER-B, 256: all five; 64: 16, 32, 64).
+    ValueError naming the problem."""
     if buckets is None:
-        chosen = tuple(b for b in pkg.DEFAULT_BUCKETS if b <= cfg.max_text_len) or (cfg.max_text_len,)
+        defaults = tuple(pkg.DEFAULT_BUCKETS) + LONG_BUCKETS
+        chosen = tuple(b for b in defaults if b <= cfg.max_text_len) or (cfg.max_text_len,)
     else:
         chosen = tuple(sorted({int(b) for b in buckets}))
     if not chosen or chosen[0] < 3:

@@ -228,15 +228,20 @@ def _replace_with_constants(model: onnx.ModelProto, folded: dict[str, np.ndarray
 
 
 def _check_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-    sa, sb = plain_session(a), plain_session(b)
+    # One session at a time (``a``'s outputs kept, its session dropped before ``b``'s is made): at
+    # FIBER-B scale each optimisations-off session holds ~1 GB of weights plus its activation arena.
+    sa = plain_session(a)
     names = [o.name for o in sa.get_outputs()]
-    for f in feeds:
+    want = [sa.run(names, f) for f in feeds]
+    del sa
+    sb = plain_session(b)
+    for f, expected in zip(feeds, want):
         shapes = {k: v.shape for k, v in f.items()}
         try:
             got = sb.run(names, f)
         except Exception as e:  # onnxruntime's own error types
             raise OnnxExportError(f"folding shape arithmetic broke the graph for inputs {shapes}: "
                                   f"{str(e).strip().splitlines()[0]}") from None
-        for name, x, y in zip(names, sa.run(names, f), got):
+        for name, x, y in zip(names, expected, got):
             if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=1e-6):
                 raise OnnxExportError(f"folding shape arithmetic changed output {name!r} for inputs {shapes}")

@@ -107,6 +107,22 @@ def test_flops_falls_back_to_onnxruntime_for_computed_shapes():
     assert "onnxruntime" in c.shapes_from
 
 
+def test_flops_count_a_deformable_conv_as_its_conv():
+    """The DyHead's DeformConv (opset 19): MACs of the weights, as a Conv of the same shapes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 10])
+    off = helper.make_tensor_value_info("off", TensorProto.FLOAT, ["batch", 18, 8, 10])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 9, 8, 10])
+    w = numpy_helper.from_array(np.ones((6, 4, 3, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(6, np.float32), "b")
+    node = helper.make_node("DeformConv", ["x", "w", "off", "b", "mask"], ["y"], pads=[1, 1, 1, 1],
+                            kernel_shape=[3, 3], name="head/deform")
+    graph = helper.make_graph([node], "deform", [x, off, mask], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    c = flops.count_graph(model, {"batch": 1})
+    assert c.macs == 6 * 8 * 10 * 4 * 9 and c.nodes[0].op_type == "DeformConv"
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random-init fiber-tiny-test checkpoint (fusion gates open) and its FP32 package."""

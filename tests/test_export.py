@@ -506,3 +506,17 @@ def test_exported_detector_has_constant_reshape_targets(work):
 
 def ort_session_from(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("config, want", [
+    ("fiber-b-fine", (16, 32, 64, 128, 256)),   # FIBER-B's MAX_QUERY_LEN 256: the long buckets too
+    ("fiber-golden-fine", (16,)),
+    ("fiber-nano", (16, 32, 64)),
+])
+def test_default_text_buckets_reach_the_configs_max_text_len(config, want):
+    from compress.manifest import resolve_buckets
+
+    cfg = get_config(config)
+    assert resolve_buckets(cfg, None) == want and want[-1] == min(cfg.max_text_len, 256)
+    with pytest.raises(ValueError, match="exceeds the"):
+        resolve_buckets(cfg, (16, cfg.max_text_len + 1))
