@@ -118,14 +118,9 @@ class PromptTokenizer:
             else tuple(tuple(s) for s in parse_phrases(prompt))
         text = self._prepare(prompt)
         enc = self._tok.encode(text)
-        truncated = len(enc.ids) > self.max_tokens
+        full = len(enc.ids)
+        truncated = full > self.max_tokens
         if truncated:
-            warnings.warn(
-                f"prompt of {len(prompt)} characters is {len(enc.ids)} tokens, over the "
-                f"{self.max_tokens}-token limit; truncated (phrases past the cut get no tokens)",
-                UserWarning,
-                stacklevel=2,
-            )
             enc = self._tok_trunc.encode(text)
         n = len(enc.ids)
         width = next(b for b in self.buckets if b >= n)
@@ -135,6 +130,18 @@ class PromptTokenizer:
         mask[0, :n] = 1
         offsets = tuple((0, 0) if special else (int(s), int(e))
                         for (s, e), special in zip(enc.offsets, enc.special_tokens_mask))
+        phrase_map = phrase_token_map(offsets, spans, width)
+        if truncated:
+            # The official model truncates at its MAX_QUERY_LEN too: truncate (a stream keeps
+            # running) and say in one line what was lost and what to change.
+            lost = int((~phrase_map.any(axis=1)).sum())
+            warnings.warn(
+                f"prompt of {len(prompt)} characters is {full} tokens, over the {self.max_tokens}-token "
+                f"limit; truncated (phrases past the cut get no tokens: {lost} of {len(spans)}): "
+                f"shorten it or split its phrases over several prompts",
+                UserWarning,
+                stacklevel=2,
+            )
         return EncodedPrompt(
             prompt=prompt,
             input_ids=ids,
@@ -142,6 +149,6 @@ class PromptTokenizer:
             offsets=offsets,
             phrase_spans=spans,
             phrases=tuple(" ".join(prompt[s:e] for s, e in p) for p in spans),
-            phrase_map=phrase_token_map(offsets, spans, width),
+            phrase_map=phrase_map,
             truncated=truncated,
         )

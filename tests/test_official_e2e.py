@@ -106,3 +106,25 @@ def test_export_refuses_a_bad_canvas_with_one_line(tmp_path, capsys, canvas, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1]  # the last (argparse: after its usage) line says what to change
     assert not (tmp_path / "pkg").exists()
+
+
+@pytest.mark.slow
+def test_a_prompt_over_the_largest_bucket_is_truncated_with_one_line(golden_package, tmp_path, capsys):
+    """The golden package's largest bucket is 16 tokens (FIBER-B's is 256: the same rule). A longer
+    prompt runs truncated, as the official model truncates at MAX_QUERY_LEN; stderr gets one line
+    saying how many phrases were cut off and what to change, the JSON record a warning."""
+    from runtime import detect
+
+    Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    prompt = ". ".join(f"thing number {i}" for i in range(12))
+    out = tmp_path / "out.jsonl"
+    args = detect.get_args_parser().parse_args(["--package", str(golden_package), "--image", str(tmp_path / "grey.png"),
+                                                "--prompt", prompt, "--json", str(out), "--headless"])
+    assert detect.main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert "over the 16-token limit" in warnings[0] and "shorten it or split its phrases" in warnings[0]
+    lost = int(warnings[0].split("no tokens: ")[1].split(" of ")[0])
+    assert 0 < lost < 12
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["warnings"] == ["prompt truncated to 16 tokens"] and len(record["phrases"]) == 12
