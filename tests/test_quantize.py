@@ -269,6 +269,7 @@ def _calibrated(fp32, attention: bool, args):
     return qmodel
 
 
+@pytest.mark.slow  # quantises, calibrates and exports a model with attention quantizers: ~13 s
 def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
     """--attention: q, k, probabilities and v of every Attend (text self-attention, t2i) are
     quantised; the exported Q/DQ graph computes what the fake-quantised model does."""
@@ -317,6 +318,7 @@ def test_attention_matmuls_get_quantizers_and_qdq(tmp_path):
         assert rel_diff(got[name], w.numpy()) < INT8_VS_FAKEQUANT, name
 
 
+@pytest.mark.slow  # a full INT8 export with accuracy on the data before the guard refuses: ~20 s
 def test_accuracy_guard_refuses_and_names_layers(work, tmp_path):
     out = tmp_path / "refused"
     result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(out),
