@@ -303,21 +303,6 @@ def _check_request(requested: str, quants: Mapping[str, str | None], package: st
 
 # ----------------------------------------------------------------------------- deformable convolutions
 
-def has_deform_plugin(rt: TensorRT) -> bool:
-    """Does this TensorRT's plugin library register ``ModulatedDeformConv2d`` (what its ONNX parser
-    turns DeformConv into)? Loads libnvinfer_plugin's creators first."""
-    trt = rt.trt
-    try:
-        init = getattr(trt, "init_libnvinfer_plugins", None)
-        if init is not None:
-            init(rt.logger, "")
-        registry = trt.get_plugin_registry()
-        creators = getattr(registry, "all_creators", None) or getattr(registry, "plugin_creator_list", [])
-        return any(getattr(c, "name", None) == PLUGIN for c in creators)
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-
-
 def deform_path(rt: TensorRT, requested: str, nodes: int, path: Path) -> str | None:
     """How ``nodes`` DeformConv nodes of ``path`` are built: "plugin" | "gridsample" (None: no nodes)."""
     if requested not in DEFORM_CHOICES:
@@ -331,7 +316,7 @@ def deform_path(rt: TensorRT, requested: str, nodes: int, path: Path) -> str | N
             raise BuildError(f"{path}: --deform-conv plugin: TensorRT-RTX has no {PLUGIN} plugin for its "
                              f"{nodes} DeformConv nodes; use --deform-conv auto (the GridSample rewrite)")
         return "gridsample"
-    if has_deform_plugin(rt):
+    if rt.has_plugin(PLUGIN):  # also loads libnvinfer_plugin for the parser
         return "plugin"
     if requested == "plugin":
         raise BuildError(f"{path} has {nodes} DeformConv nodes and TensorRT {rt.version}'s libnvinfer_plugin has "

@@ -24,6 +24,7 @@ import numpy as np
 
 from common import package as pkg
 from engines import cuda
+from engines.deform import PLUGIN as DEFORM_PLUGIN
 from engines.errors import BackendUnavailable, CudaError, EngineError, EngineMismatch, InputError
 from engines.manifest import (
     TensorSpec, check_package_matches, read_engine_manifest, read_package, rebuild_command,
@@ -108,6 +109,19 @@ class TensorRT:
 
     def runtime(self):
         return self.trt.Runtime(self.logger)
+
+    def has_plugin(self, name: str) -> bool:
+        """Load libnvinfer_plugin's creators (what the ONNX parser and plans with plugin layers need)
+        and tell whether one called ``name`` is registered (e.g. ModulatedDeformConv2d)."""
+        try:
+            init = getattr(self.trt, "init_libnvinfer_plugins", None)
+            if init is not None:
+                init(self.logger, "")
+            registry = self.trt.get_plugin_registry()
+            creators = getattr(registry, "all_creators", None) or getattr(registry, "plugin_creator_list", [])
+            return any(getattr(c, "name", None) == name for c in creators)
+        except (AttributeError, RuntimeError, TypeError):
+            return False
 
 
 def _make_logger(trt):
@@ -273,6 +287,10 @@ def open_engine_dir(engine_dir: Path, backend: str, opts: TrtOptions):
                              f"but {rt.version} is installed (plans only run on the version that built them)",
                              rebuild)
     plans = {graph: _read_plan(engine_dir, engine, graph, opts.verify, rebuild) for graph in ("text", "detector")}
+    if engine.get("deform_conv") == "plugin" and not rt.has_plugin(DEFORM_PLUGIN):
+        raise EngineMismatch(f"engine runs its deformable convs through TensorRT's {DEFORM_PLUGIN} plugin, and "
+                             f"this TensorRT's libnvinfer_plugin has none (install TensorRT's plugin library, or "
+                             f"rebuild with --deform-conv gridsample)", rebuild)
     try:
         cuda.set_device(opts.device)
         device = cuda.device_info(opts.device)

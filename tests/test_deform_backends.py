@@ -303,12 +303,40 @@ def test_tensorrt_rtx_refuses_the_plugin_path_in_one_line(dyhead, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@needs_rtx
+@pytest.mark.trt
+def test_a_plugin_engine_is_refused_where_the_plugin_is_missing(dyhead, tmp_path):
+    """A plan with plugin layers needs libnvinfer_plugin's creator when it is loaded: without it,
+    loading stops before deserialising, with the rebuild command."""
+    out = build.build_engines(build.BuildConfig(package=str(dyhead), backend="tensorrt-rtx", precision="fp32",
+                                                out=str(tmp_path / "e")))
+    record = json.loads((out / "engine.json").read_text())
+    record["deform_conv"] = "plugin"              # as a datacenter TensorRT with the plugin writes it
+    (out / "engine.json").write_text(json.dumps(record))
+    with pytest.raises(engines.EngineMismatch, match="ModulatedDeformConv2d plugin, and this TensorRT's "
+                                                     "libnvinfer_plugin has none") as e:
+        engines.load(out)
+    assert "--deform-conv gridsample" in str(e.value) and "engines.build" in str(e.value)
+
+
 def _fake_tensorrt(creators: list[str], rtx: bool = False):
-    """A stand-in for engines.trt.TensorRT whose plugin registry holds ``creators``."""
+    """engines.trt.TensorRT.has_plugin over a stand-in TensorRT module whose registry holds ``creators``."""
+    from engines.trt import TensorRT
+
     registry = types.SimpleNamespace(all_creators=[types.SimpleNamespace(name=n) for n in creators])
     module = types.SimpleNamespace(init_libnvinfer_plugins=lambda logger, ns: True,
                                    get_plugin_registry=lambda: registry)
-    return types.SimpleNamespace(trt=module, logger=None, is_rtx=rtx, version="10.0.1", backend="tensorrt")
+    rt = types.SimpleNamespace(trt=module, logger=None, is_rtx=rtx, version="10.0.1", backend="tensorrt")
+    rt.has_plugin = lambda name: TensorRT.has_plugin(rt, name)
+    return rt
+
+
+@needs_rtx
+def test_has_plugin_reads_the_plugin_registry():
+    from engines.trt import TensorRT
+
+    rt = TensorRT("tensorrt-rtx")
+    assert rt.has_plugin("ROIAlign_TRT") and not rt.has_plugin("ModulatedDeformConv2d")
 
 
 def test_datacenter_tensorrt_uses_the_plugin_when_it_is_there():
