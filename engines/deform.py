@@ -33,7 +33,6 @@ import numpy as np
 DEFORM_OP = "DeformConv"
 FP32_SCOPE = "deform_fp32/"       # node-name marker: engines.build.to_fp16 keeps these nodes in FP32
 PLUGIN = "ModulatedDeformConv2d"  # the TensorRT plugin the ONNX parser uses for DeformConv
-PATHS = ("native", "plugin", "gridsample")
 
 
 class DeformConvError(ValueError):
@@ -180,8 +179,8 @@ def lower_deform_conv(model):
     """``model`` (onnx.ModelProto) with every DeformConv replaced by the GridSample rewrite.
 
     Returns a new ModelProto (the input is not changed); a model without DeformConv comes back as
-    an unchanged copy. GridSample needs opset >= 16: an older default-domain import is raised to
-    16 (DeformConv itself needs 19). Raises DeformConvError for nodes it cannot lower.
+    an unchanged copy. The opset stays (DeformConv needs 19, GridSample 16; from opset 20 its mode
+    is spelt "linear"). Raises DeformConvError for nodes it cannot lower.
     """
     import onnx
 
