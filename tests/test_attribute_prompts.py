@@ -246,3 +246,31 @@ def test_colour_prompts_and_caption_swaps(data_dir):
         item = data[i]
         assert sorted(item.prompt.split(". ")) == sorted(data.colours)  # swapped for its image's
         assert data.cache.paths[item.image] == s.image
+
+
+def test_colour_aux_loss_is_logged_and_left_out_of_the_final_weights(data_dir, tmp_path):
+    """--colour-aux: batches carry each box's colour index, the loss has a 'loss_colour' part
+    (ln 8 ~ 2.08 at the start: 8 colours), checkpoints keep the classifier for resume and
+    RUN/final drops it; without attribute data it is refused."""
+    from safetensors.numpy import load_file
+
+    data = load_stage2(data_dir, CFG, Stage2Options(attributes=AttributeOptions(attribute_prompts=1.0)))
+    np.random.seed(0)
+    batch = data.collate([data[len(data.grounding) + i] for i in range(3)])
+    for ids, boxes in zip(batch["colour_ids"], batch["boxes"]):
+        assert len(ids) == len(boxes) and (ids >= 0).all() and (ids < len(data.colours)).all()
+    out = tmp_path / "run"
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(out), "--config", "fiber-tiny-test", "--init", "none",
+         "--max-steps", "2", "--batch-size", "4", "--log-every", "1", "--no-progress",
+         "--attribute-prompts", "0.8", "--caption-swap", "0.5", "--colour-aux", "1.0"])
+    assert fine.main(args) == 0
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 1.0 < rec[0]["loss_colour"] < 3.0
+    assert not [k for k in load_file(str(out / "final" / "model.safetensors")) if k.startswith("colour_aux")]
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert [k for k in load_file(str(ckpt / "model.safetensors")) if k.startswith("colour_aux")]
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(tmp_path / "bad"), "--config", "fiber-tiny-test",
+         "--init", "none", "--max-steps", "1", "--batch-size", "4", "--no-progress", "--colour-aux", "1"])
+    assert fine.main(args) == 2

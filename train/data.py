@@ -475,9 +475,28 @@ class GroundingTrainDataset:
             pm = np.zeros((len(s.boxes), width), np.float32)
             pm[:, :s.positive_map.shape[1]] = s.positive_map
             maps.append(torch.from_numpy(pm))
-        return {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
-                "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
-                "positive_map": maps}
+        batch = {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
+                 "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
+                 "positive_map": maps}
+        if self.attributes.active:
+            batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
+        return batch
+
+    def box_colours(self, item: GroundingItem) -> np.ndarray:
+        """int64 [G]: index into ``self.colours`` of each of ``item``'s boxes (the detection
+        annotation of its image with the same box), -1 where none matches (attributes off)."""
+        out = np.full(len(item.boxes), -1, np.int64)
+        j = self.det_index.get(self.cache.paths[item.image]) if self.attributes.active else None
+        if j is None or not len(item.boxes):
+            return out
+        im = self.detection[j]
+        det = _network_boxes(im.boxes, self.cache.info(item.image))
+        colour = [self.colours.index(c) for c, _ in self.scene_pairs[im.image]]
+        for g, box in enumerate(item.boxes):
+            diff = np.abs(det - box).max(1) if len(det) else np.zeros(0)
+            if len(diff) and diff.min() < 1e-2:
+                out[g] = colour[int(np.argmin(diff))]
+        return out
 
 
 # ----------------------------------------------------------------------------- loading

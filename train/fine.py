@@ -51,6 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
+    p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
+                   help="weight of an auxiliary colour classifier on the head's region features "
+                        "(training only; needs the attribute data)")
     return p
 
 
@@ -70,7 +73,7 @@ def _run(args: argparse.Namespace) -> str:
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
-                                init=str(args.init)))
+                                init=str(args.init), colour_aux=args.colour_aux))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

@@ -133,6 +133,7 @@ class FineOptions:
     text_lr_mult: float = 1.0       # lr multiplier of backbone.text.* (official 0.1)
     text_init: str = "none"         # "none" | "minilm" (only without an init checkpoint)
     init: str = "none"              # where the weights came from (recorded in config.json)
+    colour_aux: float = 0.0         # weight of the auxiliary colour loss on the region features
 
 
 class FineTask(BaseTask):
@@ -148,6 +149,7 @@ class FineTask(BaseTask):
             raise ValueError("--text-init applies only to a run without an --init checkpoint")
         self.cfg, self.data, self.init_state, self.options = cfg, data, init_state, options
         self.loss_fn = GroundingLoss.for_head(cfg.head)
+        self._regions: list[torch.Tensor] = []
 
     def build_model(self) -> nn.Module:
         model = FiberForGrounding(self.cfg)
@@ -157,6 +159,19 @@ class FineTask(BaseTask):
             if unexpected or any(k.startswith("backbone.") for k in missing):
                 raise CheckpointError(f"init weights do not fit '{self.cfg.name}': "
                                       f"unexpected {unexpected[:3]}, missing {missing[:3]}")
+        if self.options.colour_aux > 0:
+            # training only (issue 14): a linear colour classifier on the region features the
+            # dot product reads, at the positive anchors; RUN/final drops it
+            colours = getattr(self.data, "colours", None)
+            if not colours:
+                raise ValueError("--colour-aux needs the attribute data (--attribute-prompts, "
+                                 "--hard-negatives or --caption-swap)")
+            if not hasattr(model.head, "dot_product_projection_image"):
+                raise ValueError(f"--colour-aux reads the light head's region features; "
+                                 f"'{self.cfg.name}' has another head")
+            model.colour_aux = nn.Linear(self.cfg.head.proj_dim, len(colours))
+            model.head.dot_product_projection_image.register_forward_hook(
+                lambda mod, args, out: self._regions.append(out))
         return model
 
     def dataset(self, split: str) -> GroundingTrainDataset:
@@ -166,9 +181,38 @@ class FineTask(BaseTask):
         return self.data.collate(samples)
 
     def loss(self, model: FiberForGrounding, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        self._regions.clear()
         out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
         targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
-        return self.loss_fn(out, targets, batch["attention_mask"])
+        losses = self.loss_fn(out, targets, batch["attention_mask"])
+        if self.options.colour_aux > 0:
+            aux = self.colour_loss(model, out, targets, batch["colour_ids"])
+            losses["loss_colour"] = aux
+            losses["loss"] = losses["loss"] + self.options.colour_aux * aux
+        return losses
+
+    def colour_loss(self, model, out, targets, colour_ids) -> torch.Tensor:
+        """Cross-entropy of ``model.colour_aux`` on the region features of the ATSS-positive
+        anchors whose box has a known colour (mean; 0 when there is none)."""
+        regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
+        self._regions.clear()
+        matched, _ = self.loss_fn.assign(out, targets)
+        feats, labels = [], []
+        for b, ids in enumerate(colour_ids):
+            pos = matched[b] >= 0
+            if not pos.any() or not len(ids):
+                continue
+            lab = ids.to(matched.device)[matched[b][pos]]
+            keep = lab >= 0
+            feats.append(regions[b][pos][keep])
+            labels.append(lab[keep])
+        if not feats or sum(len(x) for x in labels) == 0:
+            return regions.sum() * 0.0
+        logits = model.colour_aux(torch.cat(feats).float())
+        return nn.functional.cross_entropy(logits, torch.cat(labels))
+
+    def final_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if not k.startswith("colour_aux.")}
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
         return make_param_groups(model, cfg.weight_decay,
@@ -177,7 +221,8 @@ class FineTask(BaseTask):
     def checkpoint_config(self) -> dict:
         return {"model": self.cfg.to_dict(), "task": "fine",
                 "stage": {"init": self.options.init, "text_init": self.options.text_init,
-                          "text_lr_mult": self.options.text_lr_mult}}
+                          "text_lr_mult": self.options.text_lr_mult,
+                          "colour_aux": self.options.colour_aux}}
 
 
 # ----------------------------------------------------------------------------- init weights
