@@ -277,6 +277,39 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class TextSpec:
+    """The manifest's ``text`` section: how a prompt becomes token ids for text.onnx."""
+
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # padded lengths (the engines' profiles); the last is max_tokens
+    hidden_size: int | None = None              # D of text_hidden (None: not recorded)
+    pad_id: int | None = None                   # None: the tokenizer's [PAD] / <pad>
+    lowercase: bool = False                     # lowercase prompts before tokenising
+    tokenizer: str = TOKENIZER                  # file name inside the package
+
+    @property
+    def max_tokens(self) -> int:
+        return max(self.buckets)
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> TextSpec:
+        """From ``manifest["text"]`` (missing keys: the defaults); PackageError naming a bad field."""
+        sec = manifest.get("text")
+        if not isinstance(sec, Mapping):
+            raise PackageError("manifest has no 'text' section")
+        buckets = sec.get("buckets") or DEFAULT_BUCKETS
+        if not isinstance(buckets, (list, tuple)):
+            raise PackageError(f"manifest text.buckets must be a list, got {buckets!r}")
+        return cls(tuple(_field({"n": b}, "n", int, None, "text.buckets") for b in buckets),
+                   None if sec.get("hidden_size") is None else _field(sec, "hidden_size", int, None, "text"),
+                   None if sec.get("pad_id") is None else _field(sec, "pad_id", int, None, "text"),
+                   bool(sec.get("lowercase", False)), str(sec.get("tokenizer", TOKENIZER)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "max_tokens": self.max_tokens, "buckets": list(self.buckets),
+                "hidden_size": self.hidden_size, "pad_id": self.pad_id, "lowercase": self.lowercase}
+
+
+@dataclass(frozen=True)
 class PostprocessSpec:
     """The manifest's ``postprocess`` section: detector outputs -> detections.
 

@@ -22,9 +22,8 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
     canvas and the official per-level post-processing with the head's limits; ``level_sizes``
     (anchors per level at the canvas) is required then. ``lowercase``: the default WordPiece
     tokenizer lowercases; a checkpoint's own (RoBERTa byte-level BPE) tokenizer does not."""
-    text = {"tokenizer": pkg.TOKENIZER, "max_tokens": int(max(buckets)),
-            "buckets": [int(b) for b in buckets], "hidden_size": cfg.text.hidden_size,
-            "pad_id": cfg.text.pad_token_id, "lowercase": lowercase}
+    text = pkg.TextSpec(tuple(int(b) for b in buckets), cfg.text.hidden_size, cfg.text.pad_token_id,
+                        lowercase).to_json()
     if cfg.input.style == "official":
         if not level_sizes:
             raise ValueError(f"config '{cfg.name}': official post-processing needs the anchors per level")

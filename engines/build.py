@@ -377,7 +377,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     manifest = read_package(package)
     rt = _backend(cfg.backend)
     device = _device(rt, cfg)
-    buckets = tuple(cfg.buckets or manifest["text"].get("buckets") or pkg.DEFAULT_BUCKETS)
+    buckets = tuple(cfg.buckets or pkg.TextSpec.from_manifest(manifest).buckets)
     started = time.time()
     builder = rt.trt.Builder(rt.logger)
     graphs, precisions, results, deform = {}, {}, {}, {}

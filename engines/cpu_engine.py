@@ -136,7 +136,7 @@ def build_cpu_engine(package: Path, backend: str, out: Path | None, overwrite: b
         raise BuildError(f"backend {backend!r} is not a CPU backend {list(CPU_BACKENDS)}")
     version = runtime_version(backend)
     manifest = read_package(package)
-    buckets = tuple(buckets or manifest["text"].get("buckets") or pkg.DEFAULT_BUCKETS)
+    buckets = tuple(buckets or pkg.TextSpec.from_manifest(manifest).buckets)
     precision = str(manifest.get("precision") or "fp32")
     out = out or Path("runs") / "engines" / f"{manifest.get('name', package.name)}-{backend}-{precision}"
     if out.exists() and not overwrite:

@@ -72,7 +72,7 @@ def time_alternating(runs: dict[str, Callable[[], Any]], iters: int, warmup: int
 def compare(a: engines.PackageEngines, b: engines.PackageEngines, iters: int) -> dict[str, Any]:
     """Differences at every bucket, then alternating timings at the largest bucket."""
     result: dict[str, Any] = {"a": a.backend, "b": b.backend, "diffs": {}, "ms": {}}
-    buckets = a.manifest["text"].get("buckets") or list(pkg.DEFAULT_BUCKETS)
+    buckets = list(pkg.TextSpec.from_manifest(a.manifest).buckets)
     for tokens in buckets:
         result["diffs"][str(tokens)] = max_abs_diffs(a, b, sample_inputs(a, tokens))
     inputs = sample_inputs(a, buckets[-1])

@@ -162,11 +162,10 @@ def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
 
 
 def _tokenizer(package: Path, manifest: Mapping[str, Any]) -> PromptTokenizer:
-    text = manifest["text"]
     try:
-        return PromptTokenizer(package / text.get("tokenizer", pkg.TOKENIZER),
-                               buckets=text.get("buckets", pkg.DEFAULT_BUCKETS),
-                               lowercase=bool(text.get("lowercase", False)), pad_id=text.get("pad_id"))
+        text = pkg.TextSpec.from_manifest(manifest)
+        return PromptTokenizer(package / text.tokenizer, buckets=text.buckets, lowercase=text.lowercase,
+                               pad_id=text.pad_id)
     except (ValueError, TypeError) as e:
         raise engines.PackageInvalid(f"{package}: {e}") from None
 
