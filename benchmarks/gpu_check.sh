@@ -7,6 +7,9 @@
 #   benchmarks/gpu_check.sh                          # models/fiber-nano and models/fiber-nano-int8
 #   benchmarks/gpu_check.sh path/to/pkg [more pkgs]  # other packages
 #   BACKEND=tensorrt-rtx ITERS=200 benchmarks/gpu_check.sh
+#   FIBER_B=1 ITERS=10 benchmarks/gpu_check.sh [pkgs] # FIBER-B (252 M, DyHead) at 512x672 and 800x1344 (+ pkgs):
+#                                                    #   random release -> convert -> export (benchmarks.fiber_b
+#                                                    #   packages, kept in runs/fiber-b), engines built and timed
 #
 # Environment: PY (python, default .venv/bin/python or python3), BACKEND (auto|tensorrt|tensorrt-rtx),
 # PRECISION (auto|int8|fp16|fp32), ITERS (default 50), OUT (default runs/gpu_check).
@@ -20,8 +23,16 @@ BACKEND=${BACKEND:-auto}
 PRECISION=${PRECISION:-auto}
 ITERS=${ITERS:-50}
 OUT=${OUT:-runs/gpu_check}
+FIBER_B=${FIBER_B:-0}
+FIBER_B_CANVAS=${FIBER_B_CANVAS:-512x672,800x1344}
 
 packages=("$@")
+if [ "$FIBER_B" = 1 ]; then
+    # FIBER-B packages from a random-valued official release (weights meaningless; shapes, ops and
+    # timings are FIBER-B's). Each step is skipped when its output exists.
+    while IFS= read -r p; do packages+=("$p"); done < <("$PY" -m benchmarks.fiber_b packages \
+        --folder runs/fiber-b --canvas "$FIBER_B_CANVAS") || { echo "gpu_check: FIBER-B packages failed" >&2; exit 2; }
+fi
 if [ ${#packages[@]} -eq 0 ]; then
     for p in models/fiber-nano models/fiber-nano-int8; do
         [ -f "$p/manifest.json" ] && packages+=("$p")

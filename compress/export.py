@@ -101,6 +101,7 @@ class ExportConfig:
     canvas: tuple[int, int] | None = None  # official-input configs: the detector's [H, W] canvas (default: the config's)
     calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
+    memory_check: bool = True              # refuse (one line, nothing written) when MemAvailable < the estimate
 
 
 @dataclass
@@ -119,6 +120,46 @@ def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     return model, model.cfg, meta
+
+
+# ----------------------------------------------------------------------------- memory
+
+# Peak RSS of an FP32 export, measured (benchmarks.fiber_b, docs/results.md "FIBER-B at real scale"):
+# a fixed part (libraries, the torch model) plus copies of the weights (the torch model, the ONNX
+# protos being folded and checked, optimisations-off ONNX Runtime sessions) plus activations that
+# grow with the canvas (batch-3 shape-folding probes, the PyTorch parity run).
+EXPORT_BASE_BYTES = 1 << 30
+EXPORT_WEIGHT_COPIES = 9.0
+EXPORT_BYTES_PER_PIXEL = 9000.0            # x H x W of the canvas
+
+
+def export_memory_estimate(params: int, canvas_hw: tuple[int, int]) -> int:
+    """Bytes an FP32 export of a ``params``-parameter model at ``canvas_hw`` is expected to peak at."""
+    h, w = canvas_hw
+    return int(EXPORT_BASE_BYTES + EXPORT_WEIGHT_COPIES * 4 * params + EXPORT_BYTES_PER_PIXEL * h * w)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(params: int, canvas_hw: tuple[int, int]) -> None:
+    """ExportError (one line: what is needed, what is free, what to change) when the estimate
+    exceeds the memory available now."""
+    need, free = export_memory_estimate(params, canvas_hw), available_memory()
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise ExportError(
+            f"not enough memory for this export: about {need / gib:.1f} GiB needed ({params / 1e6:.0f} M parameters "
+            f"at canvas {canvas_hw[0]}x{canvas_hw[1]}), {free / gib:.1f} GiB available; free memory (stop other "
+            f"jobs), export a smaller --canvas, or pass --no-memory-check to try anyway")
 
 
 # ----------------------------------------------------------------------------- example inputs
@@ -348,6 +389,8 @@ def export_package(cfg: ExportConfig) -> ExportResult:
         buckets = resolve_buckets(mcfg, cfg.buckets)
     except ValueError as e:
         raise ExportError(f"--buckets: {e}") from None
+    if cfg.memory_check:
+        check_memory(sum(p.numel() for p in model.parameters()), mcfg.input_hw)
     data = find_data(cfg.data) if cfg.data else None
     if data is not None and cfg.eval_limit:
         data = data.subset(cfg.eval_limit, cfg.eval_limit)
@@ -517,6 +560,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="text.onnx's word-embedding table: per-row int8 (4x smaller file) or fp32")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing package folder")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse to start when the memory available is below the export's estimated peak")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="choose the default score threshold on held-out data (compress.calibrate: best F1 "
                         "of phrase-correct boxes, prompts with absent hard negatives)")
@@ -531,7 +576,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
                         eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
                         calibrate=args.calibrate, calibration_data=args.calibration_data,
-                        canvas=args.canvas)
+                        canvas=args.canvas, memory_check=args.memory_check)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -128,3 +128,26 @@ def test_a_prompt_over_the_largest_bucket_is_truncated_with_one_line(golden_pack
     assert 0 < lost < 12
     record = json.loads(out.read_text().splitlines()[0])
     assert record["warnings"] == ["prompt truncated to 16 tokens"] and len(record["phrases"]) == 12
+
+
+def test_export_refuses_to_start_without_the_memory_it_needs(tmp_path, capsys, monkeypatch):
+    """Too little memory for an export: one line (needed, available, what to change), exit 2,
+    nothing written; --no-memory-check goes ahead regardless (here only as far as the estimate)."""
+    from compress import export
+    from fiber import checkpoint
+
+    args = checkpoint.get_args_parser().parse_args([
+        "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
+        "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "ck")])
+    assert checkpoint.main(args) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(export, "available_memory", lambda: 300 * 2 ** 20)   # 0.3 GiB free
+    argv = ["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "pkg")]
+    assert export.main(export.get_args_parser().parse_args(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not enough memory for this export" in err[0] and "0.3 GiB available" in err[0]
+    assert "at canvas 224x288" in err[0] and "--canvas" in err[0] and "--no-memory-check" in err[0]
+    assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg*"))
+    # the estimate grows with the weights and the canvas: FIBER-B at 800x1344 needs more than at 512x672
+    b = 252_550_000
+    assert export.export_memory_estimate(b, (800, 1344)) > export.export_memory_estimate(b, (512, 672)) > 8 * 2 ** 30
