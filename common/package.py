@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 FORMAT = "fiber-edge-package"
 FORMAT_VERSION = 1
@@ -38,6 +38,23 @@ DETECTOR_OUTPUTS = (BOXES, TOKEN_LOGITS, CENTERNESS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BUCKETS = (16, 32, 64)
+LONG_BUCKETS = (128, 256)  # default buckets past DEFAULT_BUCKETS, for configs with long prompts (FIBER-B: 256)
+
+
+def text_buckets(max_text_len: int, buckets: Sequence[int] | None = None, config: str = "") -> tuple[int, ...]:
+    """The one rule for text buckets (package, engines and torch evaluation pad prompts alike): the
+    given ones (ascending, >= 3, <= max_text_len) or the defaults (16, 32, 64, 128, 256) that fit
+    ``max_text_len`` (256: all five; 64: 16, 32, 64). ValueError naming the problem."""
+    if buckets is None:
+        chosen = tuple(b for b in DEFAULT_BUCKETS + LONG_BUCKETS if b <= max_text_len) or (max_text_len,)
+    else:
+        chosen = tuple(sorted({int(b) for b in buckets}))
+    if not chosen or chosen[0] < 3:
+        raise ValueError(f"text buckets must be >= 3 tokens, got {list(chosen)}")
+    if chosen[-1] > max_text_len:
+        raise ValueError(f"text bucket {chosen[-1]} exceeds the {max_text_len} tokens of config "
+                         f"'{config}' (max_text_len)")
+    return chosen
 
 
 class PackageError(ValueError):

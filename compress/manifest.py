@@ -38,21 +38,6 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
     return {"input": image.to_json(), "text": text, "postprocess": pkg.PostprocessSpec().to_json()}
 
 
-LONG_BUCKETS = (128, 256)  # default buckets past DEFAULT_BUCKETS, for configs with long prompts (FIBER-B: 256)
-
-
 def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:
-    """The text buckets of a package: given ones (ascending, >= 3, <= max_text_len) or the defaults
-    (16, 32, 64, 128, 256) that fit ``cfg.max_text_len`` (FIBER-B, 256: all five; 64: 16, 32, 64).
-    ValueError naming the problem."""
-    if buckets is None:
-        defaults = tuple(pkg.DEFAULT_BUCKETS) + LONG_BUCKETS
-        chosen = tuple(b for b in defaults if b <= cfg.max_text_len) or (cfg.max_text_len,)
-    else:
-        chosen = tuple(sorted({int(b) for b in buckets}))
-    if not chosen or chosen[0] < 3:
-        raise ValueError(f"text buckets must be >= 3 tokens, got {list(chosen)}")
-    if chosen[-1] > cfg.max_text_len:
-        raise ValueError(f"text bucket {chosen[-1]} exceeds the {cfg.max_text_len} tokens of config "
-                         f"'{cfg.name}' (max_text_len)")
-    return chosen
+    """The text buckets of a package for ``cfg``: ``common.package.text_buckets`` (the one rule)."""
+    return pkg.text_buckets(cfg.max_text_len, buckets, cfg.name)

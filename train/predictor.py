@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.package import DEFAULT_BUCKETS
+from common.package import text_buckets
 from fiber.checkpoint import load_fine_model
 from fiber.config import ModelConfig
 from fiber.data.evaluation import EVAL_POSTPROCESS
@@ -43,11 +43,6 @@ class PostConfig:
     min_per_phrase: int = EVAL_POSTPROCESS["min_per_phrase"]    # best boxes kept per phrase
 
 
-def _buckets(cfg: ModelConfig) -> tuple[int, ...]:
-    """The runtime's text buckets that fit ``cfg`` (plus ``max_text_len`` itself)."""
-    return tuple(sorted({b for b in DEFAULT_BUCKETS if b < cfg.max_text_len} | {cfg.max_text_len}))
-
-
 class TorchPredictor:
     """``predict(image_rgb_uint8 [H, W, 3], prompt, phrase_spans) -> Detections`` (source pixels).
 
@@ -61,7 +56,7 @@ class TorchPredictor:
         cfg: ModelConfig = model.cfg
         self.model, self.cfg, self.post = model, cfg, post
         self.device = torch.device(device)
-        self.tokenizer = tokenizer or build_tokenizer(cfg, _buckets(cfg))
+        self.tokenizer = tokenizer or build_tokenizer(cfg, text_buckets(cfg.max_text_len))
         self.pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
         self._cache: OrderedDict[tuple, tuple[EncodedPrompt, torch.Tensor]] = OrderedDict()
         self.cache_size = cache_size
