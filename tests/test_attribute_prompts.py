@@ -181,22 +181,19 @@ def test_attribute_scenes_name_present_pairs_and_two_absent_hard_negatives():
 # ----------------------------------------------------------------------------- recover
 
 
+@pytest.mark.slow  # an export and a recovery of the tiny model: ~15 s on this CPU
 def test_recover_reads_the_weights_back_from_an_fp32_package(tmp_path):
     """Export a random tiny checkpoint (gates opened), recover it from the package: every tensor
     a graph reads comes back exactly (word table: its per-row int8 values); an INT8-labelled
-    package, a missing folder and an existing --out are refused with exit 2."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    package, a missing folder and an existing --out are refused with exit 2. The CLIs run in-process
+    (test_export.run_cli); the last refusal runs compress.recover as a program (its smoke test)."""
     from safetensors.torch import load_file
+    from test_export import run_cli as run
+    from test_export import run_program
 
     from fiber.checkpoint import save_checkpoint
     from fiber.models import FiberForGrounding
 
-    repo = Path(__file__).resolve().parents[1]
-    run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=repo, capture_output=True,  # noqa: E731
-                                    text=True, timeout=600)
     torch.manual_seed(3)
     model = FiberForGrounding(CFG)
     model.backbone.set_gates(0.5)
@@ -224,7 +221,7 @@ def test_recover_reads_the_weights_back_from_an_fp32_package(tmp_path):
     assert meta["recovered_from"] == str(package) and max(meta["recovery"]["parity"].values()) < 1e-4
     r = run("compress.recover", "--package", str(package), "--out", str(out))
     assert r.returncode == 2 and "already exists" in r.stderr
-    r = run("compress.recover", "--package", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    r = run_program("compress.recover", "--package", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
