@@ -369,7 +369,7 @@ def worst_layers(sensitivity: Path | None, n: int = 5) -> str:
 def export_package(cfg: ExportConfig) -> ExportResult:
     """Write the package ``cfg.out`` (atomically). Raises ExportError / AccuracyGuardError,
     FileExistsError (existing out without overwrite), ValueError for bad data."""
-    if cfg.int8 is not None and cfg.data is None:
+    if cfg.int8 is not None and cfg.data is None and not _agreement_guarded(cfg.int8):
         raise ExportError("--int8 needs --data (a held-out split): the accuracy guard compares INT8 with FP32 R@1")
     if cfg.text_words not in TEXT_WORDS:
         raise ExportError(f"--text-words {cfg.text_words!r} is not one of {list(TEXT_WORDS)}")
@@ -399,7 +399,9 @@ def export_package(cfg: ExportConfig) -> ExportResult:
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             manifest = _write_package(cfg, tmp, model, qmodel, mcfg, buckets, quant, meta)
             accuracy = {"split": data.source if data else None}
-            if data is not None:
+            if quant is not None and quant["info"].get("guard") == "agreement":
+                accuracy.update(_measure_agreement(cfg, tmp, model, mcfg, buckets, quant, meta))
+            elif data is not None:
                 accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, Path(scratch)))
             manifest["accuracy"] = accuracy
             write_manifest(tmp, manifest)
@@ -521,6 +523,59 @@ def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData,
     return out
 
 
+def _agreement_guarded(int8: str) -> bool:
+    """Is ``int8`` a QDIR whose guard is the FP32/INT8 agreement (it then holds its own images)?"""
+    if int8 == "auto":
+        return False
+    from compress import quantize
+
+    try:
+        return quantize.read_quant_json(Path(int8)).get("guard") == "agreement"
+    except quantize.QuantizeError:
+        return False                  # reported where the QDIR is loaded
+
+
+def _measure_agreement(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, quant, meta) -> dict[str, Any]:
+    """The agreement guard of an INT8 package whose QDIR was guarded by agreement
+    (compress.agreement): the package's detector.onnx (and CPU file) on ONNX Runtime against the FP32
+    PyTorch model whose weights it ships, on the QDIR's held-out images; AccuracyGuardError below
+    the QDIR's min_agreement. Returns the manifest's ``accuracy`` entries."""
+    from compress import agreement as ag
+    from compress import quantize
+    from compress.torch_engines import torch_engines
+
+    t0 = time.perf_counter()
+    qmeta = quantize.read_quant_json(Path(quant["dir"]))
+    items = [ag.ProbeItem(Path(i["image"]), i["prompt"], i.get("spans")) for i in qmeta.get("agreement_items", [])]
+    missing = [str(i.image) for i in items if not i.image.is_file()]
+    if not items or missing:
+        raise ExportError(f"{quant['dir']}: the agreement guard's held-out images are "
+                          f"{'missing: ' + ', '.join(missing[:3]) if missing else 'not recorded'}; re-run compress.quantize")
+    top_k = int(qmeta["agreement"]["final"].get("top_k") or ag.DEFAULT_TOP_K)
+    least = float(qmeta["agreement"]["min_agreement"])
+    tokenizer = checkpoint_io.tokenizer_file(meta["path"])
+    reference = ag.run_items(torch_engines(model, mcfg, buckets, tokenizer), items, top_k, progress=progress_line())
+    out: dict[str, Any] = {}
+    for key, use_cpu, graph in (("int8", False, pkg.DETECTOR_GRAPH + " (Q/DQ)"),
+                                ("int8_cpu", True, pkg.DETECTOR_CPU_GRAPH)):
+        if use_cpu and not (tmp / pkg.DETECTOR_CPU_GRAPH).is_file():
+            continue
+        opts: dict[str, Any] = {"cache_dir": "", "use_cpu_file": use_cpu}
+        if cfg.threads:
+            opts["intra_op_threads"] = cfg.threads
+        with engines.load(tmp, "onnxruntime", **opts) as e:
+            record = ag.compare(reference, ag.run_items(e, items, top_k, progress=progress_line()))
+        out[key] = {**record, "top_k": top_k, "reference": "PyTorch FP32", "other": f"{graph} on ONNX Runtime"}
+        if record["agreement"] < least:
+            raise AccuracyGuardError(
+                f"accuracy guard: {graph} keeps {record['agreement']:.3f} of FP32's top-{top_k} boxes per phrase "
+                f"(allowed: at least {least}; max |logit diff| {record['max_abs_logit_diff']:.4g}); "
+                f"{worst_layers(Path(quant['dir']) / 'sensitivity.json')}. Nothing was written. Re-run "
+                "compress.quantize with --sensitivity or allow a lower --min-agreement")
+    return {"guard": "agreement", "agreement": {**out, "min_agreement": least},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -590,6 +645,10 @@ def main(args: argparse.Namespace) -> int:
     m = result.manifest
     sizes = ", ".join(f"{n} {f['bytes'] / 1e6:.2f} MB" for n, f in m["files"].items() if n.endswith(".onnx"))
     print(f"wrote {result.path} ({m['precision']}): {sizes}")
+    for key, a in m["accuracy"].get("agreement", {}).items():
+        if isinstance(a, dict):
+            print(f"  agreement {key} vs FP32: {a['agreement']:.3f} of the top-{a['top_k']} boxes per phrase "
+                  f"(top-1 {a['top1_agreement']:.3f}), max |logit diff| {a['max_abs_logit_diff']:.4g}")
     for key in ("fp32", "int8", "int8_cpu", "int8_openvino"):
         if key in m["accuracy"]:
             print(f"  accuracy {key}: " + ", ".join(f"{k} {v}" for k, v in m["accuracy"][key].items()))

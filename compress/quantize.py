@@ -30,6 +30,22 @@ output error it removes rank them (QDIR/sensitivity.json, worst first). While IN
 worse). ``--qat-steps N`` then fine-tunes the fake-quantised model with train.loop.fit and the fine
 task (QDIR/qat/ holds the fine-tuned weights as a checkpoint).
 
+Official fine models (DyHead; ``fiber-b-fine``, ``fiber-golden-fine``): calibration and held-out
+images are prepared by the official input rule on the config's canvas (``--canvas HxW`` for another)
+and prompts tokenised with the checkpoint's own tokenizer, as their packages do. The whole DyHead
+stays FP32 by rule (``FP32_BY_RULE_PREFIX``): its modulated deformable convs (TensorRT's plugin has
+no INT8), the offset convs that feed them, GroupNorm, scale attention, DyReLU and the predictors;
+the fused backbones (Swin, RoBERTa's fused layers, the cross-attention) and the FPN get INT8.
+
+Guard (``--guard``): "recall" (R@1 on held-out grounding entries, above) or "agreement", for weights
+no labelled data here fits (a converted official release, random FIBER-B): the last
+``--agreement-images`` images are held out and run through FP32 and fake-quantised INT8 in
+grounding mode (compress.agreement: top-K detections per phrase, same phrase and box IoU >= 0.5;
+max |logit| difference); the sensitivity pass then ranks groups by the agreement they recover and
+keeps the worst in FP32 while agreement < ``--min-agreement``. "auto": agreement for official
+(DyHead) configs or data without grounding entries, recall otherwise. DATA may also be a folder of
+photos (no json): each gets a fixed detection prompt.
+
 QDIR (written atomically; no pickle): quant.json (settings, checkpoint sha256, disabled quantizers,
 FP32/INT8 accuracy on the subset), amax.safetensors (every quantizer's amax), sensitivity.json,
 qat/ (optional). ``load_quantized`` re-applies it to a fresh model (compress.export --int8 QDIR).
@@ -58,7 +74,7 @@ from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.manifest import TOKENIZER_SRC, resolve_buckets
 from compress.torch_engines import torch_engines
 from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_fine_model, load_model_state,
-                              resolve_checkpoint_dir, save_checkpoint)
+                              resolve_checkpoint_dir, save_checkpoint, tokenizer_file)
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
 
@@ -80,6 +96,26 @@ FP32_BY_RULE = {
         "top-down Resize (the FPN top level): the whole stride-32 level comes out wrong (logits off by "
         "~0.5-1.0); TensorRT and ONNX Runtime are fine. One 3x3 conv on the coarsest map, negligible time.",
 }
+
+
+# Module-name prefixes that stay FP32 for a head kind, and why.
+FP32_BY_RULE_PREFIX = {
+    "dyhead": ("head.", "the DyHead stays FP32/FP16: its modulated deformable convs have no INT8 (TensorRT's "
+                        "ModulatedDeformConv2d plugin is FP32/FP16 only), so the offset convs that feed them, "
+                        "GroupNorm, scale attention, DyReLU and the 1x1 predictors stay with them; no Q/DQ "
+                        "reaches a DeformConv"),
+}
+GUARDS = ("auto", "recall", "agreement")
+
+
+def fp32_rule(name: str, cfg: ModelConfig) -> str | None:
+    """Why quantizer ``name`` stays FP32 whatever the sensitivity says (None: it may be INT8)."""
+    if name in FP32_BY_RULE:
+        return FP32_BY_RULE[name]
+    prefix = FP32_BY_RULE_PREFIX.get(cfg.head.kind)
+    if prefix is not None and name.startswith(prefix[0]):
+        return prefix[1]
+    return None
 
 
 class QuantizeError(ValueError):
@@ -108,6 +144,11 @@ class QuantizeConfig:
     config: str | None = None        # refuse a checkpoint of another config name
     overwrite: bool = False          # replace an existing QDIR
     seed: int = 0
+    guard: str = "auto"              # "recall" | "agreement" | "auto" (module docstring)
+    min_agreement: float = 0.8       # agreement guard: least share of FP32's top-K detections INT8 keeps
+    agreement_images: int = 8        # held-out images of the agreement guard (the tail of DATA)
+    agreement_top_k: int = 5         # boxes per phrase compared
+    canvas: tuple[int, int] | None = None  # official-input configs: the canvas to calibrate at (default the config's)
 
     def __post_init__(self):
         if self.groups not in GROUPINGS:
@@ -117,6 +158,10 @@ class QuantizeConfig:
         if self.calib_images < self.min_calib_images:
             raise QuantizeError(f"--calib-images {self.calib_images} is below the minimum of "
                                 f"{self.min_calib_images} calibration images")
+        if self.guard not in GUARDS:
+            raise QuantizeError(f"--guard {self.guard!r} is not one of {', '.join(GUARDS)}")
+        if not 0.0 <= self.min_agreement <= 1.0 or self.agreement_images < 1 or self.agreement_top_k < 1:
+            raise QuantizeError("--min-agreement must be in [0, 1], --agreement-images and --agreement-top-k >= 1")
         if self.qat_steps < 0 or self.eval_entries < 1 or self.batch_size < 1:
             raise QuantizeError("--qat-steps must be >= 0, --eval-entries and --batch-size >= 1")
 
@@ -177,7 +222,7 @@ def insert_quantizers(model: FiberForGrounding, method: str = "max", attention: 
         warnings.simplefilter("ignore")
         mtq.quantize(model, modelopt_config(method, attention), forward_loop=None)
     for name in quantizer_names(model, enabled_only=True):
-        if _in_text_prefix(name, model.cfg) or name in FP32_BY_RULE:
+        if _in_text_prefix(name, model.cfg) or fp32_rule(name, model.cfg) is not None:
             _quantizer(model, name).disable()
     return model
 
@@ -319,7 +364,34 @@ def split_data(data: EvalData, calib_images: int, eval_entries: int) -> tuple[li
     held = data.subset(grounding=eval_entries, detection=0, tail=True)
     held = EvalData(held.grounding, None, data.source)
     held_images = {s.image for s in held.grounding.samples} if held.grounding else set()
-    items, seen = [], set(held_images)
+    return data_items(data, held_images)[:calib_images], held
+
+
+def split_agreement(items: Sequence[CalibItem], calib_images: int, agreement_images: int
+                    ) -> tuple[list[CalibItem], list[CalibItem]]:
+    """(calibration items, the held-out agreement items: the last ``agreement_images``)."""
+    if len(items) <= agreement_images:
+        raise QuantizeError(f"the agreement guard holds out {agreement_images} images, but the data has only "
+                            f"{len(items)} distinct images")
+    return list(items[:-agreement_images])[:calib_images], list(items[-agreement_images:])
+
+
+def load_items(folder: str | Path) -> tuple[EvalData | None, list[CalibItem]]:
+    """A data folder's (EvalData, every distinct image with a prompt) or, for a folder of photos
+    without grounding.json / detection.json, (None, the photos with compress.agreement's prompt)."""
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("grounding.json", "detection.json")):
+        from compress.agreement import photo_items
+
+        return None, [CalibItem(it.image, it.prompt, None) for it in photo_items(folder)]
+    data = find_data(folder)
+    return data, data_items(data)
+
+
+def data_items(data: EvalData, exclude: set | frozenset = frozenset()) -> list[CalibItem]:
+    """Distinct images of ``data`` (not in ``exclude``) with a prompt each: grounding entries with
+    their caption, then detection images with the class-name prompt."""
+    items, seen = [], set(exclude)
     if data.grounding is not None:
         for s in data.grounding.samples:
             if s.image not in seen:
@@ -333,19 +405,36 @@ def split_data(data: EvalData, calib_images: int, eval_entries: int) -> tuple[li
             if im.image not in seen:
                 seen.add(im.image)
                 items.append(CalibItem(im.image, prompt, [[list(s)] for s in spans]))
-    return items[:calib_images], held
+    return items
 
 
-def calibration_batches(items: Sequence[CalibItem], model: FiberForGrounding, buckets: Sequence[int],
-                        batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(image [B,3,S,S], text_hidden [B,T,D], mask [B,T]) batches, pre-processed like serving."""
-    from fiber.data.evaluation import load_image_rgb
+def model_input(cfg: ModelConfig, buckets: Sequence[int], tokenizer: Path | None = None):
+    """(runtime Preprocessor, PromptTokenizer) of the package ``cfg`` exports to: the official input
+    on the canvas or the square letterbox; the checkpoint's own tokenizer (case-sensitive) or the
+    default WordPiece asset (lowercased)."""
+    from common.package import InputSpec
     from runtime.preprocess import Preprocessor
     from runtime.tokenize import PromptTokenizer
 
+    if cfg.input.style == "official":
+        pre = Preprocessor.from_spec(InputSpec.official(tuple(cfg.input.canvas), cfg.input.min_size,
+                                                        cfg.input.max_size))
+    else:
+        pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
+    tok = PromptTokenizer(tokenizer or TOKENIZER_SRC, buckets=buckets, lowercase=tokenizer is None,
+                          pad_id=cfg.text.pad_token_id)
+    return pre, tok
+
+
+def calibration_batches(items: Sequence[CalibItem], model: FiberForGrounding, buckets: Sequence[int],
+                        batch_size: int, tokenizer: Path | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(image [B,3,H,W], text_hidden [B,T,D], mask [B,T]) batches, pre-processed like serving
+    (``model_input``; ``tokenizer``: the checkpoint's own tokenizer.json or None)."""
+    from fiber.data.evaluation import load_image_rgb
+
     cfg = model.cfg
-    pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
-    tok = PromptTokenizer(TOKENIZER_SRC, buckets=buckets, lowercase=True, pad_id=cfg.text.pad_token_id)
+    pre, tok = model_input(cfg, buckets, tokenizer)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         images = np.concatenate([pre(load_image_rgb(it.image))[0].copy() for it in chunk])
@@ -366,18 +455,56 @@ def calibration_batches(items: Sequence[CalibItem], model: FiberForGrounding, bu
 # ----------------------------------------------------------------------------- measuring
 
 class Judge:
-    """Accuracy on the held-out subset (R@1 through the runtime) and output error vs FP32."""
+    """Accuracy on the held-out subset (R@1 through the runtime), output error vs FP32 and, with
+    ``agreement_items``, the agreement of the quantised model's detections with FP32's
+    (compress.agreement). ``guard`` "recall" or "agreement" decides what ``score`` / ``ok`` read."""
 
-    def __init__(self, fp32: FiberForGrounding, held: EvalData, probe: list, buckets: Sequence[int]):
-        self.held, self.probe, self.buckets = held, probe, buckets
+    def __init__(self, fp32: FiberForGrounding, held: EvalData, probe: list, buckets: Sequence[int],
+                 tokenizer: Path | None = None, agreement_items: Sequence[CalibItem] = (),
+                 guard: str = "recall", min_agreement: float = 0.8, top_k: int = 5):
+        from compress.agreement import ProbeItem
+
+        self.held, self.probe, self.buckets, self.tokenizer = held, probe, buckets, tokenizer
+        self.guard, self.min_agreement, self.top_k = guard, min_agreement, top_k
+        self.items = [ProbeItem(it.image, it.prompt, it.spans) for it in agreement_items]
         with torch.inference_mode():
             self.reference = [fp32.detect(*b) for b in probe]
         self.fp32 = self.accuracy(fp32)
+        self.fp32_runs = self._runs(fp32) if self.items else None
+
+    def engines(self, model: FiberForGrounding):
+        return torch_engines(model, model.cfg, self.buckets, self.tokenizer)
 
     def accuracy(self, model: FiberForGrounding) -> dict[str, float | None]:
         if self.held.grounding is None or not len(self.held.grounding):
             return {"R@1": None}
-        return evaluate_engines(torch_engines(model, model.cfg, self.buckets), self.held, progress=progress_line())
+        return evaluate_engines(self.engines(model), self.held, progress=progress_line())
+
+    def _runs(self, model: FiberForGrounding) -> list:
+        from compress.agreement import run_items
+
+        return run_items(self.engines(model), self.items, self.top_k, progress=progress_line())
+
+    def agreement(self, model: FiberForGrounding) -> dict[str, Any] | None:
+        """compress.agreement's record of ``model`` against FP32 (None without agreement items)."""
+        from compress.agreement import compare
+
+        if not self.items:
+            return None
+        return {**compare(self.fp32_runs, self._runs(model)), "top_k": self.top_k,
+                "reference": "PyTorch FP32", "other": "fake-quantised PyTorch"}
+
+    def score(self, m: dict[str, Any]) -> float | None:
+        """What the guard reads: R@1, or the agreement in percent."""
+        if self.guard == "agreement":
+            return None if m.get("agreement") is None else 100.0 * m["agreement"]["agreement"]
+        return m.get("R@1")
+
+    def ok(self, m: dict[str, Any], max_drop: float) -> bool:
+        """Within the guard's margin: R@1 at most ``max_drop`` below FP32, or agreement >= min_agreement."""
+        if self.guard == "agreement":
+            return m.get("agreement") is not None and m["agreement"]["agreement"] >= self.min_agreement
+        return drop(self.fp32, m["accuracy"]) <= max_drop
 
     @torch.inference_mode()
     def output_error(self, model: FiberForGrounding) -> float:
@@ -389,12 +516,13 @@ class Judge:
             real = mask[:, None, :].expand_as(logits).bool()
             total += float(((ql - logits)[real] ** 2).mean() / (logits[real].var() + 1e-12))
             total += float(((qc - ctr) ** 2).mean() / (ctr.var() + 1e-12))
-            total += float((qb - boxes).abs().mean() / model.cfg.swin.img_size)
+            total += float((qb - boxes).abs().mean() / max(model.cfg.input_hw))
         return total / max(len(self.probe), 1)
 
     def measure(self, model: FiberForGrounding) -> dict[str, Any]:
         acc = self.accuracy(model)
-        return {"accuracy": acc, "R@1": acc.get("R@1"), "output_error": self.output_error(model)}
+        return {"accuracy": acc, "R@1": acc.get("R@1"), "output_error": self.output_error(model),
+                "agreement": self.agreement(model)}
 
 
 def drop(fp32: dict, current: dict) -> float:
@@ -414,13 +542,16 @@ def sensitivity_pass(model: FiberForGrounding, judge: Judge, groups: dict[str, l
         set_enabled(model, names, False)
         m = judge.measure(model)
         set_enabled(model, names, True)
-        recovered = (m["R@1"] - base["R@1"]) if m["R@1"] is not None and base["R@1"] is not None else 0.0
+        new, old = judge.score(m), judge.score(base)
+        recovered = (new - old) if new is not None and old is not None else 0.0
         rows.append({"group": group, "quantizers": len(names), "R@1_fp32_group": m["R@1"],
+                     **({"agreement_fp32_group": m["agreement"]["agreement"]} if m.get("agreement") else {}),
                      "recovered": round(recovered, 3),
                      "output_error": m["output_error"],
                      "error_removed": base["output_error"] - m["output_error"]})
         if progress:
-            progress(f"  {group}: R@1 {m['R@1']}, output error {m['output_error']:.4g}")
+            progress(f"  {group}: R@1 {m['R@1']}, {judge.guard} score {judge.score(m)}, "
+                     f"output error {m['output_error']:.4g}")
     rows.sort(key=lambda r: (-r["recovered"], -r["error_removed"]))
     return rows
 
@@ -428,24 +559,26 @@ def sensitivity_pass(model: FiberForGrounding, judge: Judge, groups: dict[str, l
 def keep_worst_in_fp32(model: FiberForGrounding, judge: Judge, rows: list[dict], groups: dict[str, list[str]],
                        max_drop: float, progress: Callable[[str], None] | None = None
                        ) -> tuple[list[str], dict[str, Any]]:
-    """Greedy: while the drop exceeds ``max_drop``, switch the next-worst group to FP32; keep it so
-    only when R@1 does not get worse. Returns (groups kept in FP32, the final measurement)."""
+    """Greedy: while outside the guard's margin (``judge.ok``: R@1 more than ``max_drop`` below FP32,
+    or agreement below the minimum), switch the next-worst group to FP32; keep it so only when the
+    guard's score does not get worse. Returns (groups kept in FP32, the final measurement)."""
     current = judge.measure(model)
     kept: list[str] = []
     for row in rows:
-        if drop(judge.fp32, current) <= max_drop:
+        if judge.ok(current, max_drop):
             break
         if row["recovered"] <= 0 and row["error_removed"] <= 0:
             continue
         set_enabled(model, groups[row["group"]], False)
         m = judge.measure(model)
-        if m["R@1"] is not None and current["R@1"] is not None and m["R@1"] < current["R@1"]:
+        new, old = judge.score(m), judge.score(current)
+        if new is not None and old is not None and new < old:
             set_enabled(model, groups[row["group"]], True)
             continue
         kept.append(row["group"])
         current = m
         if progress:
-            progress(f"  keep {row['group']} in FP32: R@1 {m['R@1']}")
+            progress(f"  keep {row['group']} in FP32: R@1 {m['R@1']}, {judge.guard} score {judge.score(m)}")
     return kept, current
 
 
@@ -511,26 +644,49 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
     torch.manual_seed(cfg.seed)
     cfg = replace(cfg, checkpoint=str(_checkpoint_dir(cfg.checkpoint)))  # RUN -> RUN/final
     fp32, mcfg = load_fine(cfg.checkpoint, cfg.config)
-    buckets = resolve_buckets(mcfg, cfg.buckets)
-    items, held = split_data(find_data(cfg.data), cfg.calib_images, cfg.eval_entries)
+    if cfg.canvas is not None:
+        try:
+            mcfg = mcfg.with_canvas(tuple(cfg.canvas))
+        except ValueError as e:
+            raise QuantizeError(f"--canvas: {e}") from None
+        fp32.cfg = mcfg
+    try:
+        buckets = resolve_buckets(mcfg, cfg.buckets)
+    except ValueError as e:
+        raise QuantizeError(f"--buckets: {e}") from None
+    tokenizer = tokenizer_file(cfg.checkpoint)
+    data, every = load_items(cfg.data)
+    guard = resolve_guard(cfg.guard, mcfg, data)
+    agreement_items: list[CalibItem] = []
+    if guard == "agreement":
+        held = EvalData(None, None, str(cfg.data))
+        items, agreement_items = split_agreement(every, cfg.calib_images, cfg.agreement_images)
+        where = f"{len(agreement_items)} held-out images for the agreement guard"
+    else:
+        items, held = split_data(data, cfg.calib_images, cfg.eval_entries)
+        where = f"{cfg.eval_entries} grounding entries for evaluation"
     if len(items) < cfg.min_calib_images:
         raise QuantizeError(f"data {cfg.data}: only {len(items)} calibration images (after holding out "
-                            f"{cfg.eval_entries} grounding entries for evaluation); at least "
-                            f"{cfg.min_calib_images} are needed")
-    log(f"calibrating on {len(items)} images ({cfg.method}); held-out subset: "
-        f"{len(held.grounding) if held.grounding else 0} entries")
+                            f"{where}); at least {cfg.min_calib_images} are needed")
+    log(f"calibrating on {len(items)} images ({cfg.method}) at {mcfg.input_hw[0]}x{mcfg.input_hw[1]}; guard: "
+        f"{guard} ({where})")
     qmodel = _copy_model(fp32)
     insert_quantizers(qmodel, cfg.method, cfg.attention)
     bar = progress_line()  # a stderr line on a terminal only
-    batches = lambda: calibration_batches(items, fp32, buckets, cfg.batch_size)  # noqa: E731
+    batches = lambda: calibration_batches(items, fp32, buckets, cfg.batch_size, tokenizer)  # noqa: E731
     total = -(-len(items) // cfg.batch_size)
+    t_cal = time.perf_counter()
     calibrate(qmodel, lambda m: [m.detect(*b) for b in (bar(batches(), desc="calibration", total=total, unit="batch")
                                                         if bar else batches())],
               cfg.method, cfg.percentile)
-    probe = list(calibration_batches(items[:2 * cfg.batch_size], fp32, buckets, cfg.batch_size))
-    judge = Judge(fp32, held, probe, buckets)
+    log(f"calibrated in {time.perf_counter() - t_cal:.1f} s")
+    probe = list(calibration_batches(items[:min(2 * cfg.batch_size, 4 if guard == "agreement" else len(items))],
+                                     fp32, buckets, cfg.batch_size, tokenizer))
+    judge = Judge(fp32, held, probe, buckets, tokenizer, agreement_items, guard, cfg.min_agreement,
+                  cfg.agreement_top_k)
     ptq = judge.measure(qmodel)
-    log(f"FP32 R@1 {judge.fp32.get('R@1')}; INT8 PTQ R@1 {ptq['R@1']} (output error {ptq['output_error']:.4g})")
+    log(f"FP32 R@1 {judge.fp32.get('R@1')}; INT8 PTQ R@1 {ptq['R@1']} (output error {ptq['output_error']:.4g})"
+        + (f"; agreement {_agreement_line(ptq['agreement'])}" if ptq["agreement"] else ""))
     groups = quantizer_groups(quantizer_names(qmodel, enabled_only=True), cfg.groups)
     rows, kept, final = None, [], ptq
     if cfg.sensitivity:
@@ -547,6 +703,8 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
             final = judge.measure(qmodel)
         meta = _quant_meta(cfg, mcfg, items, held, judge, ptq, final, kept, groups, qmodel, qat,
                            time.perf_counter() - t0)
+        if final.get("agreement"):
+            log(f"final agreement {_agreement_line(final['agreement'])}")
         _save_amax(tmp / AMAX_FILE, amax_state(qmodel))
         (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         if rows is not None:
@@ -555,8 +713,25 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
     return QuantizeResult(out, meta)
 
 
+def resolve_guard(guard: str, mcfg: ModelConfig, data: EvalData | None) -> str:
+    """"auto" -> "agreement" for official (DyHead) configs and data without grounding entries, else
+    "recall"; "recall" without grounding entries is refused."""
+    has_grounding = data is not None and data.grounding is not None and len(data.grounding) > 0
+    if guard == "auto":
+        return "agreement" if mcfg.head.kind == "dyhead" or not has_grounding else "recall"
+    if guard == "recall" and not has_grounding:
+        raise QuantizeError("--guard recall needs grounding entries (grounding.json) in --data; "
+                            "use --guard agreement for data without labels that fit the weights")
+    return guard
+
+
+def _agreement_line(a: dict[str, Any]) -> str:
+    return (f"{a['agreement']:.3f} of FP32's top-{a.get('top_k')} boxes per phrase kept (top-1 "
+            f"{a['top1_agreement']:.3f}) on {a['images']} images, max |logit diff| {a['max_abs_logit_diff']:.4g}")
+
+
 def _copy_model(model: FiberForGrounding) -> FiberForGrounding:
-    copy = FiberForGrounding(model.cfg)
+    copy = FiberForGrounding(model.cfg)  # the same config (and canvas) as the FP32 model
     copy.load_state_dict(model.state_dict())
     return copy.eval()
 
@@ -587,14 +762,22 @@ def _quant_meta(cfg: QuantizeConfig, mcfg: ModelConfig, items, held: EvalData, j
                    "activations": "int8 per-tensor symmetric, calibrated",
                    "modules": list(QUANTISED_MODULES) + ([MATMUL_MODULE] if cfg.attention else []),
                    "attention": cfg.attention, "fp32": NOT_QUANTISED},
-        "calibration": {"data": str(cfg.data), "images": len(items), "batch_size": cfg.batch_size},
-        "held_out": {"grounding_entries": len(held.grounding) if held.grounding else 0},
+        "calibration": {"data": str(cfg.data), "images": len(items), "batch_size": cfg.batch_size,
+                        "canvas": list(mcfg.input_hw)},
+        "held_out": {"grounding_entries": len(held.grounding) if held.grounding else 0,
+                     "agreement_images": len(judge.items)},
         "accuracy": {"fp32": judge.fp32, "int8_ptq": ptq["accuracy"], "int8": final["accuracy"],
                      "output_error_ptq": ptq["output_error"], "output_error": final["output_error"]},
+        "guard": judge.guard,
+        "agreement": ({"ptq": ptq["agreement"], "final": final["agreement"], "min_agreement": cfg.min_agreement}
+                      if judge.guard == "agreement" else None),
+        "agreement_items": [{"image": str(it.image), "prompt": it.prompt, "spans": it.spans} for it in judge.items],
         "max_drop": cfg.max_drop,
-        "within_margin": drop(judge.fp32, final["accuracy"]) <= cfg.max_drop,
+        "within_margin": judge.ok(final, cfg.max_drop),
         "fp32_groups": kept,
-        "fp32_by_rule": FP32_BY_RULE,
+        "fp32_by_rule": {**FP32_BY_RULE, **({f"{FP32_BY_RULE_PREFIX[mcfg.head.kind][0]}*":
+                                              FP32_BY_RULE_PREFIX[mcfg.head.kind][1]}
+                                             if mcfg.head.kind in FP32_BY_RULE_PREFIX else {})},
         "disabled": disabled,
         "quantizers": {"enabled": len(quantizer_names(qmodel, enabled_only=True)),
                        "total": len(quantizer_names(qmodel))},
@@ -606,11 +789,17 @@ def _quant_meta(cfg: QuantizeConfig, mcfg: ModelConfig, items, held: EvalData, j
 
 
 def _sensitivity_doc(judge: Judge, ptq, final, rows, kept, cfg: QuantizeConfig) -> dict[str, Any]:
-    return {"metric": "R@1 on the held-out subset (percent) through the runtime; output_error = "
-                      "NMSE(token logits) + NMSE(centerness) + mean |box error| / S on probe batches",
-            "fp32": judge.fp32.get("R@1"), "int8_all": ptq["R@1"], "int8_final": final["R@1"],
-            "max_drop": cfg.max_drop, "kept_fp32": kept, "not_quantised": NOT_QUANTISED,
-            "groups": rows}
+    doc = {"metric": "R@1 on the held-out subset (percent) through the runtime; output_error = "
+                     "NMSE(token logits) + NMSE(centerness) + mean |box error| / S on probe batches",
+           "fp32": judge.fp32.get("R@1"), "int8_all": ptq["R@1"], "int8_final": final["R@1"],
+           "max_drop": cfg.max_drop, "kept_fp32": kept, "not_quantised": NOT_QUANTISED,
+           "groups": rows}
+    if judge.guard == "agreement":
+        doc.update(metric="agreement (percent of FP32's top-K boxes per phrase that INT8 keeps, compress.agreement) "
+                          "on the held-out images; output_error as for R@1",
+                   fp32=100.0, int8_all=judge.score(ptq), int8_final=judge.score(final),
+                   min_agreement=cfg.min_agreement)
+    return doc
 
 
 def _modelopt_version() -> str:
@@ -677,11 +866,19 @@ def load_quantized(qdir: str | Path, checkpoint: str | Path, mcfg: ModelConfig
     summary = {"method": meta.get("method"), "calibration_images": meta["calibration"]["images"],
                "fp32_groups": meta.get("fp32_groups", []), "disabled_quantizers": len(meta.get("disabled", [])),
                "quantizers": meta.get("quantizers"), "qat": meta.get("qat"), "scheme": meta.get("scheme"),
-               "subset_accuracy": meta.get("accuracy")}
+               "subset_accuracy": meta.get("accuracy"), "guard": meta.get("guard", "recall"),
+               "agreement": meta.get("agreement")}
     return qmodel.eval(), fp32.eval(), summary
 
 
 # ----------------------------------------------------------------------------- CLI
+
+def _canvas(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__.split("\n\n")[0])
@@ -702,6 +899,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False,
                    help="also quantise the attention matmuls that run through fiber.layers.Attend")
+    p.add_argument("--guard", default="auto", choices=GUARDS,
+                   help="what the guard and the sensitivity pass read: held-out R@1 ('recall') or FP32/INT8 "
+                        "agreement ('agreement', for weights no labelled data fits); auto: agreement for "
+                        "DyHead configs and data without grounding entries")
+    p.add_argument("--min-agreement", type=float, default=0.8,
+                   help="agreement guard: least share of FP32's top-K boxes per phrase INT8 must keep")
+    p.add_argument("--agreement-images", type=int, default=8, help="held-out images of the agreement guard")
+    p.add_argument("--agreement-top-k", type=int, default=5, help="boxes per phrase the agreement compares")
+    p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
+                   help="official-input configs: calibrate at this canvas (export the package with the same)")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -719,16 +926,24 @@ def main(args: argparse.Namespace) -> int:
                              groups=args.groups,
                              max_drop=args.max_drop, eval_entries=args.eval_entries, qat_steps=args.qat_steps,
                              qat_lr=args.qat_lr, batch_size=args.batch_size, attention=args.attention,
-                             config=args.config,
+                             config=args.config, guard=args.guard, min_agreement=args.min_agreement,
+                             agreement_images=args.agreement_images, agreement_top_k=args.agreement_top_k,
+                             canvas=args.canvas,
                              overwrite=args.overwrite)
         result = quantize(cfg, log=lambda s: print(s, flush=True))
     except (QuantizeError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     acc = result.meta["accuracy"]
-    print(f"wrote {result.path}: FP32 R@1 {acc['fp32'].get('R@1')}, INT8 R@1 {acc['int8'].get('R@1')}, "
-          f"FP32 groups {result.meta['fp32_groups'] or 'none'}")
-    if not result.meta["within_margin"]:
+    agree = result.meta.get("agreement")
+    score = (f"agreement {agree['final']['agreement']:.3f} (max |logit diff| {agree['final']['max_abs_logit_diff']:.4g})"
+             if agree else f"FP32 R@1 {acc['fp32'].get('R@1')}, INT8 R@1 {acc['int8'].get('R@1')}")
+    print(f"wrote {result.path}: {score}, FP32 groups {result.meta['fp32_groups'] or 'none'}, "
+          f"{result.meta['seconds']} s")
+    if agree and not result.meta["within_margin"]:
+        print(f"warning: INT8 keeps fewer than {cfg.min_agreement} of FP32's top boxes; compress.export will "
+              "refuse it (try --sensitivity)", file=sys.stderr)
+    elif not result.meta["within_margin"]:
         print(f"warning: INT8 is still more than {cfg.max_drop} R@1 below FP32 on the held-out subset; "
               "compress.export will refuse it (try --sensitivity, --qat-steps)", file=sys.stderr)
     return 0

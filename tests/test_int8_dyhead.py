@@ -1,0 +1,214 @@
+"""INT8 of official fine (DyHead) models at fiber-golden-fine scale: the golden official release
+converted (a real official-format model), quantised by compress.quantize and exported as an INT8
+package on a 128 x 160 canvas.
+
+- The fused backbones (Swin, the fused RoBERTa layers, the cross-attention) and the FPN get int8
+  quantizers; the whole DyHead (deformable convs, offset convs, GroupNorm, DyReLU, predictors) stays
+  FP32 by rule, so no Q/DQ reaches a DeformConv in detector.onnx.
+- The guard is the FP32/INT8 agreement (compress.agreement): recorded in quant.json and, for the
+  package's graphs on ONNX Runtime, in the manifest; below the margin the export writes nothing.
+- The agreement measure itself and the agreement-mode greedy FP32 selection, on hand-made inputs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import engines
+from common import package as pkg
+from compress import agreement, export, quantize
+from runtime.types import Detections
+from test_export import make_data, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "data" / "golden" / "fine" / "fiber_fine_small_official.safetensors"
+TOKENIZER = REPO / "tests" / "data" / "golden" / "fine_tokenizer"
+CANVAS = "128x160"
+SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--agreement-images", "4", "--batch-size", "4",
+         "--threads", "1", "--canvas", CANVAS]
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """The converted golden release, synthetic data and its QDIR (agreement guard)."""
+    from fiber import checkpoint
+
+    root = tmp_path_factory.mktemp("int8-dyhead")
+    args = checkpoint.get_args_parser().parse_args([
+        "convert-official", str(GOLDEN), "--config", "fiber-golden-fine", "--tokenizer", str(TOKENIZER),
+        "--out", str(root / "ck")])
+    assert checkpoint.main(args) == 0
+    data = make_data(root / "data", images=12)
+    result = run_cli("compress.quantize", "--checkpoint", str(root / "ck"), "--data", str(data),
+                     "--out", str(root / "qdir"), *SMALL)
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "ck": root / "ck", "data": data, "qdir": root / "qdir"}
+
+
+@pytest.fixture(scope="module")
+def golden_int8(golden):
+    out = golden["root"] / "pkg-int8"
+    result = run_cli("compress.export", "--checkpoint", str(golden["ck"]), "--out", str(out),
+                     "--int8", str(golden["qdir"]), "--canvas", CANVAS, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "agreement int8 vs FP32" in result.stdout
+    return out
+
+
+def test_backbones_int8_dyhead_fp32_by_rule(golden):
+    from safetensors.torch import load_file
+
+    meta = json.loads((golden["qdir"] / quantize.QUANT_JSON).read_text())
+    assert meta["guard"] == "agreement" and meta["calibration"]["canvas"] == [128, 160]
+    assert meta["calibration"]["images"] == 8 and len(meta["agreement_items"]) == 4
+    calibrated = {it["image"] for it in meta["agreement_items"]}
+    assert len(calibrated) == 4                               # distinct held-out images
+    final = meta["agreement"]["final"]
+    assert meta["within_margin"] is (final["agreement"] >= meta["agreement"]["min_agreement"])
+    assert 0.0 <= final["agreement"] <= 1.0 and final["reference_detections"] > 0 and final["top_k"] == 5
+    assert final["max_abs_logit_diff"] > 0                    # INT8 is not FP32
+    assert "head.*" in meta["fp32_by_rule"]
+    amax = load_file(str(golden["qdir"] / quantize.AMAX_FILE))
+    assert not any(k.startswith("head.") for k in amax)       # DyHead: deform, offset, GN, DyReLU, predictors
+    assert any(k.startswith("backbone.image.layers.2.blocks.") and ".mlp.fc1." in k for k in amax)
+    assert any(".attn.qkv_i2t." in k for k in amax)           # image <- text cross-attention
+    assert any("crossattention_t2i" in k for k in amax)        # text <- image cross-attention
+    assert any(k.startswith("backbone.text.encoder.layer.11.intermediate") for k in amax)  # fused RoBERTa
+    assert not any(k.startswith(("backbone.text.encoder.layer.5.", "backbone.text.embeddings")) for k in amax)
+    assert any(k.startswith("fpn.") for k in amax)
+
+
+@pytest.mark.slow  # exports the golden-fine detector (78 DeformConv) with Q/DQ: ~1 min on a quiet CPU
+def test_int8_package_has_qdq_on_the_backbone_and_none_at_deformconv(golden_int8):
+    graph = onnx.load(str(golden_int8 / pkg.DETECTOR_GRAPH)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    deform = [n for n in graph.node if n.op_type == "DeformConv"]
+    assert len(deform) == 78
+    for n in deform:
+        assert not any(producer[i].op_type == "DequantizeLinear" for i in n.input if i in producer), n.name
+        assert not any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], [])), n.name
+    fed = [c.name for n in graph.node if n.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], [])]
+    # node names are the exporter's module scopes: "/blocks.N/..." Swin, "/layer.N/..." text, "/head/..."
+    assert fed and not any("/head/" in name or "dyhead" in name for name in fed)
+    assert sum(name.startswith("/blocks.") for name in fed) > 100
+    assert any(name.startswith("/layer.") and "crossattention_t2i" in name for name in fed)
+    assert any(name.startswith("/fpn/") for name in fed)
+    manifest = pkg.read_manifest(golden_int8)
+    assert manifest["precision"] == "int8" and manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] > 0
+
+
+@pytest.mark.slow
+def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(golden_int8, golden):
+    from runtime.predictor import Detector
+
+    manifest = pkg.read_manifest(golden_int8)
+    acc = manifest["accuracy"]
+    assert acc["guard"] == "agreement"
+    least = acc["agreement"]["min_agreement"]
+    for key in ("int8", "int8_cpu"):
+        rec = acc["agreement"][key]
+        assert least <= rec["agreement"] <= 1.0 and rec["images"] == 4 and rec["reference"] == "PyTorch FP32"
+        assert "ONNX Runtime" in rec["other"] and rec["max_abs_logit_diff"] > 0
+    assert manifest["quantization"]["guard"] == "agreement"
+    ref = np.load(golden_int8 / pkg.reference_file("detector"))
+    with engines.load(golden_int8, "onnxruntime", cache_dir="", use_cpu_file=False) as e:
+        out = e.detect(ref[pkg.IMAGE], ref[pkg.TEXT_HIDDEN], ref[pkg.ATTENTION_MASK])
+    for name in pkg.DETECTOR_OUTPUTS:
+        assert np.abs(out[name] - ref[name]).max() <= 1e-2 * (1 + np.abs(ref[name]).max()), name
+    image = sorted((golden["data"] / "images").iterdir())[0]
+    with Detector(golden_int8, backend="onnxruntime", threshold=0.0, per_phrase=3) as det:
+        dets = det.detect(image, "a red circle")
+        h, w = det.preprocess(image).info.src_h, det.preprocess(image).info.src_w
+    assert len(dets.scores) > 0
+    assert (dets.boxes >= -1e-3).all() and (dets.boxes[:, [0, 2]] <= w + 1e-3).all()
+    assert (dets.boxes[:, [1, 3]] <= h + 1e-3).all()
+
+
+@pytest.mark.slow
+def test_agreement_guard_refuses_below_the_margin(golden_int8, golden, tmp_path, monkeypatch):
+    """_measure_agreement on the written package with the comparison forced low: the guard's error."""
+    model, mcfg, meta = export.load_fine_model(golden["ck"])
+    mcfg = mcfg.with_canvas((128, 160))
+    model.cfg = mcfg
+    copy = tmp_path / "pkg"
+    shutil.copytree(golden_int8, copy)
+    real = agreement.compare
+    monkeypatch.setattr(agreement, "compare", lambda a, b, iou=0.5: {**real(a, b, iou), "agreement": 0.1})
+    cfg = export.ExportConfig(checkpoint=str(golden["ck"]), out=str(tmp_path / "unused"), threads=1)
+    with pytest.raises(export.AccuracyGuardError, match="keeps 0.100 of FP32's top-5 boxes"):
+        export._measure_agreement(cfg, copy, model, mcfg, (16,), {"dir": golden["qdir"], "info": {}}, meta)
+
+
+# ----------------------------------------------------------------------------- the measure itself
+
+def _dets(boxes, scores, phrases, n_phrases=2):
+    return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32),
+                      np.asarray(phrases, np.int32), tuple(f"p{i}" for i in range(n_phrases)))
+
+
+def test_match_detections_needs_the_same_phrase_and_iou():
+    ref = _dets([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]], [0.9, 0.8, 0.7], [0, 0, 1])
+    same = _dets([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]], [0.5, 0.6, 0.7], [0, 0, 1])
+    assert agreement.match_detections(ref, same) == (3, 3, 1, 2)   # p0's best box differs: top-1 1 of 2
+    other_phrase = _dets([[0, 0, 10, 10]], [0.9], [1])
+    assert agreement.match_detections(ref, other_phrase) == (1, 3, 1, 2)
+    shifted = _dets([[6, 6, 16, 16], [20, 20, 30, 30]], [0.9, 0.8], [0, 0])   # IoU 16/184 < 0.5
+    assert agreement.match_detections(ref, shifted) == (1, 3, 0, 2)
+    one = _dets([[0, 0, 10, 10]], [0.9], [0])                                 # one-to-one matching
+    twice = _dets([[0, 0, 10, 10], [0, 0, 10, 9]], [0.9, 0.8], [0, 0])
+    assert agreement.match_detections(twice, one)[:2] == (1, 2)
+
+
+def test_guard_resolution_and_agreement_mode_keeps_the_worst_group():
+    from fiber.config import get_config
+
+    golden_cfg, nano = get_config("fiber-golden-fine"), get_config("fiber-nano")
+    assert quantize.resolve_guard("auto", golden_cfg, None) == "agreement"
+    assert quantize.resolve_guard("auto", nano, None) == "agreement"          # no labels
+    with pytest.raises(quantize.QuantizeError, match="--guard agreement"):
+        quantize.resolve_guard("recall", nano, None)
+    assert quantize.fp32_rule("head.dyhead_tower.0.offset.input_quantizer", golden_cfg)
+    assert quantize.fp32_rule("head.bbox_pred.input_quantizer", nano) is None
+
+    class Quantizer:
+        def __init__(self):
+            self.on = True
+
+        def enable(self):
+            self.on = True
+
+        def disable(self):
+            self.on = False
+
+    class Model:
+        def __init__(self):
+            self.q = {"a": Quantizer(), "b": Quantizer()}
+
+        def get_submodule(self, name):
+            return self.q[name]
+
+    model = Model()
+
+    class StubJudge(quantize.Judge):
+        def __init__(self):
+            self.guard, self.min_agreement, self.fp32 = "agreement", 0.8, {"R@1": None}
+
+        def measure(self, m):   # group "b" in FP32 lifts agreement to 0.9
+            value = 0.9 if not m.q["b"].on else 0.6
+            return {"accuracy": {"R@1": None}, "R@1": None, "output_error": 1 - value,
+                    "agreement": {"agreement": value}}
+
+    judge = StubJudge()
+    rows = quantize.sensitivity_pass(model, judge, {"a": ["a"], "b": ["b"]})
+    assert [r["group"] for r in rows] == ["b", "a"] and rows[0]["recovered"] == pytest.approx(30.0)
+    kept, final = quantize.keep_worst_in_fp32(model, judge, rows, {"a": ["a"], "b": ["b"]}, max_drop=1.0)
+    assert kept == ["b"] and final["agreement"]["agreement"] == 0.9 and judge.ok(final, 1.0)
