@@ -32,6 +32,20 @@ confidence per anchor ``c_a = max over real tokens of sigmoid(teacher_logit)`` (
 
 Normalisers are per process (under DDP each rank divides by its own counts).
 
+A teacher with another tokenizer, input or head (a converted official FIBER-B: RoBERTa BPE, the
+official input on its canvas, DyHead) teaching e.g. fiber-nano (WordPiece, letterbox, light head)
+cannot be distilled token column by anchor: ``--kd-mode phrase`` (what "auto" picks when
+``check_compatible`` fails) distils on phrase-level scores and the teacher's top boxes instead
+(``compress.phrase_kd``: each side tokenises the prompt with its own tokenizer, per-phrase mean
+token probabilities, the teacher's top boxes per phrase as soft targets assigned to the student's
+anchors by ATSS): ``kd_phrase`` (weight ``logits``) and ``kd_box`` (weight ``box``); ``ctr`` and
+``feat`` do not apply. The student then starts from its own init (``--init-from-teacher`` is off by
+default: the towers and vocabularies differ). ``--teacher-canvas HxW`` runs an official-input
+teacher on a smaller canvas (cheaper; the official resize scaled down to fit).
+
+    python -m compress.distill --teacher runs/fiber-b/ck --teacher-canvas 512x672 \
+        --student-config fiber-nano --data data/synth-train --out runs/nano-from-fiber-b
+
 The student starts from the teacher where shapes allow (``init_from_teacher``): every student
 tensor whose key and shape match a teacher tensor is copied (fiber-t -> fiber-nano: the text
 embeddings, text layers 0-3 apart from the cross-attention parts whose image width differs,
@@ -66,6 +80,7 @@ from train.tasks import (FINE_DEFAULTS, TEXT_INITS, FineOptions, FineTask, init_
 
 KD_PROJ_PREFIX = "kd_proj."
 KD_TERMS = ("logits", "box", "ctr", "feat")
+KD_MODES = ("auto", "token", "phrase")
 
 
 # ----------------------------------------------------------------------------- options
@@ -414,7 +429,98 @@ class DistillTask(FineTask):
         return {**super().checkpoint_config(), "distill": distill}
 
 
+class PhraseDistillTask(FineTask):
+    """``FineTask`` with a frozen teacher of another tokenizer, input or head: the GT loss +
+    phrase-level KD (module docstring, ``compress.phrase_kd``). The student is a plain
+    ``FiberForGrounding``; each batch also carries the teacher's input and tokens for the same
+    images and prompts (built in ``collate``).
+
+    teacher_tokenizer: the teacher's own tokenizer.json (a converted release) or None (WordPiece).
+    top_k: teacher boxes per phrase used as soft targets.
+    """
+
+    def __init__(self, cfg: ModelConfig, teacher: FiberForGrounding, data: GroundingTrainDataset,
+                 options: DistillOptions = DistillOptions(), fine_options: FineOptions = FineOptions(),
+                 teacher_source: str = "", teacher_tokenizer: Path | None = None, top_k: int = 3):
+        from compress.phrase_kd import TeacherInputs
+
+        super().__init__(cfg, data, None, fine_options)
+        if top_k < 1:
+            raise ValueError(f"phrase KD: --kd-top-k must be >= 1, got {top_k}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.kd_options, self.teacher_source, self.top_k = options, teacher_source, top_k
+        self.inputs = TeacherInputs(teacher.cfg, teacher_tokenizer, data.tok)
+        self.init_report: TeacherInit | None = None
+
+    def build_model(self) -> FiberForGrounding:
+        model = FiberForGrounding(self.cfg)
+        init_text_tower(model, self.options.text_init)
+        if self.kd_options.init_from_teacher:
+            self.init_report = init_from_teacher(model, self.teacher.state_dict())
+        return model
+
+    def setup(self, device: torch.device) -> None:
+        self.teacher.to(device)
+
+    def collate(self, samples: list) -> dict:
+        batch = self.data.collate(samples)
+        cache = self.data.cache
+        extra = self.inputs.batch([cache.paths[s.image] for s in samples], [s.prompt for s in samples],
+                                  [s.spans for s in samples], [cache.info(s.image).scale for s in samples])
+        width = batch["input_ids"].shape[1]       # the student's phrase maps to its batch width
+        extra["s_phrase_map"] = [F.pad(m[:, :width], (0, max(0, width - m.shape[1]))) for m in extra["s_phrase_map"]]
+        return {**batch, **extra}
+
+    def loss(self, model: FiberForGrounding, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        from compress.phrase_kd import phrase_kd_losses, teacher_top_boxes
+
+        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        out = model.forward_from_text(image, model.encode_text(ids, mask), mask)
+        targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
+        gt = self.loss_fn(out, targets, mask)
+        parts = {k: v for k, v in gt.items() if k != "loss"}
+        w = self.kd_options.weights
+        if not (w.logits or w.box):
+            return {"loss": gt["loss"], "loss_gt": gt["loss"], "loss_kd": gt["loss"].new_zeros(()), **parts}
+        t_ids, t_mask = batch["t_input_ids"], batch["t_attention_mask"]
+        with torch.no_grad():
+            t_out = self.teacher.forward_from_text(batch["t_image"], self.teacher.encode_text(t_ids, t_mask), t_mask)
+            boxes = teacher_top_boxes(t_out, batch["t_phrase_map"], batch["t_to_student"], self.top_k)
+        kd = phrase_kd_losses(out, batch["s_phrase_map"], boxes, batch["kd_valid"], self.kd_options.beta)
+        loss_kd = w.logits * kd["kd_phrase"] + w.box * kd["kd_box"]
+        return {"loss": gt["loss"] + loss_kd, "loss_gt": gt["loss"], "loss_kd": loss_kd, **parts, **kd}
+
+    def checkpoint_config(self) -> dict:
+        distill = {"teacher": self.teacher_source, "teacher_config": self.teacher.cfg.name, "mode": "phrase",
+                   "top_k": self.top_k, **self.kd_options.to_dict(),
+                   "init": self.init_report.to_dict() if self.init_report else None}
+        return {**super().checkpoint_config(), "distill": distill}
+
+
+def kd_mode(requested: str, student: ModelConfig, teacher: ModelConfig) -> str:
+    """The KD mode: "auto" is "phrase" when the teacher has another kind of head, input rule or
+    tokenizer (e.g. a converted FIBER-B teaching fiber-nano), else "token". "token" (asked or
+    chosen) checks ``check_compatible`` (ValueError naming every difference)."""
+    if requested not in KD_MODES:
+        raise ValueError(f"--kd-mode {requested!r} is not one of {', '.join(KD_MODES)}")
+    s, t = student, teacher
+    other_kind = (s.head.kind != t.head.kind or s.input.style != t.input.style
+                  or (s.text.vocab_size, s.text.pad_token_id, s.text.position_style)
+                  != (t.text.vocab_size, t.text.pad_token_id, t.text.position_style))
+    mode = ("phrase" if other_kind else "token") if requested == "auto" else requested
+    if mode == "token":
+        check_compatible(student, teacher)
+    return mode
+
+
 # ----------------------------------------------------------------------------- CLI
+
+
+def _canvas_arg(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _weights_arg(text: str) -> KDWeights:
@@ -433,8 +539,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from the last checkpoint in --out")
-    p.add_argument("--init-from-teacher", action=argparse.BooleanOptionalAction, default=True,
-                   help="copy every teacher tensor whose key and shape fit the student")
+    p.add_argument("--init-from-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="copy every teacher tensor whose key and shape fit the student (default: on for "
+                        "token KD, off for phrase KD)")
+    p.add_argument("--kd-mode", choices=KD_MODES, default="auto",
+                   help="token: KD on token columns and anchors (same tokenizer, input and anchors); phrase: on "
+                        "phrase scores and the teacher's top boxes (any tokenizer / head); auto: token when possible")
+    p.add_argument("--kd-top-k", type=int, default=3, help="phrase KD: teacher boxes per phrase used as soft targets")
+    p.add_argument("--teacher-canvas", type=_canvas_arg, default=None, metavar="HxW",
+                   help="run an official-input teacher on this canvas (multiples of 32; default its config's)")
     p.add_argument("--kd-weights", type=_weights_arg, default=KDWeights(),
                    help="KD term weights, e.g. logits=1,box=1,ctr=1,feat=1 (unnamed terms keep 1)")
     p.add_argument("--kd-temperature", type=float, default=DistillOptions.temperature,
@@ -453,23 +566,31 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> str:
+    from fiber.checkpoint import tokenizer_file
+
     teacher, folder = load_teacher(args.teacher)
+    if args.teacher_canvas is not None:
+        teacher.cfg = teacher.cfg.with_canvas(args.teacher_canvas)
     cfg = model_config(args.student_config)
-    check_compatible(cfg, teacher.cfg)
+    mode = kd_mode(args.kd_mode, cfg, teacher.cfg)
+    init_from = args.init_from_teacher if args.init_from_teacher is not None else mode == "token"
     options = DistillOptions(weights=args.kd_weights, temperature=args.kd_temperature,
                              beta=args.kd_beta, conf_threshold=args.kd_conf_threshold,
-                             init_from_teacher=args.init_from_teacher)
+                             init_from_teacher=init_from)
     train_cfg = train_config_from_args(args)
     data = load_stage2(args.data, cfg, Stage2Options(max_negatives=args.max_negatives),
                        progress_bar(train_cfg.progress))
-    init = f"teacher:{folder}" if args.init_from_teacher else "none"
-    task = DistillTask(cfg, teacher, data, options,
-                       FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init, init=init),
-                       teacher_source=str(folder))
+    init = f"teacher:{folder}" if init_from else "none"
+    fine = FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init, init=init)
+    if mode == "phrase":
+        task = PhraseDistillTask(cfg, teacher, data, options, fine, teacher_source=str(folder),
+                                 teacher_tokenizer=tokenizer_file(folder), top_k=args.kd_top_k)
+    else:
+        task = DistillTask(cfg, teacher, data, options, fine, teacher_source=str(folder))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     m = result.metrics
     init_note = task.init_report.summary() if task.init_report else "student not initialised from the teacher"
-    return (f"distill '{teacher.cfg.name}' -> '{cfg.name}': {result.step} steps on {len(data)} samples; "
+    return (f"distill '{teacher.cfg.name}' -> '{cfg.name}' ({mode} KD): {result.step} steps on {len(data)} samples; "
             f"{init_note}; last logged loss {m.get('loss', float('nan')):.4f} (gt "
             f"{m.get('loss_gt', float('nan')):.4f}, kd {m.get('loss_kd', float('nan')):.4f}); "
             f"student weights in {result.final_dir}")

@@ -215,6 +215,13 @@ class GroundingItem:
     boxes: np.ndarray           # float32 [G, 4] xyxy network-input pixels
     positive_map: np.ndarray    # float32 [G, n], 1 where the token names the box
     prompt: str                 # the text (for debugging and tests)
+    spans: tuple = ()           # per phrase, its ((start, end), ...) character spans in ``prompt``
+                                # (another tokenizer, e.g. a distillation teacher's, re-tokenises with them)
+
+
+def _span_tuple(phrases) -> tuple:
+    """Per phrase a list of [start, end) spans -> the same as nested tuples of ints."""
+    return tuple(tuple((int(a), int(b)) for a, b in spans) for spans in phrases)
 
 
 def _network_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
@@ -386,7 +393,7 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[p])
         b, pm = _targets(boxes, rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, caption)
+        return GroundingItem(image, _real_ids(enc), b, pm, caption, _span_tuple([p.spans for p in s.phrases]))
 
     def _token_len(self, text: str) -> int:
         if text not in self._name_tokens:
@@ -417,7 +424,7 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[where[name]])
         b, pm = _targets(boxes, rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
 
     def _attribute_item(self, i: int, rng: np.random.Generator) -> GroundingItem:
         """A detection image prompted with "colour kind" phrases: every (colour, kind) present
@@ -450,7 +457,7 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[where[f"{c} {k}"]])
         b, pm = _targets(boxes, rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
 
     def _colour_item(self, i: int, rng: np.random.Generator) -> GroundingItem:
         """A detection image prompted with every colour name, shuffled; each box names its colour."""
@@ -463,7 +470,7 @@ class GroundingTrainDataset:
         where = {name: p for p, name in enumerate(names)}
         rows = [pmap[where[c]] for c, _ in self.scene_pairs[im.image]]
         b, pm = _targets(list(_network_boxes(im.boxes, self.cache.info(image))), rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, prompt)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
 
     def collate(self, samples: list[GroundingItem]) -> dict:
         """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
