@@ -328,6 +328,23 @@ def test_reference_outputs_match_every_backend(work):
 
 # ----------------------------------------------------------------------------- refusals
 
+def test_re_export_from_the_same_checkpoint_is_byte_identical(work, tmp_path):
+    """Exporting the checkpoint again gives the same bytes in every graph, reference and tokenizer
+    file, and the same manifest apart from what the data adds (accuracy, calibration, timings)."""
+    again = tmp_path / "again"
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(again),
+                     "--buckets", BUCKETS, "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    files = sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(work["package"])) for p in work["package"].rglob("*") if p.is_file())
+    for name in files:
+        if name != pkg.MANIFEST:
+            assert (again / name).read_bytes() == (work["package"] / name).read_bytes(), name
+    a, b = (json.loads((p / pkg.MANIFEST).read_text()) for p in (again, work["package"]))
+    for key in ("graphs", "parity", "files", "input", "text", "model", "producer"):
+        assert a[key] == b[key], key
+
+
 def test_existing_out_is_refused(work):
     """As a program (the compress.export smoke test): exit 2, one line, no traceback."""
     before = sorted(p.name for p in work["package"].iterdir())
