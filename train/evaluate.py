@@ -14,18 +14,18 @@ post-processing settings; a small table goes to stdout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from common.atomic import atomic_write_json
 from fiber.checkpoint import load_fine_model
-from fiber.data.evaluation import evaluate
+from fiber.data.evaluation import EVAL_POSTPROCESS, evaluate
 from fiber.data.formats import DataFormatError
 from train.data import DETECTION_FILE, GROUNDING_FILE
-from train.predictor import PostConfig, TorchPredictor
+from train.predictor import TorchPredictor
 from train.distributed import resolve_device
 from train.tasks import progress_bar, run_cli
 
@@ -49,7 +49,7 @@ def data_files(data_dir: str | Path) -> tuple[Path | None, Path | None]:
 
 def run_evaluation(checkpoint: str | Path, data_dir: str | Path, limit: int | None = None,
                    split_name: str | None = None, device: str = "auto",
-                   post: PostConfig = PostConfig(), progress=None) -> dict:
+                   post: Mapping[str, Any] = EVAL_POSTPROCESS, progress=None) -> dict:
     """Load, predict, score -> the JSON-able report (see the module docstring)."""
     grounding, detection = data_files(data_dir)
     dev = resolve_device(device)
@@ -61,7 +61,7 @@ def run_evaluation(checkpoint: str | Path, data_dir: str | Path, limit: int | No
         "format": EVAL_FORMAT, "format_version": 1,
         "checkpoint": meta["path"], "model": model.cfg.name, "task": meta.get("task"),
         "step": meta.get("step"), "split": split_name or Path(data_dir).name,
-        "data": str(data_dir), "limit": limit, "postprocess": dataclasses.asdict(post),
+        "data": str(data_dir), "limit": limit, "postprocess": dict(post),
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                     for k, v in metrics.items()},

@@ -13,9 +13,8 @@ batched across images.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,15 +33,6 @@ from train.distributed import resolve_device
 
 
 
-@dataclass(frozen=True)
-class PostConfig:
-    threshold: float = EVAL_POSTPROCESS["threshold"]            # keep phrase scores above this
-    nms_iou: float = EVAL_POSTPROCESS["nms_iou"]                # per-phrase NMS IoU
-    pre_nms_top_k: int = EVAL_POSTPROCESS["pre_nms_top_k"]      # per phrase, before NMS
-    max_detections: int = EVAL_POSTPROCESS["max_detections"]    # per image (COCO)
-    min_per_phrase: int = EVAL_POSTPROCESS["min_per_phrase"]    # best boxes kept per phrase
-
-
 class TorchPredictor:
     """``predict(image_rgb_uint8 [H, W, 3], prompt, phrase_spans) -> Detections`` (source pixels).
 
@@ -51,10 +41,10 @@ class TorchPredictor:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu",
-                 post: PostConfig = PostConfig(), tokenizer: PromptTokenizer | None = None,
+                 post: Mapping[str, Any] = EVAL_POSTPROCESS, tokenizer: PromptTokenizer | None = None,
                  cache_size: int = 64):
         cfg: ModelConfig = model.cfg
-        self.model, self.cfg, self.post = model, cfg, post
+        self.model, self.cfg, self.post = model, cfg, dict(post)  # postprocess keyword arguments
         self.device = torch.device(device)
         self.tokenizer = tokenizer or build_tokenizer(cfg, text_buckets(cfg.max_text_len))
         self.pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
@@ -63,7 +53,7 @@ class TorchPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
-                        post: PostConfig = PostConfig()) -> "TorchPredictor":
+                        post: Mapping[str, Any] = EVAL_POSTPROCESS) -> "TorchPredictor":
         dev = resolve_device(device)
         model, _ = load_fine_model(path, "evaluation", dev)
         return cls(model, dev, post)
@@ -90,9 +80,6 @@ class TorchPredictor:
         x, info = self.pre(image)
         mask = torch.from_numpy(enc.attention_mask).to(self.device)
         boxes, logits, ctr = self.model.detect(torch.from_numpy(x).to(self.device), hidden, mask)
-        p = self.post
         return postprocess(boxes[0].float().cpu().numpy(), logits[0].float().cpu().numpy(),
-                           ctr[0].float().cpu().numpy(), enc.phrase_map, info,
-                           threshold=p.threshold, nms_iou=p.nms_iou, pre_nms_top_k=p.pre_nms_top_k,
-                           max_detections=p.max_detections, phrases=enc.phrases,
-                           min_per_phrase=p.min_per_phrase)
+                           ctr[0].float().cpu().numpy(), enc.phrase_map, info, phrases=enc.phrases,
+                           **self.post)
