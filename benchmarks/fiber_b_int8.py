@@ -28,8 +28,21 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+OTHERS = r"compress\.(export|quantize) .*fiber-b"   # other FIBER-B-scale jobs on this machine
+
+
+def wait_for_others(pattern: str = OTHERS, poll_s: float = 15.0) -> float:
+    """Wait while another process runs a FIBER-B-scale export/quantisation (two at once can exhaust
+    the memory: an export at 800 x 1344 peaks above 15 GB); returns the seconds waited."""
+    t0 = time.perf_counter()
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        time.sleep(poll_s)
+    return round(time.perf_counter() - t0, 1)
+
+
 def timed(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd`` under /usr/bin/time -v (stdout+stderr to ``log``); wall seconds and peak RSS (GB)."""
+    waited = wait_for_others()
     t0 = time.perf_counter()
     with log.open("w") as f:
         r = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
@@ -39,7 +52,7 @@ def timed(cmd: list[str], log: Path) -> dict[str, Any]:
     if r.returncode != 0:
         tail = "\n".join(text.strip().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {r.returncode}); see {log}:\n{tail}")
-    return {"seconds": round(time.perf_counter() - t0, 1),
+    return {"seconds": round(time.perf_counter() - t0, 1), "waited_s": waited,
             "peak_rss_gb": round(int(rss.group(1)) / 2 ** 20, 2) if rss else None}
 
 
