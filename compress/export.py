@@ -433,7 +433,8 @@ def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
     if cfg.int8 == "auto":
         qdir = scratch / "quant"
         quantize.quantize(quantize.QuantizeConfig(checkpoint=cfg.checkpoint, data=cfg.data, out=str(qdir),
-                                                  config=cfg.config, max_drop=cfg.max_drop, sensitivity=True))
+                                                  config=cfg.config, max_drop=cfg.max_drop, sensitivity=True,
+                                                  canvas=cfg.canvas))
     try:
         qmodel, float_model, info = quantize.load_quantized(qdir, cfg.checkpoint, mcfg)
     except quantize.QuantizeError as e:
