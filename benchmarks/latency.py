@@ -5,7 +5,7 @@
         [--runs 50] [--warmup 5] [--threads N] [--image FILE] [--prompt TEXT] [--json OUT]
 
 Subjects: every package on every backend (an engine folder: TensorRT), plus PyTorch eager FP32
-(``--checkpoint``, the reference) through the same runtime Detector (``compress.torch_engines``),
+(``--checkpoint``, the reference) through the same runtime Detector (``fiber.torch_engines``),
 so every subject pays the same tokenisation and C pre/post-processing. ``--backend default`` is
 ONNX Runtime, OpenVINO and TensorRT / TensorRT-RTX where present; an absent one is listed as "not
 available: <reason>" (a backend named explicitly and absent is a failure: exit status 1). On the ONNX
@@ -241,10 +241,8 @@ def _open_checkpoint(subject: Subject, threads: int | None) -> Opened:
     """PyTorch eager FP32: the checkpoint behind the package interface, in the runtime Detector."""
     import torch
 
-    from compress.manifest import resolve_buckets
-    from compress.torch_engines import torch_engines
-    from fiber.checkpoint import CheckpointError, load_fine_model
-    from runtime.predictor import Detector
+    from fiber.checkpoint import CheckpointError, load_fine_model, tokenizer_file
+    from fiber.torch_engines import torch_detector
 
     if threads:
         torch.set_num_threads(threads)
@@ -253,7 +251,7 @@ def _open_checkpoint(subject: Subject, threads: int | None) -> Opened:
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     cfg = model.cfg
-    det = Detector(torch_engines(model, cfg, resolve_buckets(cfg, None)), prompt_cache_size=1)
+    det = torch_detector(model, tokenizer=tokenizer_file(meta["path"]), prompt_cache_size=1)
     return Opened(subject, det, cfg.name, cfg.name, "fp32", "torch eager", None)
 
 

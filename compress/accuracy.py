@@ -3,7 +3,7 @@
 Every accuracy number of the compression stage (the sensitivity pass, the FP32 and INT8 numbers in
 a package manifest, the accuracy guard) comes from ``runtime.predictor.Detector`` driven by
 ``fiber.data.evaluation.evaluate`` over ``engines.PackageEngines`` (a package opened with
-``engines.load`` or a torch model behind ``compress.torch_engines``).
+``engines.load`` or a torch model behind ``fiber.torch_engines``).
 
 - ``EvalData`` / ``find_data(dir)``: the grounding and/or detection files of a data folder.
 - ``evaluate_engines(engines, data)``: the accuracy dict ``{"R@1", "R@5", "R@10", "mAP", "refexp"}``

@@ -12,7 +12,7 @@ grounding mode: score threshold 0, each phrase's best ``top_k`` boxes after the 
 - ``max_abs_logit_diff``: max |token logit difference| over every anchor and real token;
   ``max_abs_centerness_diff`` (logits); ``mean_abs_box_diff_px`` (decoded boxes, canvas pixels).
 
-Torch-free apart from what the engines run (``compress.torch_engines`` for a PyTorch model, or a
+Torch-free apart from what the engines run (``fiber.torch_engines`` for a PyTorch model, or a
 package opened with ``engines.load``).
 """
 from __future__ import annotations

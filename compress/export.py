@@ -59,11 +59,11 @@ from common.atomic import atomic_dir
 from common.progress import progress_line
 from compress import calibrate, cpu_int8, onnx_export, onnx_graph, word_table
 from compress.accuracy import EvalData, evaluate_engines, find_data
-from compress.manifest import TOKENIZER_SRC, package_sections, resolve_buckets
 from fiber import checkpoint as checkpoint_io
 from fiber.checkpoint import CheckpointError
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
+from fiber.package import TOKENIZER_SRC, package_sections, resolve_buckets
 
 TEXT_WORDS = ("int8", "fp32")   # how text.onnx stores its word-embedding table
 FP32_TOL = 1e-3     # ONNX vs PyTorch, relative to 1 + max |torch|: FP32 graphs must agree this well
@@ -543,7 +543,7 @@ def _measure_agreement(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, quant
     the QDIR's min_agreement. Returns the manifest's ``accuracy`` entries."""
     from compress import agreement as ag
     from compress import quantize
-    from compress.torch_engines import torch_engines
+    from fiber.torch_engines import torch_engines
 
     t0 = time.perf_counter()
     qmeta = quantize.read_quant_json(Path(quant["dir"]))

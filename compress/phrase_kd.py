@@ -138,7 +138,7 @@ class TeacherInputs:
     """
 
     def __init__(self, teacher_cfg, tokenizer: Path | None, student_tokenizer):
-        from compress.manifest import resolve_buckets
+        from fiber.package import resolve_buckets
         from compress.quantize import model_input
 
         self.pre, self.tok = model_input(teacher_cfg, resolve_buckets(teacher_cfg, None), tokenizer)

@@ -71,12 +71,12 @@ from common.atomic import atomic_dir
 from common.package import sha256_file
 from common.progress import progress_line
 from compress.accuracy import EvalData, evaluate_engines, find_data
-from compress.manifest import TOKENIZER_SRC, resolve_buckets
-from compress.torch_engines import torch_engines
 from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_fine_model, load_model_state,
                               resolve_checkpoint_dir, save_checkpoint, tokenizer_file)
 from fiber.config import ModelConfig
 from fiber.models import FiberForGrounding
+from fiber.package import TOKENIZER_SRC, resolve_buckets
+from fiber.torch_engines import torch_engines
 
 QUANT_FORMAT, QUANT_VERSION = "fiber-edge-quant", 1
 QUANT_JSON, AMAX_FILE, SENSITIVITY_JSON, QAT_DIR = "quant.json", "amax.safetensors", "sensitivity.json", "qat"

@@ -1,6 +1,8 @@
-"""train.evaluate / train.predictor: a tiny trained model gives a complete, finite report; the
-same predictor path fed the ground truth scores 100 (so the evaluation path is not what limits
-a model); bad checkpoints and data are one clear line."""
+"""train.evaluate / fiber.torch_engines: a tiny trained model gives a complete, finite report; the
+same path (the runtime Detector over the torch model) fed the ground truth scores 100 (so the
+evaluation path is not what limits a model); the torch Detector takes the package's manifest
+sections (text buckets, letterbox or official input, post-processing style); bad checkpoints and
+data are one clear line."""
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +15,14 @@ import torch
 from torch import nn
 
 from fiber.config import get_config
-from fiber.data.evaluation import evaluate, load_image_rgb
+from fiber.data.evaluation import EVAL_POSTPROCESS, evaluate, load_image_rgb
 from fiber.data.formats import load_detection, load_grounding
 from fiber.data.prompts import build_detection_prompt
 from fiber.data.synth import SynthConfig, generate
+from fiber.package import package_sections, resolve_buckets
+from fiber.torch_engines import torch_detector
 from train import evaluate as ev
 from train import fine
-from train.predictor import TorchPredictor
 
 CFG = get_config("fiber-tiny-test")
 S = CFG.swin.img_size
@@ -111,7 +114,7 @@ def _ground_truth(data_dir) -> dict:
 
 def test_ground_truth_through_the_predictor_scores_100(data_dir):
     model = _GroundTruthModel(CFG)
-    predictor = TorchPredictor(model)
+    predictor = torch_detector(model, **EVAL_POSTPROCESS)
     truth = _ground_truth(data_dir)
 
     def predict(image, prompt, spans):
@@ -119,12 +122,38 @@ def test_ground_truth_through_the_predictor_scores_100(data_dir):
         scale = S / max(image.shape[:2])  # the letterbox: top-left, one scale
         boxes = np.asarray([b for b, _ in pairs], np.float32).reshape(-1, 4) * scale
         model.current = (boxes, [p for _, p in pairs], predictor.tokenizer.encode(prompt, spans).phrase_map)
-        return predictor(image, prompt, spans)
+        return predictor.detect(image, prompt, spans)
 
     m = evaluate(predict, data_dir / "grounding.json", data_dir / "detection.json")
     for k in ("R@1", "R@5", "R@10", "R@1_relation", "R@1_no_relation", "refexp", "mAP", "AP50", "AP75"):
         assert m[k] == pytest.approx(100.0), (k, m[k])
     assert m["phrases"] > 0 and m["refexps"] > 0
+
+
+def test_the_torch_detector_takes_the_package_sections_of_its_config():
+    """Letterbox config: the manifest sections compress.export writes, its buckets, its square
+    input; an official-input DyHead config: the official input on the canvas and the per-level
+    post-processing, boxes in source pixels."""
+    from fiber.models import FiberForGrounding
+    from dyhead_package import CANVAS, dyhead_config
+
+    torch.manual_seed(0)
+    model = FiberForGrounding(CFG)
+    with torch_detector(model) as det:
+        buckets = resolve_buckets(CFG, None)
+        want = package_sections(CFG, buckets)
+        assert {k: det.manifest[k] for k in want} == want
+        assert det.tokenizer.buckets == buckets == (16, 32) and det.input_hw == (S, S)
+        assert det.post.style == "letterbox" and det.backend == "torch"
+    dy = dyhead_config()
+    model = FiberForGrounding(dy)
+    with torch_detector(model, threshold=0.0) as det:
+        assert det.input_hw == CANVAS and det.post.style == "official"
+        assert det.post.level_sizes == tuple(model.level_sizes(*CANVAS)) and len(det.post.level_sizes) == 5
+        image = np.random.default_rng(0).integers(0, 255, (50, 120, 3), dtype=np.uint8)
+        dets = det.detect(image, "a red circle. a blue square")
+        assert len(dets.boxes) > 0 and dets.phrases == ("a red circle", "a blue square")
+        assert dets.boxes[:, [0, 2]].max() <= 120 and dets.boxes[:, [1, 3]].max() <= 50
 
 
 def test_bad_checkpoint_and_data_are_one_clear_line(fine_run, data_dir, tmp_path, capsys):

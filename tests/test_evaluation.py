@@ -107,3 +107,18 @@ def test_load_image_rgb(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(DataFormatError, match="cannot decode"):
         load_image_rgb(tmp_path / "junk.png")
+
+
+def test_load_image_rgb_applies_the_exif_rotation_as_the_runtime(tmp_path):
+    """A photo stored 8 x 4 with EXIF orientation 6 (rotate 90 CW to display) decodes upright,
+    4 x 8, exactly as runtime.sources.read_image gives it to the Detector."""
+    from runtime.sources import read_image
+
+    img = Image.new("RGB", (8, 4), (0, 0, 0))
+    img.putpixel((0, 0), (255, 0, 0))  # stored top-left -> displayed top-right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.png", exif=exif)
+    got = load_image_rgb(tmp_path / "rot.png")
+    assert got.shape == (8, 4, 3) and tuple(got[0, 3]) == (255, 0, 0) and tuple(got[0, 0]) == (0, 0, 0)
+    assert np.array_equal(got, read_image(tmp_path / "rot.png")) and got.flags.c_contiguous

@@ -531,7 +531,7 @@ def ort_session_from(model: onnx.ModelProto) -> ort.InferenceSession:
     ("fiber-nano", (16, 32, 64)),
 ])
 def test_default_text_buckets_reach_the_configs_max_text_len(config, want):
-    from compress.manifest import resolve_buckets
+    from fiber.package import resolve_buckets
 
     cfg = get_config(config)
     assert resolve_buckets(cfg, None) == want and want[-1] == min(cfg.max_text_len, 256)

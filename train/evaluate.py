@@ -5,11 +5,13 @@
 
 ``--checkpoint``: a checkpoint folder (``model.safetensors`` + ``config.json``) or a run folder
 (its ``final/``). ``--data``: a folder with ``grounding.json`` and/or ``detection.json``.
-Metrics (percent) come from ``fiber.data.evaluation.evaluate`` through ``train.predictor``:
-R@1/5/10 (Flickr30k ANY-box; also ``_relation`` / ``_no_relation``), referring accuracy
-(``refexp``, ``refexp_relation``), COCO mAP / AP50 / AP75. The JSON (written atomically) holds
-them under ``"metrics"`` (NaN, a metric over no items, as null) with the checkpoint, split and
-post-processing settings; a small table goes to stdout.
+Metrics (percent) come from ``fiber.data.evaluation.evaluate`` over the runtime's ``Detector`` on
+the torch model (``fiber.torch_engines.torch_detector``: the text buckets, image pre-processing and
+post-processing of the package the checkpoint would export to) ranked with the protocol's
+``EVAL_POSTPROCESS``: R@1/5/10 (Flickr30k ANY-box; also ``_relation`` / ``_no_relation``),
+referring accuracy (``refexp``, ``refexp_relation``), COCO mAP / AP50 / AP75. The JSON (written
+atomically) holds them under ``"metrics"`` (NaN, a metric over no items, as null) with the
+checkpoint, split and post-processing settings; a small table goes to stdout.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.atomic import atomic_write_json
-from fiber.checkpoint import load_fine_model
+from fiber.checkpoint import load_fine_model, tokenizer_file
 from fiber.data.evaluation import EVAL_POSTPROCESS, evaluate
 from fiber.data.formats import DataFormatError
+from fiber.torch_engines import torch_detector
 from train.data import DETECTION_FILE, GROUNDING_FILE
-from train.predictor import TorchPredictor
 from train.distributed import resolve_device
 from train.tasks import progress_bar, run_cli
 
@@ -54,9 +56,9 @@ def run_evaluation(checkpoint: str | Path, data_dir: str | Path, limit: int | No
     grounding, detection = data_files(data_dir)
     dev = resolve_device(device)
     model, meta = load_fine_model(checkpoint, "evaluation", dev)
-    predictor = TorchPredictor(model, dev, post)
     start = time.perf_counter()
-    metrics = evaluate(predictor, grounding, detection, limit=limit, progress=progress)
+    with torch_detector(model, tokenizer=tokenizer_file(meta["path"]), **post) as detector:
+        metrics = evaluate(detector.detect, grounding, detection, limit=limit, progress=progress)
     return {
         "format": EVAL_FORMAT, "format_version": 1,
         "checkpoint": meta["path"], "model": model.cfg.name, "task": meta.get("task"),

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
 from common.package import PostprocessSpec
 from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset,
                                 load_detection, load_grounding)
 from fiber.data.metrics import coco_map, recall_at_k, referring_accuracy
 from fiber.data.prompts import build_detection_prompt
+from runtime.sources import ImageReadError, read_image
 
 KS = (1, 5, 10)
 _SERVING = PostprocessSpec()  # a package's defaults; the protocol changes the threshold and adds min_per_phrase
@@ -37,14 +37,14 @@ Predict = Callable[[np.ndarray, str, list], Any]
 
 
 def load_image_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 [H, W, 3] RGB (Pillow; palette, grey, alpha converted)."""
+    """Decode a dataset image to uint8 [H, W, 3] RGB with the runtime's decoder
+    (``runtime.sources.read_image``: EXIF rotation applied, any Pillow mode), so training, evaluation
+    and serving see the same pixels. DataFormatError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: image file not found") from None
-    except OSError as e:
-        raise DataFormatError(f"{path}: cannot decode image: {e}") from None
+        return np.ascontiguousarray(read_image(path))
+    except ImageReadError as e:
+        problem = "image file not found" if e.reason == "no such file" else f"cannot decode image: {e.reason}"
+        raise DataFormatError(f"{path}: {problem}") from None
 
 
 def _outputs(det: Any, num_phrases: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

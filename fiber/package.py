@@ -1,7 +1,11 @@
-"""The manifest sections that a package's model config decides (docs/architecture.md), and its text buckets.
+"""What a model config decides of its package (docs/architecture.md): manifest sections, text buckets.
 
 - ``package_sections(cfg, buckets)``: the ``input`` / ``text`` / ``postprocess`` manifest sections.
 - ``resolve_buckets(cfg, buckets)``: the text buckets of a package (given, or the defaults that fit).
+- ``TOKENIZER_SRC``: the default WordPiece tokenizer asset a package of a small config ships.
+
+Torch-free; here, next to the model configs, so that the exporter (compress.export) and the torch
+model behind the runtime (fiber.torch_engines, which train.evaluate uses) write the same sections.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any, Sequence
 from common import package as pkg
 from fiber.config import ModelConfig
 
-TOKENIZER_SRC = Path(__file__).resolve().parents[1] / "fiber" / "assets" / pkg.TOKENIZER
+TOKENIZER_SRC = Path(__file__).resolve().parent / "assets" / pkg.TOKENIZER
 
 
 def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequence[int] = (),
