@@ -1,4 +1,4 @@
-"""Attribute-aware detection (issue 14): does a package tell "red star" from "blue star"?
+"""Attribute-aware detection: does a package tell "red star" from "blue star"?
 
     python -m benchmarks.attributes --package models/fiber-nano [--package ...] [--images 200]
         [--seed 1414] [--backend auto] [--threads N] [--threshold T] [--json OUT]

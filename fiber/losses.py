@@ -247,8 +247,8 @@ class GroundingLoss(nn.Module):
     agree there). ``pixel_offset=1``: the official +1 IoU in the ATSS assignment.
 
     ``GroundingLoss.for_head(cfg.head)``: the official settings for the DyHead (``pixel_offset=1``,
-    ``no_object_token=True``; reproduces golden/fine ``atss.*`` and ``loss.*``), today's for the
-    light head.
+    ``no_object_token=True``; reproduces golden/fine ``atss.*`` and ``loss.*``), the defaults
+    above for the light head.
     """
 
     def __init__(self, topk: int = 9, alpha: float = 0.25, gamma: float = 2.0, reg_loss_weight: float = 2.0,

@@ -363,8 +363,3 @@ class SwinTransformer(nn.Module):
             maps.append(self.to_map(self.stage_norm(s, x), s, hw))
             x, hw = self.merge(s, x, hw)
         return maps
-
-
-def build_swin(cfg: SwinConfig, text_dim: int | None = None,
-               fused_blocks: tuple[tuple[int, int], ...] = (), i2t_prenorm: bool = True) -> SwinTransformer:
-    return SwinTransformer(cfg, text_dim, fused_blocks, i2t_prenorm)

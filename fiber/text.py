@@ -172,8 +172,3 @@ class TextEncoder(nn.Module):
         for layer in self.layers:
             h = layer(h, mask)
         return h
-
-
-def build_text_encoder(cfg: TextConfig, fused_layers: dict[int, int] | None = None,
-                       t2i_norm: bool = True) -> TextEncoder:
-    return TextEncoder(cfg, fused_layers, t2i_norm)

@@ -1,4 +1,4 @@
-"""Issue 14: training prompts that make the colour token decide (colour-kind detection prompts with
+"""Training prompts that make the colour token decide (colour-kind detection prompts with
 absent hard negatives, hard negatives appended to captions), the attribute benchmark's matching,
 and compress.recover (a checkpoint read back from an FP32 package's ONNX graphs)."""
 from __future__ import annotations

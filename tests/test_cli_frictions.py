@@ -1,4 +1,4 @@
-"""The frictions a new user met on a fresh clone (issue 14), each pinned: ``runtime.detect`` in a
+"""The frictions a new user met on a fresh clone, each pinned: ``runtime.detect`` in a
 pipe, missing inputs among several, package error wording, the backend named in the first log
 line, grounding (``--per-phrase``) and detection (``--one-label-per-box``) modes.
 

@@ -1,4 +1,4 @@
-"""Progress on stderr for long commands, only when stderr is a terminal (issue 14): the shared
+"""Progress on stderr for long commands, only when stderr is a terminal: the shared
 common.progress line, the training loop, evaluation in export/quantize/report (progress_bar) and
 compress.calibrate."""
 from __future__ import annotations

@@ -16,7 +16,7 @@
   ". ") from an RNG seeded by the global numpy RNG, which the training loop seeds per micro-batch
   chunk (``train.distributed.chunk_seed``): the same step gives the same prompts after a resume.
 
-Attribute prompts (``AttributeOptions``, issue 14; off by default): a detection image may instead
+Attribute prompts (``AttributeOptions``; off by default): a detection image may instead
 be prompted with "colour kind" phrases (every pair present, with its boxes, plus absent hard
 negatives of a present kind in another colour or a present colour as another kind, from each
 annotation's ``attributes.colour``), and a caption may get absent hard-negative phrases appended,
@@ -249,7 +249,7 @@ def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int
 
 @dataclass(frozen=True)
 class AttributeOptions:
-    """Prompts that make the colour token carry the decision (issue 14).
+    """Prompts that make the colour token carry the decision.
 
     attribute_prompts: probability that a detection image is prompted with "colour kind" phrases
     (present pairs with their boxes + absent hard negatives) instead of kind names.

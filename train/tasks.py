@@ -160,7 +160,7 @@ class FineTask(BaseTask):
                 raise CheckpointError(f"init weights do not fit '{self.cfg.name}': "
                                       f"unexpected {unexpected[:3]}, missing {missing[:3]}")
         if self.options.colour_aux > 0:
-            # training only (issue 14): a linear colour classifier on the region features the
+            # training only: a linear colour classifier on the region features the
             # dot product reads, at the positive anchors; RUN/final drops it
             colours = getattr(self.data, "colours", None)
             if not colours:
