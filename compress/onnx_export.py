@@ -96,7 +96,7 @@ def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: P
     with torch.inference_mode():
         shapes = {name: tuple(t.shape) for name, t in zip(pkg.DETECTOR_OUTPUTS, model.detect(*args))}
     graph = onnx.load(str(path))
-    probes = detector_probes(x, hidden)
+    probes = detector_probes(x, hidden, max_batch=2 if x[pkg.IMAGE][0, 0].size > LARGE_CANVAS else 3)
     fold_shape_ifs(graph, probes[:2])
     if qdq:
         clean_qdq(graph)
@@ -106,13 +106,18 @@ def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: P
     return _finish(graph, path, shapes)
 
 
-def detector_probes(x: dict[str, np.ndarray], hidden: np.ndarray) -> list[dict[str, np.ndarray]]:
+LARGE_CANVAS = 800 * 1024   # pixels: above it the shape-folding probes stop at batch 2 (memory)
+
+
+def detector_probes(x: dict[str, np.ndarray], hidden: np.ndarray, max_batch: int = 3) -> list[dict[str, np.ndarray]]:
     """Detector inputs of different batch and token counts: the example (batch 1), then batch 2 /
     +5 tokens, batch 3 / +2 tokens and (the last, for checks) batch 2 / +9 tokens; added tokens are
-    padding."""
+    padding. ``max_batch=2`` (large canvases: FIBER-B at 800x1344 needs ~4 GB of activations per
+    image in an optimisations-off session) makes the third batch 1 / +2 tokens."""
     one = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     out = [one]
-    for batch, extra in ((2, 5), (3, 2), (2, 9)):
+    third = (3, 2) if max_batch >= 3 else (1, 2)
+    for batch, extra in ((2, 5), third, (2, 9)):
         pad = ((0, 0), (0, extra))
         out.append({pkg.IMAGE: np.concatenate([x[pkg.IMAGE]] * batch),
                     pkg.TEXT_HIDDEN: np.concatenate([np.pad(hidden, pad + ((0, 0),))] * batch),

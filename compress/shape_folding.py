@@ -163,7 +163,24 @@ def _shape_frontier(model: onnx.ModelProto, g: GraphIndex) -> list[str]:
 
 def _probe_values(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequence[str],
                   feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict], list[dict]]:
-    """Per feed: {name: value} of ``names`` and {name: shape} of the tensors ``shape_of``."""
+    """Per feed: {name: value} of ``names`` and {name: shape} of the tensors ``shape_of``.
+
+    Values too large to fold (> FOLD_MAX_ELEMENTS on the first feed; FIBER-B's shifted-window
+    masks at 800x1344 are GBs together) are not made graph outputs, which ONNX Runtime would hold
+    to the end of the run: a first pass reads every value's shape only, and such a value is
+    returned as a zero-strided stand-in of its shape (only its size is read afterwards)."""
+    sizes = _run_probe(model, [], list(names), feeds[:1])[1][0]
+    small = [n for n in names if int(np.prod(sizes[n])) <= FOLD_MAX_ELEMENTS]
+    values, shapes = _run_probe(model, small, list(shape_of), feeds)
+    for v in values:
+        for n in names:
+            if n not in v:
+                v[n] = np.broadcast_to(np.zeros((), np.float32), tuple(int(d) for d in sizes[n]))
+    return values, shapes
+
+
+def _run_probe(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequence[str],
+               feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict], list[dict]]:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -172,6 +189,7 @@ def _probe_values(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequen
     outs = list(names) + list(shape_names.values())
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outs)
     session = plain_session(probe)
+    del probe
     values, shapes = [], []
     for f in feeds:
         got = dict(zip(outs, session.run(outs, f)))
