@@ -282,7 +282,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--package", action="append", required=True, help="model package (repeat; any canvas/precision)")
     q.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help=f"comma-separated, of {list(BACKENDS)} (an INT8 package on openvino = OpenVINO INT8)")
-    q.add_argument("--image", default="examples/grace_hopper.jpg")
+    q.add_argument("--image", default="examples/photos/grace_hopper.jpg")
     q.add_argument("--prompt", default="person. dog")
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--runs", type=int, default=3, help="timed samples per subject (alternated)")
