@@ -79,9 +79,16 @@ def nms_ref(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
     A box is dropped when its IoU with a kept, higher-ranked box of the same class (all one
     class when ``classes`` is None) is > iou_threshold.
     """
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     b = np.asarray(boxes, np.float32).astype(np.float64).reshape(-1, 4)
+    return _greedy_nms(b, scores, classes, _iou_one, iou_threshold)
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | None, iou, threshold) -> np.ndarray:
+    """The greedy loop both NMS twins share: by score descending (ties: lower index first), drop
+    every later box of the same class (all one class when ``classes`` is None) whose
+    ``iou(kept_box, boxes) > threshold``. int64 kept indices in rank order."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {threshold}")
     order = _order_desc(scores)
     dead = np.zeros(len(order), bool)
     keep = []
@@ -90,7 +97,7 @@ def nms_ref(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
             continue
         keep.append(i)
         rest = order[pos + 1:]
-        hit = _iou_one(b[i], b[rest]) > iou_threshold
+        hit = iou(boxes[i], boxes[rest]) > threshold
         if classes is not None:
             hit &= classes[rest] == classes[i]
         dead[rest[hit]] = True
@@ -117,23 +124,8 @@ def ml_nms_ref(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray | None,
     higher-ranked box of the same label (all one label when ``labels`` is None) has +1-convention
     float32 IoU > iou_threshold. int64 kept indices in ascending index order (the official order).
     """
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    thr = np.float32(iou_threshold)
-    order = _order_desc(scores)
-    dead = np.zeros(len(order), bool)
-    keep = []
-    for pos, i in enumerate(order):
-        if dead[i]:
-            continue
-        keep.append(i)
-        rest = order[pos + 1:]
-        hit = _iou_plus1(b[i], b[rest]) > thr
-        if labels is not None:
-            hit &= labels[rest] == labels[i]
-        dead[rest[hit]] = True
-    return np.sort(np.asarray(keep, np.int64))
+    return np.sort(_greedy_nms(b, scores, labels, _iou_plus1, np.float32(iou_threshold)))
 
 
 def decode_boxes_ref(boxes: np.ndarray, scale: float, src_w: int, src_h: int) -> np.ndarray:
