@@ -10,7 +10,15 @@ grounding mode: score threshold 0, each phrase's best ``top_k`` boxes after the 
   reference's score order).
 - ``top1_agreement``: per (image, phrase), the two best boxes have IoU >= ``iou``.
 - ``max_abs_logit_diff``: max |token logit difference| over every anchor and real token;
-  ``max_abs_centerness_diff`` (logits); ``mean_abs_box_diff_px`` (decoded boxes, canvas pixels).
+  ``max_abs_centerness_diff`` (logits); ``mean_abs_box_diff_px`` (decoded boxes, canvas pixels);
+  ``reference_logit_range``: the reference's own spread, max - min of its real-token logits
+  (mean over images).
+
+``passes``: the guard's verdict: agreement >= ``min_agreement``, or every logit within
+``max_logit_diff`` of the reference. The second rule is for near-ties: when the reference's scores
+barely differ between anchors (random weights: a logit range of ~1e-3), its top-K is decided by
+differences far below any quantisation step, and a low agreement then says nothing about INT8;
+logits equal within 0.05 (phrase probabilities within ~1.25%) do.
 
 Torch-free apart from what the engines run (``fiber.torch_engines`` for a PyTorch model, or a
 package opened with ``engines.load``).
@@ -29,6 +37,7 @@ from common import package as pkg
 
 DEFAULT_TOP_K = 5
 DEFAULT_IOU = 0.5
+DEFAULT_MAX_LOGIT_DIFF = 0.05
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PHOTO_PROMPT = "person. car. dog. cat. chair. bottle. cup. bicycle. bird. tree"
 
@@ -131,12 +140,13 @@ def compare(reference: Sequence[Run], other: Sequence[Run], iou: float = DEFAULT
         raise ValueError(f"agreement: {len(reference)} reference runs vs {len(other)} others")
     matched = total = top1 = phrases = 0
     logit_diff = ctr_diff = 0.0
-    box_err = []
+    box_err, spread = [], []
     for r, o in zip(reference, other):
         m, n, t, p = match_detections(r.detections, o.detections, iou)
         matched, total, top1, phrases = matched + m, total + n, top1 + t, phrases + p
         diff = np.abs(r.logits.astype(np.float64) - o.logits)
         logit_diff = max(logit_diff, float(diff.max()) if diff.size else 0.0)
+        spread.append(float(r.logits.max() - r.logits.min()) if r.logits.size else 0.0)
         ctr_diff = max(ctr_diff, float(np.abs(r.centerness.astype(np.float64) - o.centerness).max()))
         box_err.append(float(np.abs(r.boxes.astype(np.float64) - o.boxes).mean()))
     return {"images": len(reference),
@@ -144,7 +154,17 @@ def compare(reference: Sequence[Run], other: Sequence[Run], iou: float = DEFAULT
             "agreement": round(matched / max(total, 1), 4),
             "top1_agreement": round(top1 / max(phrases, 1), 4),
             "max_abs_logit_diff": round(logit_diff, 5), "max_abs_centerness_diff": round(ctr_diff, 5),
-            "mean_abs_box_diff_px": round(float(np.mean(box_err)), 4)}
+            "mean_abs_box_diff_px": round(float(np.mean(box_err)), 4),
+            "reference_logit_range": round(float(np.mean(spread)), 6)}
+
+
+def passes(record: dict[str, Any], min_agreement: float, max_logit_diff: float = DEFAULT_MAX_LOGIT_DIFF) -> str | None:
+    """Why ``record`` passes the guard ("agreement" or "logit tolerance"), or None (module docstring)."""
+    if record["agreement"] >= min_agreement:
+        return "agreement"
+    if record["max_abs_logit_diff"] <= max_logit_diff:
+        return "logit tolerance"
+    return None
 
 
 def agreement(reference: engines.PackageEngines, other: engines.PackageEngines, items: Sequence[ProbeItem],

@@ -554,6 +554,7 @@ def _measure_agreement(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, quant
                           f"{'missing: ' + ', '.join(missing[:3]) if missing else 'not recorded'}; re-run compress.quantize")
     top_k = int(qmeta["agreement"]["final"].get("top_k") or ag.DEFAULT_TOP_K)
     least = float(qmeta["agreement"]["min_agreement"])
+    tol = float(qmeta["agreement"].get("max_logit_diff", ag.DEFAULT_MAX_LOGIT_DIFF))
     tokenizer = checkpoint_io.tokenizer_file(meta["path"])
     reference = ag.run_items(torch_engines(model, mcfg, buckets, tokenizer), items, top_k, progress=progress_line())
     out: dict[str, Any] = {}
@@ -566,14 +567,17 @@ def _measure_agreement(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, quant
             opts["intra_op_threads"] = cfg.threads
         with engines.load(tmp, "onnxruntime", **opts) as e:
             record = ag.compare(reference, ag.run_items(e, items, top_k, progress=progress_line()))
-        out[key] = {**record, "top_k": top_k, "reference": "PyTorch FP32", "other": f"{graph} on ONNX Runtime"}
-        if record["agreement"] < least:
+        verdict = ag.passes(record, least, tol)
+        out[key] = {**record, "top_k": top_k, "reference": "PyTorch FP32", "other": f"{graph} on ONNX Runtime",
+                    "passed_by": verdict}
+        if verdict is None:
             raise AccuracyGuardError(
                 f"accuracy guard: {graph} keeps {record['agreement']:.3f} of FP32's top-{top_k} boxes per phrase "
-                f"(allowed: at least {least}; max |logit diff| {record['max_abs_logit_diff']:.4g}); "
+                f"(allowed: at least {least}) and its max |logit diff| {record['max_abs_logit_diff']:.4g} exceeds "
+                f"{tol}; "
                 f"{worst_layers(Path(quant['dir']) / 'sensitivity.json')}. Nothing was written. Re-run "
                 "compress.quantize with --sensitivity or allow a lower --min-agreement")
-    return {"guard": "agreement", "agreement": {**out, "min_agreement": least},
+    return {"guard": "agreement", "agreement": {**out, "min_agreement": least, "max_logit_diff": tol},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

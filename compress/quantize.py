@@ -148,6 +148,7 @@ class QuantizeConfig:
     min_agreement: float = 0.8       # agreement guard: least share of FP32's top-K detections INT8 keeps
     agreement_images: int = 8        # held-out images of the agreement guard (the tail of DATA)
     agreement_top_k: int = 5         # boxes per phrase compared
+    max_logit_diff: float = 0.05     # agreement guard: also passes when every logit is this close (near-ties)
     canvas: tuple[int, int] | None = None  # official-input configs: the canvas to calibrate at (default the config's)
 
     def __post_init__(self):
@@ -461,11 +462,12 @@ class Judge:
 
     def __init__(self, fp32: FiberForGrounding, held: EvalData, probe: list, buckets: Sequence[int],
                  tokenizer: Path | None = None, agreement_items: Sequence[CalibItem] = (),
-                 guard: str = "recall", min_agreement: float = 0.8, top_k: int = 5):
+                 guard: str = "recall", min_agreement: float = 0.8, top_k: int = 5, max_logit_diff: float = 0.05):
         from compress.agreement import ProbeItem
 
         self.held, self.probe, self.buckets, self.tokenizer = held, probe, buckets, tokenizer
         self.guard, self.min_agreement, self.top_k = guard, min_agreement, top_k
+        self.max_logit_diff = max_logit_diff
         self.items = [ProbeItem(it.image, it.prompt, it.spans) for it in agreement_items]
         with torch.inference_mode():
             self.reference = [fp32.detect(*b) for b in probe]
@@ -503,7 +505,10 @@ class Judge:
     def ok(self, m: dict[str, Any], max_drop: float) -> bool:
         """Within the guard's margin: R@1 at most ``max_drop`` below FP32, or agreement >= min_agreement."""
         if self.guard == "agreement":
-            return m.get("agreement") is not None and m["agreement"]["agreement"] >= self.min_agreement
+            from compress.agreement import passes
+
+            return m.get("agreement") is not None and passes(m["agreement"], self.min_agreement,
+                                                              self.max_logit_diff) is not None
         return drop(self.fp32, m["accuracy"]) <= max_drop
 
     @torch.inference_mode()
@@ -683,7 +688,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] | None = None) -> Q
     probe = list(calibration_batches(items[:min(2 * cfg.batch_size, 4 if guard == "agreement" else len(items))],
                                      fp32, buckets, cfg.batch_size, tokenizer))
     judge = Judge(fp32, held, probe, buckets, tokenizer, agreement_items, guard, cfg.min_agreement,
-                  cfg.agreement_top_k)
+                  cfg.agreement_top_k, cfg.max_logit_diff)
     ptq = judge.measure(qmodel)
     log(f"FP32 R@1 {judge.fp32.get('R@1')}; INT8 PTQ R@1 {ptq['R@1']} (output error {ptq['output_error']:.4g})"
         + (f"; agreement {_agreement_line(ptq['agreement'])}" if ptq["agreement"] else ""))
@@ -769,7 +774,8 @@ def _quant_meta(cfg: QuantizeConfig, mcfg: ModelConfig, items, held: EvalData, j
         "accuracy": {"fp32": judge.fp32, "int8_ptq": ptq["accuracy"], "int8": final["accuracy"],
                      "output_error_ptq": ptq["output_error"], "output_error": final["output_error"]},
         "guard": judge.guard,
-        "agreement": ({"ptq": ptq["agreement"], "final": final["agreement"], "min_agreement": cfg.min_agreement}
+        "agreement": ({"ptq": ptq["agreement"], "final": final["agreement"], "min_agreement": cfg.min_agreement,
+                       "max_logit_diff": cfg.max_logit_diff}
                       if judge.guard == "agreement" else None),
         "agreement_items": [{"image": str(it.image), "prompt": it.prompt, "spans": it.spans} for it in judge.items],
         "max_drop": cfg.max_drop,
@@ -906,6 +912,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=0.8,
                    help="agreement guard: least share of FP32's top-K boxes per phrase INT8 must keep")
     p.add_argument("--agreement-images", type=int, default=8, help="held-out images of the agreement guard")
+    p.add_argument("--max-logit-diff", type=float, default=0.05,
+                   help="agreement guard: also passes when INT8 reproduces every token logit this closely (the "
+                        "FP32 top-K of near-tied scores, e.g. random weights, is not INT8's to keep)")
     p.add_argument("--agreement-top-k", type=int, default=5, help="boxes per phrase the agreement compares")
     p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
                    help="official-input configs: calibrate at this canvas (export the package with the same)")
@@ -928,6 +937,7 @@ def main(args: argparse.Namespace) -> int:
                              qat_lr=args.qat_lr, batch_size=args.batch_size, attention=args.attention,
                              config=args.config, guard=args.guard, min_agreement=args.min_agreement,
                              agreement_images=args.agreement_images, agreement_top_k=args.agreement_top_k,
+                             max_logit_diff=args.max_logit_diff,
                              canvas=args.canvas,
                              overwrite=args.overwrite)
         result = quantize(cfg, log=lambda s: print(s, flush=True))

@@ -203,14 +203,23 @@ def test_guard_resolution_and_agreement_mode_keeps_the_worst_group():
     class StubJudge(quantize.Judge):
         def __init__(self):
             self.guard, self.min_agreement, self.fp32 = "agreement", 0.8, {"R@1": None}
+            self.max_logit_diff = 0.05
 
         def measure(self, m):   # group "b" in FP32 lifts agreement to 0.9
             value = 0.9 if not m.q["b"].on else 0.6
             return {"accuracy": {"R@1": None}, "R@1": None, "output_error": 1 - value,
-                    "agreement": {"agreement": value}}
+                    "agreement": {"agreement": value, "max_abs_logit_diff": 1.0}}
 
     judge = StubJudge()
     rows = quantize.sensitivity_pass(model, judge, {"a": ["a"], "b": ["b"]})
     assert [r["group"] for r in rows] == ["b", "a"] and rows[0]["recovered"] == pytest.approx(30.0)
     kept, final = quantize.keep_worst_in_fp32(model, judge, rows, {"a": ["a"], "b": ["b"]}, max_drop=1.0)
     assert kept == ["b"] and final["agreement"]["agreement"] == 0.9 and judge.ok(final, 1.0)
+
+
+def test_the_guard_passes_on_agreement_or_on_near_equal_logits():
+    rec = {"agreement": 0.58, "max_abs_logit_diff": 1.6e-4}     # random FIBER-B: FP32 scores near-tied
+    assert agreement.passes(rec, 0.8) == "logit tolerance"
+    assert agreement.passes({**rec, "agreement": 0.9}, 0.8) == "agreement"
+    assert agreement.passes({**rec, "max_abs_logit_diff": 0.3}, 0.8) is None
+    assert agreement.passes({**rec, "max_abs_logit_diff": 0.3}, 0.8, max_logit_diff=0.5) == "logit tolerance"
