@@ -102,6 +102,7 @@ class ExportConfig:
     calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
     memory_check: bool = True              # refuse (one line, nothing written) when MemAvailable < the estimate
+    fold_shapes: bool = True               # fold the detector's shape arithmetic (its probes: the export's peak memory)
 
 
 @dataclass
@@ -124,13 +125,14 @@ def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
 
 # ----------------------------------------------------------------------------- memory
 
-# Peak RSS of an FP32 export, measured (benchmarks.fiber_b, docs/results.md "FIBER-B at real scale"):
-# a fixed part (libraries, the torch model) plus copies of the weights (the torch model, the ONNX
-# protos being folded and checked, optimisations-off ONNX Runtime sessions) plus activations that
-# grow with the canvas (batch-3 shape-folding probes, the PyTorch parity run).
+# Peak RSS of an FP32 export: a fixed part (libraries) plus copies of the weights (the torch model,
+# the ONNX protos being folded and checked, optimisations-off ONNX Runtime sessions) plus
+# activations that grow with the canvas (the shape-folding probes, the PyTorch parity run).
+# Fitted to FIBER-B (252 M parameters, docs/results.md "FIBER-B at real scale"): 15.3 GB at
+# 512x672, over 19.2 GB at 800x1344 (killed there at 19.2 GB with the machine's memory spent).
 EXPORT_BASE_BYTES = 1 << 30
-EXPORT_WEIGHT_COPIES = 9.0
-EXPORT_BYTES_PER_PIXEL = 9000.0            # x H x W of the canvas
+EXPORT_WEIGHT_COPIES = 13.0
+EXPORT_BYTES_PER_PIXEL = 6200.0            # x H x W of the canvas
 
 
 def export_memory_estimate(params: int, canvas_hw: tuple[int, int]) -> int:
@@ -198,7 +200,7 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
                  buckets: Sequence[int], cpu_method: str, text_words: str,
-                 tokenizer: TokenizerSource = TokenizerSource()) -> dict[str, Any]:
+                 tokenizer: TokenizerSource = TokenizerSource(), fold_shapes: bool = True) -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
     ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
     table as per-row int8 (the text parity check is then against the model with that table read
@@ -209,7 +211,8 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     hidden = onnx_export.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
     det_model = qmodel if qmodel is not None else model
-    det_graph = onnx_export.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None)
+    det_graph = onnx_export.export_detector(det_model, x, hidden, tmp / pkg.DETECTOR_GRAPH, qdq=qmodel is not None,
+                                            fold_shapes=fold_shapes)
     det_in = {pkg.IMAGE: x[pkg.IMAGE], pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     det_out = onnx_export.ort_reference(tmp / pkg.DETECTOR_GRAPH, det_in)
     parity = _parity(text_model, det_model, text_in, hidden, det_in, det_out, quantised=qmodel is not None)
@@ -445,7 +448,9 @@ def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
 def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta
                    ) -> dict[str, Any]:
     tokenizer = TokenizerSource.of_checkpoint(meta["path"])
-    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words, tokenizer)
+    parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words, tokenizer,
+                         fold_shapes=cfg.fold_shapes)
+    parts["graphs"]["detector"]["shape_arithmetic"] = "folded" if cfg.fold_shapes else "computed"
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
     extra: dict[str, Any] = {"checkpoint": {"path": str(cfg.checkpoint), "task": meta.get("task")}}
@@ -620,6 +625,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="text.onnx's word-embedding table: per-row int8 (4x smaller file) or fp32")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing package folder")
+    p.add_argument("--fold-shapes", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the detector's shape arithmetic into constants (--no-fold-shapes: skip its "
+                        "probe runs, the export's memory peak; FIBER-B at 800x1344 needs >19 GB with them)")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse to start when the memory available is below the export's estimated peak")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
@@ -636,7 +644,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
                         eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
                         calibrate=args.calibrate, calibration_data=args.calibration_data,
-                        canvas=args.canvas, memory_check=args.memory_check)
+                        canvas=args.canvas, memory_check=args.memory_check, fold_shapes=args.fold_shapes)
 
 
 def main(args: argparse.Namespace) -> int:

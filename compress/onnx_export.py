@@ -86,7 +86,7 @@ def detector_opset(cfg) -> int:
 
 
 def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: Path,
-                    qdq: bool) -> onnx.ModelProto:
+                    qdq: bool, fold_shapes: bool = True) -> onnx.ModelProto:
     """detector.onnx: ``detect`` (Swin + fused layers + FPN + head + box decode); with ``qdq`` the
     model carries modelopt quantizers and the Q/DQ graph is cleaned (clean_qdq). Shape arithmetic
     fixed by the image size is folded into constants (fold_shape_arithmetic)."""
@@ -102,7 +102,8 @@ def export_detector(model, x: dict[str, np.ndarray], hidden: np.ndarray, path: P
         clean_qdq(graph)
         if not count_ops(graph, "QuantizeLinear"):
             raise OnnxExportError("the INT8 detector has no Q/DQ nodes (every quantizer is disabled)")
-    fold_shape_arithmetic(graph, probes[:-1], probes[-1])
+    if fold_shapes:   # off: the shape arithmetic stays computed (runtimes fold it when they load the graph)
+        fold_shape_arithmetic(graph, probes[:-1], probes[-1])
     return _finish(graph, path, shapes)
 
 
