@@ -133,12 +133,16 @@ def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
 EXPORT_BASE_BYTES = 1 << 30
 EXPORT_WEIGHT_COPIES = 13.0
 EXPORT_BYTES_PER_PIXEL = 6200.0            # x H x W of the canvas
+# --no-fold-shapes (no probe runs): FIBER-B at 800x1344 peaked at 8.9 GB
+NO_FOLD_WEIGHT_COPIES, NO_FOLD_BYTES_PER_PIXEL = 7.0, 1000.0
 
 
-def export_memory_estimate(params: int, canvas_hw: tuple[int, int]) -> int:
+def export_memory_estimate(params: int, canvas_hw: tuple[int, int], fold_shapes: bool = True) -> int:
     """Bytes an FP32 export of a ``params``-parameter model at ``canvas_hw`` is expected to peak at."""
     h, w = canvas_hw
-    return int(EXPORT_BASE_BYTES + EXPORT_WEIGHT_COPIES * 4 * params + EXPORT_BYTES_PER_PIXEL * h * w)
+    copies, per_pixel = ((EXPORT_WEIGHT_COPIES, EXPORT_BYTES_PER_PIXEL) if fold_shapes
+                         else (NO_FOLD_WEIGHT_COPIES, NO_FOLD_BYTES_PER_PIXEL))
+    return int(EXPORT_BASE_BYTES + copies * 4 * params + per_pixel * h * w)
 
 
 def available_memory() -> int | None:
@@ -152,16 +156,17 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(params: int, canvas_hw: tuple[int, int]) -> None:
+def check_memory(params: int, canvas_hw: tuple[int, int], fold_shapes: bool = True) -> None:
     """ExportError (one line: what is needed, what is free, what to change) when the estimate
     exceeds the memory available now."""
-    need, free = export_memory_estimate(params, canvas_hw), available_memory()
+    need, free = export_memory_estimate(params, canvas_hw, fold_shapes), available_memory()
     if free is not None and need > free:
         gib = 2 ** 30
         raise ExportError(
             f"not enough memory for this export: about {need / gib:.1f} GiB needed ({params / 1e6:.0f} M parameters "
             f"at canvas {canvas_hw[0]}x{canvas_hw[1]}), {free / gib:.1f} GiB available; free memory (stop other "
-            f"jobs), export a smaller --canvas, or pass --no-memory-check to try anyway")
+            f"jobs), export a smaller --canvas{'' if not fold_shapes else ', pass --no-fold-shapes (about ' + format(export_memory_estimate(params, canvas_hw, False) / gib, '.1f') + ' GiB)'}, "
+            f"or pass --no-memory-check to try anyway")
 
 
 # ----------------------------------------------------------------------------- example inputs
@@ -393,7 +398,7 @@ def export_package(cfg: ExportConfig) -> ExportResult:
     except ValueError as e:
         raise ExportError(f"--buckets: {e}") from None
     if cfg.memory_check:
-        check_memory(sum(p.numel() for p in model.parameters()), mcfg.input_hw)
+        check_memory(sum(p.numel() for p in model.parameters()), mcfg.input_hw, cfg.fold_shapes)
     data = find_data(cfg.data) if cfg.data else None
     if data is not None and cfg.eval_limit:
         data = data.subset(cfg.eval_limit, cfg.eval_limit)

@@ -147,7 +147,9 @@ def test_export_refuses_to_start_without_the_memory_it_needs(tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not enough memory for this export" in err[0] and "0.3 GiB available" in err[0]
     assert "at canvas 224x288" in err[0] and "--canvas" in err[0] and "--no-memory-check" in err[0]
+    assert "--no-fold-shapes (about" in err[0]
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.glob(".pkg*"))
     # the estimate grows with the weights and the canvas: FIBER-B at 800x1344 needs more than at 512x672
     b = 252_550_000
     assert export.export_memory_estimate(b, (800, 1344)) > export.export_memory_estimate(b, (512, 672)) > 8 * 2 ** 30
+    assert export.export_memory_estimate(b, (800, 1344), fold_shapes=False) < export.export_memory_estimate(b, (800, 1344))
