@@ -128,12 +128,12 @@ def load_fine_model(checkpoint: str | Path, expect_name: str | None = None
 # Peak RSS of an FP32 export: a fixed part (libraries) plus copies of the weights (the torch model,
 # the ONNX protos being folded and checked, optimisations-off ONNX Runtime sessions) plus
 # activations that grow with the canvas (the shape-folding probes, the PyTorch parity run).
-# Fitted to FIBER-B (252 M parameters, docs/results.md "FIBER-B at real scale"): 15.3 GB at
-# 512x672, over 19.2 GB at 800x1344 (killed there at 19.2 GB with the machine's memory spent).
+# Fitted to FIBER-B (252 M parameters, docs/results.md "FIBER-B at real scale"): 14.5 GiB at
+# 512x672, over 18.8 GiB at 800x1344 (killed there with the machine's memory spent).
 EXPORT_BASE_BYTES = 1 << 30
 EXPORT_WEIGHT_COPIES = 13.0
 EXPORT_BYTES_PER_PIXEL = 6200.0            # x H x W of the canvas
-# --no-fold-shapes (no probe runs): FIBER-B at 800x1344 peaked at 8.9 GB
+# --no-fold-shapes (no probe runs): FIBER-B at 800x1344 peaked at 8.5 GiB
 NO_FOLD_WEIGHT_COPIES, NO_FOLD_BYTES_PER_PIXEL = 7.0, 1000.0
 
 
