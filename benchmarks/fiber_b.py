@@ -165,6 +165,8 @@ def measure_group(packages: Sequence[str], backends: Sequence[str], frame, promp
 def project(facts: dict[str, Any], rows: list[dict[str, Any]], cpu_peak_gflops: float | None) -> dict[str, Any]:
     """The labelled projection: detector FLOPs / (target's dense FP16 peak x the fraction of peak
     the best f32 path reached on this CPU)."""
+    if facts.get("precision", "fp32") != "fp32":
+        return {}              # the fraction is of the fp32 peak: an INT8 package's paths are not f32 ones
     flops = facts["gflops"]["detector"] * 1e9
     f32 = [r for r in rows if r["status"] == "ok" and r["package"] == facts["package"]
            and r["backend"] in ("onnxruntime", "openvino")]
@@ -238,7 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"({result['input']['width']}x{result['input']['height']}), prompt \"{result['input']['prompt']}\"; "
              f"median of {result['runs']} alternated runs after {result['warmup']} warm-up.", "",
              "| canvas | package | backend | pre ms | text ms (uncached) | network ms | post ms | total ms "
-             "| x vs ORT | RSS added MB | files MB | detector GFLOPs |",
+             "| network speed-up vs the canvas's first ORT row | RSS added MB | files MB | detector GFLOPs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         facts = {f["package"]: f for f in g["packages"]}
