@@ -115,6 +115,7 @@ def test_backend_line_suggests_openvino_when_the_package_wants_it(toy, monkeypat
     class Fake:
         name, backend = "fiber-nano-int8", "onnxruntime"
         manifest = {"graphs": {"detector": {"cpu_backend": "openvino"}}}
+        engines = None  # a light-head package: no DeformConv path to name
 
     monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name: None)
     line = detect.backend_line(Fake(), None)
