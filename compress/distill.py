@@ -373,25 +373,27 @@ def distillation_losses(student: GroundingOutput, teacher: GroundingOutput,
 # ----------------------------------------------------------------------------- task
 
 
-class DistillTask(FineTask):
-    """``FineTask`` for a ``DistillStudent`` with a frozen teacher: GT loss + weighted KD terms.
+class TeacherTask(FineTask):
+    """``FineTask`` with a frozen teacher, the part both distillation modes share.
 
     teacher: a ``FiberForGrounding`` (e.g. from ``load_teacher``); kept in eval mode, moved to
     the device in ``setup``. teacher_source: where it came from (recorded in config.json).
     ``init_report``: the ``TeacherInit`` of the last ``build_model`` (None without the init).
+    Subclasses say which student they train (``new_student``) and its loss.
     """
 
     def __init__(self, cfg: ModelConfig, teacher: FiberForGrounding, data: GroundingTrainDataset,
-                 options: DistillOptions = DistillOptions(), fine_options: FineOptions = FineOptions(),
-                 teacher_source: str = ""):
+                 options: DistillOptions, fine_options: FineOptions, teacher_source: str):
         super().__init__(cfg, data, None, fine_options)
-        check_compatible(cfg, teacher.cfg)
         self.teacher = teacher.eval().requires_grad_(False)
         self.kd_options, self.teacher_source = options, teacher_source
         self.init_report: TeacherInit | None = None
 
-    def build_model(self) -> DistillStudent:
-        model = DistillStudent(self.cfg, self.teacher.cfg)
+    def new_student(self) -> FiberForGrounding:
+        raise NotImplementedError
+
+    def build_model(self) -> FiberForGrounding:
+        model = self.new_student()
         init_text_tower(model, self.options.text_init)
         if self.kd_options.init_from_teacher:
             self.init_report = init_from_teacher(model, self.teacher.state_dict())
@@ -399,6 +401,20 @@ class DistillTask(FineTask):
 
     def setup(self, device: torch.device) -> None:
         self.teacher.to(device)
+
+
+class DistillTask(TeacherTask):
+    """``TeacherTask`` for a ``DistillStudent`` (same tokenizer and head kind as the teacher): GT
+    loss + weighted KD terms on token logits, boxes and fused features."""
+
+    def __init__(self, cfg: ModelConfig, teacher: FiberForGrounding, data: GroundingTrainDataset,
+                 options: DistillOptions = DistillOptions(), fine_options: FineOptions = FineOptions(),
+                 teacher_source: str = ""):
+        super().__init__(cfg, teacher, data, options, fine_options, teacher_source)
+        check_compatible(cfg, teacher.cfg)
+
+    def new_student(self) -> DistillStudent:
+        return DistillStudent(self.cfg, self.teacher.cfg)
 
     def loss(self, model: DistillStudent, batch: dict, step: int) -> dict[str, torch.Tensor]:
         image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
@@ -429,7 +445,7 @@ class DistillTask(FineTask):
         return {**super().checkpoint_config(), "distill": distill}
 
 
-class PhraseDistillTask(FineTask):
+class PhraseDistillTask(TeacherTask):
     """``FineTask`` with a frozen teacher of another tokenizer, input or head: the GT loss +
     phrase-level KD (module docstring, ``compress.phrase_kd``). The student is a plain
     ``FiberForGrounding``; each batch also carries the teacher's input and tokens for the same
@@ -444,23 +460,14 @@ class PhraseDistillTask(FineTask):
                  teacher_source: str = "", teacher_tokenizer: Path | None = None, top_k: int = 3):
         from compress.phrase_kd import TeacherInputs
 
-        super().__init__(cfg, data, None, fine_options)
+        super().__init__(cfg, teacher, data, options, fine_options, teacher_source)
         if top_k < 1:
             raise ValueError(f"phrase KD: --kd-top-k must be >= 1, got {top_k}")
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.kd_options, self.teacher_source, self.top_k = options, teacher_source, top_k
+        self.top_k = top_k
         self.inputs = TeacherInputs(teacher.cfg, teacher_tokenizer, data.tok)
-        self.init_report: TeacherInit | None = None
 
-    def build_model(self) -> FiberForGrounding:
-        model = FiberForGrounding(self.cfg)
-        init_text_tower(model, self.options.text_init)
-        if self.kd_options.init_from_teacher:
-            self.init_report = init_from_teacher(model, self.teacher.state_dict())
-        return model
-
-    def setup(self, device: torch.device) -> None:
-        self.teacher.to(device)
+    def new_student(self) -> FiberForGrounding:
+        return FiberForGrounding(self.cfg)
 
     def collate(self, samples: list) -> dict:
         batch = self.data.collate(samples)
