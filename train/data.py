@@ -42,7 +42,7 @@ from fiber.config import ModelConfig
 from fiber.data.evaluation import load_image_rgb
 from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset, Pair,
                                 load_detection, load_grounding, load_pairs)
-from fiber.data.prompts import SEPARATOR, build_detection_prompt, sample_detection_prompt
+from fiber.data.prompts import SEPARATOR, build_detection_prompt, sample_detection_prompt, within_budget
 from runtime.preprocess import letterbox
 from runtime.tokenize import EncodedPrompt, PromptTokenizer
 from runtime.types import LetterboxInfo
@@ -301,17 +301,6 @@ def hard_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, s
     return out
 
 
-def _within_budget(names: list[str], budget: int, length_fn: Callable[[str], int]) -> list[str]:
-    """The leading names whose "name. " token lengths fit inside ``budget``."""
-    kept = []
-    for name in names:
-        budget -= length_fn(name + SEPARATOR)
-        if budget < 0:
-            break
-        kept.append(name)
-    return kept
-
-
 def load_object_colours(path: str | Path) -> dict[int, str]:
     """annotation id -> ``attributes.colour`` of a fiber.data.synth ``detection.json``."""
     import json
@@ -380,7 +369,7 @@ class GroundingTrainDataset:
                                            self.kinds, int(rng.integers(1, opt.max_hard_negatives + 1)))
                 # absent phrases after the caption: every one of their tokens is a negative
                 budget = self.max_text_len - 2 - self._token_len(caption)
-                kept = _within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
+                kept = within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
                 if kept:
                     caption = caption + SEPARATOR + SEPARATOR.join(kept)
         enc = self.tok.encode(caption, [list(p.spans) for p in s.phrases])
@@ -439,9 +428,9 @@ class GroundingTrainDataset:
         count = int(rng.integers(1, self.attributes.max_hard_negatives + 1)) + len(present) // 2
         negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count)
         budget = self.max_text_len - 2
-        pos = _within_budget([f"{c} {k}" for c, k in present], budget, self._token_len)
+        pos = within_budget([f"{c} {k}" for c, k in present], budget, self._token_len)
         budget -= sum(self._token_len(n + SEPARATOR) for n in pos)
-        neg = _within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
+        neg = within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
         names = pos + neg
         if not names:  # an image without objects: a few random pairs, all negative
             names = [f"{self.colours[rng.integers(len(self.colours))]} {k}" for k in self.kinds[:3]]

@@ -71,7 +71,7 @@ def _num_negatives(rng: np.random.Generator, control_prob: Sequence[float], full
     return int(rng.integers(max(1, full))) + 1
 
 
-def _within(names: list[str], budget: int, length_fn: Callable[[str], int]) -> list[str]:
+def within_budget(names: list[str], budget: int, length_fn: Callable[[str], int]) -> list[str]:
     """The leading names whose "name. " lengths fit strictly inside ``budget``."""
     kept = []
     for n in names:
@@ -111,8 +111,8 @@ def sample_detection_prompt(rng: np.random.Generator, positives: Sequence[str],
     pos = [pos[i] for i in rng.permutation(len(pos))]
     neg = [neg[i] for i in rng.permutation(len(neg))]
     if max_length is not None:
-        pos = _within(pos, max_length, length_fn)
-        neg = _within(neg, max_length - sum(length_fn(n + SEPARATOR) for n in pos) - 1, length_fn)
+        pos = within_budget(pos, max_length, length_fn)
+        neg = within_budget(neg, max_length - sum(length_fn(n + SEPARATOR) for n in pos) - 1, length_fn)
     names = neg + pos
     names = [names[i] for i in rng.permutation(len(names))]
     if not names:
