@@ -18,7 +18,10 @@ TrtOptions; an unknown option is an error. Every failure is an EngineError subcl
 the Q/DQ detector.onnx with int8 kernels, measured fastest on x86 CPUs) when OpenVINO is installed,
 otherwise ONNX Runtime. "auto" takes the options of both CPU backends and gives each its own
 (``intra_op_threads`` and ``threads`` stand for each other); ``auto_cpu_backend`` tells which
-backend and options without loading anything.
+backend and options without loading anything. ``load(package, "auto", fastest=True)`` instead times
+every CPU path this machine can run for the package and opens the fastest (engines.autotune; the
+choice is remembered per machine, and ``PackageEngines.path_choice`` says what was measured);
+``runtime.detect`` does this by default.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ class PackageEngines:
     deform_conv: str | None = field(default=None)  # how the DyHead's DeformConv nodes run: "native" (ONNX
                                                    # Runtime's kernel / OpenVINO's DeformableConvolution-8),
                                                    # "plugin" / "gridsample" (TensorRT, engine.json); None: none
+    path_choice: Any = field(default=None)  # engines.autotune.PathChoice when "auto" timed the CPU paths
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """int64 [B, T] ids and mask (1 = real token) -> text_hidden float32 [B, T, D]."""
@@ -126,12 +130,23 @@ def _build_first(package: Path, backend: str) -> str:
 
 
 def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:
+    from engines import autotune
+
+    opts = dict(opts)
+    fastest = bool(opts.pop("fastest", False))
+    manifest = read_package(path, verify=bool(opts.get("verify", True)))
+    if backend == "auto" and fastest and set(opts) <= autotune.TUNABLE_OPTIONS:
+        return autotune.fastest_cpu_path(
+            path, manifest, opts, lambda p, o: _open_package(path, manifest, p.backend, o))
+    if backend == "auto":
+        backend, opts = auto_cpu_backend(manifest, opts)
+    return _open_package(path, manifest, backend, opts)
+
+
+def _open_package(path: Path, manifest: dict[str, Any], backend: str, opts: Mapping[str, Any]) -> PackageEngines:
     from engines import openvino, ort
     from engines.options import make_options
 
-    manifest = read_package(path, verify=bool(opts.get("verify", True)))
-    if backend == "auto":
-        backend, opts = auto_cpu_backend(manifest, opts)
     cls = openvino.OpenVinoOptions if backend == "openvino" else ort.OrtOptions
     options = make_options(cls, opts, backend)
     text, detector = ort.open_package(path, manifest, backend, options)

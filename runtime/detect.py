@@ -94,6 +94,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="detection mode: NMS across phrases, so a box keeps only its highest-scoring "
                            "phrase (default: per-phrase NMS, as FIBER/GLIP evaluate)")
     m.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime / OpenVINO")
+    m.add_argument("--fastest-path", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --backend auto and a package: time every CPU path this machine has "
+                        "(ONNX Runtime, its integer graph, OpenVINO f32/bf16) once, run the fastest "
+                        "and remember it in ~/.cache/fiber-edge (--no-fastest-path: the package's "
+                        "own choice)")
     out = p.add_argument_group("outputs")
     out.add_argument("--json", metavar="OUT.jsonl", help="one JSON line per input ('-' = stdout)")
     out.add_argument("--save", metavar="OUT", help="annotated video (video/camera input) or image folder")
@@ -169,7 +174,8 @@ def _detector(args: argparse.Namespace) -> Detector:
     threshold = 0.0 if grounding and args.threshold is None else args.threshold
     cfg = DetectorConfig(package=str(_package(args)), backend=args.backend, threads=args.threads,
                          threshold=threshold, max_detections=args.max_detections,
-                         per_phrase=args.per_phrase or 0, one_label_per_box=args.one_label_per_box)
+                         per_phrase=args.per_phrase or 0, one_label_per_box=args.one_label_per_box,
+                         fastest=args.fastest_path)
     try:
         return build_detector(cfg)
     except (EngineError, ValueError, OSError) as e:
@@ -191,14 +197,18 @@ def backend_line(detector: Detector, threads: int | None) -> str:
     """``fiber-detect: <model> on <backend>[, N threads][, deformable convs: PATH][: hint]``: the
     backend chosen, for a DyHead how its DeformConv nodes run (native / plugin / gridsample), and how to
     get the faster one when a package made for OpenVINO runs on ONNX Runtime for want of it."""
-    line = f"{PROG}: {detector.name} on {detector.backend}" + (f", {threads} threads" if threads else "")
+    choice = getattr(detector.engines, "path_choice", None)  # engines.autotune.PathChoice
+    where = choice.label if choice is not None else detector.backend
+    line = f"{PROG}: {detector.name} on {where}" + (f", {threads} threads" if threads else "")
+    if choice is not None and choice.ms:
+        line += f", {choice.summary()}"
     deform = getattr(detector.engines, "deform_conv", None)  # a DyHead's DeformConv path (engines.deform)
     if deform:
         line += f", deformable convs: {deform}"
     wanted = (detector.manifest.get("graphs", {}).get("detector", {}) or {}).get("cpu_backend")
     if (detector.backend == "onnxruntime" and wanted == "openvino"
             and importlib.util.find_spec("openvino") is None):
-        line += (" (OpenVINO runs this package 2-3x faster on x86 CPUs: "
+        line += (" (OpenVINO, an extra, is often faster on x86 CPUs; the fastest path is picked by timing: "
                  "pip install 'fiber-edge[openvino]')")
     return line
 

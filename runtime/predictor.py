@@ -83,6 +83,7 @@ class DetectorConfig:
     min_per_phrase: int = 0            # > 0: keep each phrase's best max(this, max_detections // P)
     per_phrase: int = 0                # > 0: grounding, each phrase's best K boxes (Flickr30k protocol)
     one_label_per_box: bool = False    # detection: NMS across phrases, a box keeps its best phrase
+    fastest: bool = False              # backend "auto", a package: time the CPU paths, run the fastest
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
@@ -111,14 +112,18 @@ class _PostParams:
     level_sizes: tuple[int, ...] = ()  # official: anchors per level
 
 
-def _engine_options(path: Path, backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
-    """engines.load options: the thread count goes to whichever CPU backend will run."""
+def _engine_options(path: Path, backend: str, threads: int | None, verify: bool,
+                    fastest: bool = False) -> dict[str, Any]:
+    """engines.load options: the thread count goes to whichever CPU backend will run; ``fastest``
+    (backend "auto" on a package) times the CPU paths and runs the fastest (engines.autotune)."""
     opts: dict[str, Any] = {"verify": verify}
+    is_engine_dir = (path / ENGINE_JSON).is_file()
+    if fastest and backend == "auto" and not is_engine_dir:
+        opts["fastest"] = True
     if threads is None:
         return opts
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    is_engine_dir = (path / ENGINE_JSON).is_file()
     if is_engine_dir and _engine_backend(path) in ("onnxruntime", "openvino"):
         opts["threads"] = threads  # a CPU engine folder (engines/cpu_engine.py)
     elif backend == "openvino":
@@ -177,7 +182,9 @@ class Detector:
     ``engines.PackageEngines`` (the Detector then owns and closes it). backend: see
     ``engines.load``. threads: CPU threads for ONNX Runtime / OpenVINO. threshold, nms_iou,
     pre_nms_top_k, max_detections: override the manifest's ``postprocess`` section. per_phrase K
-    > 0: grounding, each phrase's best K boxes; one_label_per_box: NMS across phrases.
+    > 0: grounding, each phrase's best K boxes; one_label_per_box: NMS across phrases. fastest
+    (backend "auto", a package): time every CPU path once per machine and run the fastest
+    (engines.autotune; ``engines.path_choice`` holds the timings).
     Raises engines.EngineError (package/engine/backend unusable) or ValueError (bad settings).
     """
 
@@ -186,14 +193,14 @@ class Detector:
                  max_detections: int | None = None, nms_iou: float | None = None,
                  pre_nms_top_k: int | None = None, prompt_cache_size: int = 8,
                  use_native: bool = True, verify: bool = True, min_per_phrase: int = 0,
-                 per_phrase: int = 0, one_label_per_box: bool = False):
+                 per_phrase: int = 0, one_label_per_box: bool = False, fastest: bool = False):
         if prompt_cache_size < 1:
             raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
         if isinstance(package_or_engine, engines.PackageEngines):
             self.engines = package_or_engine
         else:
             path = Path(package_or_engine)
-            self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify))
+            self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify, fastest))
         try:
             self.manifest = self.engines.manifest
             try:

@@ -395,7 +395,7 @@ def test_without_opencv_images_work_and_videos_say_why(toy, tmp_path):
 import sys
 sys.modules["cv2"] = None  # as if OpenCV were not installed
 from runtime.detect import get_args_parser, main
-args = ["--package", {str(toy)!r}, "--prompt", "cat", "--headless"]
+args = ["--package", {str(toy)!r}, "--prompt", "cat", "--headless", "--no-fastest-path"]
 assert main(get_args_parser().parse_args(args + [{str(tmp_path / 'x.png')!r}, "--save", {str(tmp_path / 's')!r}])) == 0
 sys.exit(main(get_args_parser().parse_args(args + [{str(video)!r}])))
 """

@@ -1,0 +1,227 @@
+"""The fastest way to run a package on this CPU: measured once per machine, then remembered.
+
+Which CPU path wins depends on the processor more than on the model. On a Zen 4 with AVX-512
+BF16, OpenVINO's bf16 mode halves the FP32 detector's time and its int8 kernels gain little on
+top; on an AVX2-only EPYC (no VNNI, no BF16) OpenVINO's int8 kernels are slower than its f32 ones
+and ONNX Runtime's integer graph (``detector.cpu.onnx``) is the fastest (docs/results.md). A
+rule written on one machine is wrong on the other, so ``fastest_cpu_path`` times every path this
+install can run for the package, in alternating rounds on the same inputs, keeps the fastest open
+and remembers the choice in ``~/.cache/fiber-edge/cpu-paths.json`` under a key made of the
+detector file's sha256, the processor, the thread count and the backend versions. A later load
+with the same key opens the remembered path at once.
+
+Every path runs the package's own graphs: ONNX Runtime runs ``detector.onnx`` (Q/DQ for INT8) or
+the integer ``detector.cpu.onnx`` that compress.export checked against it; OpenVINO compiles
+``detector.onnx`` at f32 precision, or at bf16 only where the processor has native bf16 (where
+bf16 is also OpenVINO's own default).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from common import package as pkg
+from common.atomic import atomic_write_bytes
+from engines.options import default_cache_dir
+
+CACHE_NAME = "cpu-paths.json"
+# The "auto" options a timed choice honours; any other option pins a path, and "auto" then follows
+# the manifest's rule (engines.auto_cpu_backend).
+TUNABLE_OPTIONS = frozenset({"threads", "intra_op_threads", "verify", "cache_dir"})
+
+
+@dataclass(frozen=True)
+class CpuPath:
+    """One way to run a package on the CPU: a backend and the options that select the path."""
+
+    label: str                                   # e.g. "onnxruntime cpu_file", "openvino f32"
+    backend: str                                 # "onnxruntime" | "openvino"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def load_options(self, threads: int | None) -> dict[str, Any]:
+        opts = dict(self.options)
+        if threads:
+            opts["threads" if self.backend == "openvino" else "intra_op_threads"] = threads
+        return opts
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """What ``fastest_cpu_path`` chose and why: the median ms of every path, and where from."""
+
+    label: str
+    ms: dict[str, float]                          # path label -> median detector ms
+    remembered: bool                              # True: read from the cache, not measured now
+    cache: str | None                             # the cache file (None: not written)
+
+    def summary(self) -> str:
+        ranked = sorted(self.ms.items(), key=lambda kv: kv[1])
+        times = ", ".join(f"{label} {ms:.1f} ms" for label, ms in ranked)
+        how = "remembered" if self.remembered else "measured now"
+        return f"fastest of {len(self.ms)} CPU paths here ({times}; {how})"
+
+
+def openvino_has_bf16() -> bool:
+    """True when OpenVINO's CPU plugin reports native bf16 (AVX-512 BF16 or AMX)."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # not installed, or a build without the property: no bf16 path
+        return False
+
+
+def cpu_paths(manifest: Mapping[str, Any]) -> list[CpuPath]:
+    """Every CPU path this install can run for a package with ``manifest``."""
+    detector = manifest.get("graphs", {}).get("detector", {}) or {}
+    paths = [CpuPath("onnxruntime", "onnxruntime", (("use_cpu_file", False),))]
+    if detector.get("cpu_file"):
+        paths.append(CpuPath("onnxruntime cpu_file", "onnxruntime", (("use_cpu_file", True),)))
+    if importlib.util.find_spec("openvino") is not None:
+        paths.append(CpuPath("openvino f32", "openvino", (("precision_hint", "f32"),)))
+        if openvino_has_bf16():
+            paths.append(CpuPath("openvino bf16", "openvino", (("precision_hint", "bf16"),)))
+    return paths
+
+
+def _processor() -> str:
+    """The CPU model and its instruction-set flags, as one string (Linux: /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
+        model = fields.get("model name\t", fields.get("model name", "")).strip()
+        flags = fields.get("flags\t\t", fields.get("flags\t", fields.get("flags", ""))).strip()
+        return f"{model}|{flags}"
+    except OSError:
+        return f"{platform.processor()}|{platform.machine()}"
+
+
+def _versions() -> str:
+    found = []
+    for name in ("onnxruntime", "openvino"):
+        mod = sys.modules.get(name)
+        if mod is None and importlib.util.find_spec(name) is not None:
+            mod = importlib.import_module(name)
+        found.append(f"{name}={getattr(mod, '__version__', 'absent') if mod else 'absent'}")
+    return ",".join(found)
+
+
+def cache_key(manifest: Mapping[str, Any], paths: list[CpuPath], threads: int | None) -> str:
+    """Detector file(s), processor, threads, backend versions and the candidate set, hashed."""
+    detector = manifest.get("graphs", {}).get("detector", {}) or {}
+    files = manifest.get("files", {})
+    shas = [files.get(detector.get(k) or "", {}).get("sha256", "") for k in ("file", "cpu_file")]
+    parts = [*shas, _processor(), f"threads={threads or 0}", f"cores={os.cpu_count()}", _versions(),
+             ";".join(p.label for p in paths)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def read_cache(path: Path) -> dict[str, Any]:
+    """The cache's entries; an unreadable or malformed file counts as empty (it is rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember(path: Path, key: str, entry: dict[str, Any]) -> str | None:
+    """Add ``entry`` under ``key`` (atomic rewrite); the file written, or None when it cannot be."""
+    data = read_cache(path)
+    data[key] = entry
+    try:
+        atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+        return str(path)
+    except OSError as e:
+        print(f"fiber-edge: cannot remember the CPU path choice in {path}: {e}", file=sys.stderr)
+        return None
+
+
+def detector_inputs(engines, tokens: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Representative detector inputs for ``engines`` (a PackageEngines): seeded noise on the
+    package's canvas, ``text_hidden`` from its own text graph for ``tokens`` ids (3 of them padding)."""
+    rng = np.random.default_rng(seed)
+    h, w = pkg.InputSpec.from_manifest(engines.manifest).size
+    mask = np.ones((1, tokens), np.int64)
+    mask[:, tokens - 3:] = 0
+    ids = rng.integers(1000, 20000, size=(1, tokens)).astype(np.int64) * mask
+    hidden = engines.encode_text(ids, mask)
+    image = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+    return {pkg.IMAGE: image, pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: mask}
+
+
+def time_paths(runners: Mapping[str, Callable[[], Any]], budget_s: float = 2.0, min_rounds: int = 5,
+               max_rounds: int = 40, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median ms of each runner, in alternating rounds (two untimed runs each first) until at least
+    ``min_rounds`` rounds and ``budget_s`` seconds, or ``max_rounds``, are done."""
+    for run in runners.values():
+        run(), run()
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    start = clock()
+    for done in range(1, max_rounds + 1):
+        for label, run in runners.items():
+            t0 = clock()
+            run()
+            times[label].append((clock() - t0) * 1e3)
+        if done >= min_rounds and clock() - start >= budget_s:
+            break
+    return {label: float(np.median(v)) for label, v in times.items()}
+
+
+def fastest_cpu_path(package: Path, manifest: Mapping[str, Any], opts: Mapping[str, Any],
+                     open_path: Callable[[CpuPath, dict[str, Any]], Any], *,
+                     cache_dir: Path | None = None, budget_s: float = 2.0):
+    """The package opened on its fastest CPU path (a PackageEngines with ``path_choice`` set).
+
+    ``opts``: the caller's "auto" options (threads or intra_op_threads; the package is already
+    verified);
+    ``open_path(path, options)`` opens the package on one path. With a single candidate nothing is
+    timed. The choice is remembered under ``cache_dir`` (default ~/.cache/fiber-edge).
+    """
+    threads = opts.get("threads") or opts.get("intra_op_threads") or None
+    base: dict[str, Any] = {"verify": False}  # the caller's read_package checked every file's sha256
+    if "cache_dir" in opts:
+        base["cache_dir"] = opts["cache_dir"]
+    paths = cpu_paths(manifest)
+    by_label = {p.label: p for p in paths}
+    cache = Path(cache_dir or default_cache_dir()) / CACHE_NAME
+    key = cache_key(manifest, paths, threads)
+    hit = read_cache(cache).get(key)
+    if isinstance(hit, dict) and hit.get("path") in by_label and isinstance(hit.get("ms"), dict):
+        engines = open_path(by_label[hit["path"]], {**base, **by_label[hit["path"]].load_options(threads)})
+        engines.path_choice = PathChoice(hit["path"], {k: float(v) for k, v in hit["ms"].items()}, True, str(cache))
+        return engines
+    if len(paths) == 1:
+        engines = open_path(paths[0], {**base, **paths[0].load_options(threads)})
+        engines.path_choice = PathChoice(paths[0].label, {}, False, None)
+        return engines
+    opened: dict[str, Any] = {}
+    try:
+        for p in paths:
+            opened[p.label] = open_path(p, {**base, **p.load_options(threads)})
+        feeds = detector_inputs(next(iter(opened.values())))
+        runners = {label: (lambda e=e: e.detector.run(feeds)) for label, e in opened.items()}
+        ms = time_paths(runners, budget_s=budget_s)
+    except BaseException:
+        for e in opened.values():
+            e.close()
+        raise
+    best = min(ms, key=ms.get)
+    for label, e in opened.items():
+        if label != best:
+            e.close()
+    where = remember(cache, key, {"path": best, "ms": ms, "package": str(package),
+                                  "threads": threads, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    engines = opened[best]
+    engines.path_choice = PathChoice(best, ms, False, where)
+    return engines

@@ -1,0 +1,172 @@
+"""engines.autotune: the runtime times every CPU path a package has here and runs the fastest."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import engines
+from engines import autotune
+from runtime import detect
+from toy_package import make_toy_packages
+
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory):
+    return make_toy_packages(tmp_path_factory.mktemp("autotune-toys"))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_paths_alternates_and_reports_medians():
+    clock = FakeClock()
+    calls = []
+
+    def runner(label, seconds):
+        def run():
+            calls.append(label)
+            clock.now += seconds
+        return run
+
+    ms = autotune.time_paths({"slow": runner("slow", 0.030), "fast": runner("fast", 0.010)},
+                             budget_s=0.5, min_rounds=3, max_rounds=100, clock=clock)
+    assert ms == pytest.approx({"slow": 30.0, "fast": 10.0})
+    assert calls[:4] == ["slow", "slow", "fast", "fast"]             # two untimed runs each first
+    assert calls[4:8] == ["slow", "fast", "slow", "fast"]             # then alternating rounds
+    rounds = (len(calls) - 4) // 2
+    assert rounds == 13  # 13 rounds x 40 ms = 0.52 s: the first round past the 0.5 s budget
+
+
+def test_time_paths_stops_at_max_rounds():
+    clock = FakeClock()
+
+    def run():
+        clock.now += 1.0
+
+    calls = []
+    autotune.time_paths({"a": lambda: (calls.append(1), run())}, budget_s=1e9, min_rounds=2, max_rounds=7,
+                        clock=clock)
+    assert len(calls) == 2 + 7
+
+
+def test_cpu_paths_of_an_int8_package_include_its_integer_graph(toys):
+    manifest = json.loads((toys["toy-int8"] / "manifest.json").read_text())
+    labels = [p.label for p in autotune.cpu_paths(manifest)]
+    assert labels[:2] == ["onnxruntime", "onnxruntime cpu_file"]
+    fp32 = json.loads((toys["toy"] / "manifest.json").read_text())
+    assert "onnxruntime cpu_file" not in [p.label for p in autotune.cpu_paths(fp32)]
+
+
+def _reference_detect(e, package):
+    ref = np.load(package / "reference" / "detector.npz")
+    out = e.detect(ref["image"], ref["text_hidden"], ref["attention_mask"])
+    return out, ref
+
+
+def test_load_fastest_measures_then_remembers(toys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    package = toys["toy-int8"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    labels = {p.label for p in autotune.cpu_paths(manifest)}
+    with engines.load(package, "auto", fastest=True, threads=1) as e:
+        choice = e.path_choice
+        assert not choice.remembered and set(choice.ms) == labels
+        assert choice.label == min(choice.ms, key=choice.ms.get)
+        assert all(ms > 0 for ms in choice.ms.values())
+        out, ref = _reference_detect(e, package)
+        named = next(p for p in autotune.cpu_paths(manifest) if p.label == choice.label)
+        with engines.load(package, named.backend, **named.load_options(1)) as direct:  # what it says it runs
+            want, _ = _reference_detect(direct, package)
+        for name in ("boxes", "token_logits", "centerness"):
+            np.testing.assert_allclose(out[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    cache = tmp_path / "cache" / "fiber-edge" / autotune.CACHE_NAME
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1 and next(iter(entries.values()))["path"] == choice.label
+
+    with engines.load(package, "auto", fastest=True, threads=1) as again:   # same key: not timed again
+        assert again.path_choice.remembered and again.path_choice.label == choice.label
+        assert again.path_choice.ms == pytest.approx(choice.ms)
+        assert again.backend == ("openvino" if choice.label.startswith("openvino") else "onnxruntime")
+    with engines.load(package, "auto", fastest=True, threads=2) as other:    # another thread count: timed
+        assert not other.path_choice.remembered
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_remembered_choice_is_what_opens(toys, tmp_path):
+    """A cache entry naming the slower path is obeyed: the choice really comes from the cache."""
+    package = toys["toy-int8"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    paths = autotune.cpu_paths(manifest)
+    key = autotune.cache_key(manifest, paths, 1)
+    (tmp_path / autotune.CACHE_NAME).write_text(json.dumps(
+        {key: {"path": "onnxruntime cpu_file", "ms": {p.label: 1.0 + i for i, p in enumerate(paths)}}}))
+    opened = []
+
+    def open_path(path, options):
+        opened.append((path.label, options))
+        return engines.load(package, path.backend, **options)
+
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1}, open_path, cache_dir=tmp_path) as e:
+        assert e.path_choice.remembered and e.path_choice.label == "onnxruntime cpu_file"
+    assert opened == [("onnxruntime cpu_file", {"verify": False, "use_cpu_file": True, "intra_op_threads": 1})]
+
+
+def test_a_corrupt_cache_is_measured_again_and_rewritten(toys, tmp_path):
+    package = toys["toy"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    cache = tmp_path / autotune.CACHE_NAME
+    cache.write_text("{not json")
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1},
+                                   lambda p, o: engines.load(package, p.backend, **o),
+                                   cache_dir=tmp_path, budget_s=0.05) as e:
+        assert not e.path_choice.remembered
+    assert isinstance(json.loads(cache.read_text()), dict)
+
+
+def test_an_unwritable_cache_still_runs(toys, tmp_path, capsys):
+    package = toys["toy"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # the cache folder would have to be below a file
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1},
+                                   lambda p, o: engines.load(package, p.backend, **o),
+                                   cache_dir=blocker / "sub", budget_s=0.05) as e:
+        assert e.path_choice.cache is None
+    assert "cannot remember the CPU path choice" in capsys.readouterr().err
+
+
+def test_an_option_that_pins_a_path_keeps_the_manifest_rule(toys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with engines.load(toys["toy-int8"], "auto", fastest=True, use_cpu_file=True) as e:
+        assert e.path_choice is None and e.backend == "onnxruntime"
+    assert not (tmp_path / "fiber-edge" / autotune.CACHE_NAME).exists()
+
+
+def test_cache_key_follows_the_detector_file_and_threads(toys):
+    a = json.loads((toys["toy"] / "manifest.json").read_text())
+    b = json.loads((toys["toy-int8"] / "manifest.json").read_text())
+    paths = autotune.cpu_paths(a)
+    assert autotune.cache_key(a, paths, 1) == autotune.cache_key(a, paths, 1)
+    assert autotune.cache_key(a, paths, 1) != autotune.cache_key(a, paths, 2)
+    assert autotune.cache_key(a, paths, 1) != autotune.cache_key(b, paths, 1)
+
+
+def test_runtime_detect_names_the_fastest_path_first(toys, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "x.png")
+    argv = ["--package", str(toys["toy-int8"]), str(tmp_path / "x.png"), "--prompt", "cat", "--json", "-",
+            "--threads", "1"]
+    assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("fiber-detect: toy-int8 on ") and ", 1 threads, fastest of " in first, first
+    assert first.endswith("; measured now)"), first
+    assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
+    assert capsys.readouterr().err.splitlines()[0].endswith("; remembered)")
