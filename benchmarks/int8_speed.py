@@ -17,8 +17,10 @@ alternation N times and prints every repeat's ratios (the spread on a shared mac
 
 ONNX Runtime runs with ``allow_spinning`` off unless ``--spin``: on a small CPU shared with other
 work, spinning threads slow every engine down and make the numbers noisy (both sides get the same
-setting). ``--matrix`` times every CPU path of the two packages instead. A benchmark, not a test:
-run it on a quiet machine.
+setting). ``--matrix`` times every CPU path of the two packages instead, plus what runtime.detect
+runs by default (each package on the fastest of its paths, engines.autotune, remembered per machine),
+and ends with the ratio of the INT8 package's default path to the fastest FP32 path. A benchmark,
+not a test: run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ from typing import Any
 import numpy as np
 
 import engines
-from common import package as pkg
+from engines.autotune import detector_inputs
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
+
+
+FP32_DEFAULT = "fp32 runtime default (fastest)"
+INT8_DEFAULT = "int8 runtime default (fastest)"
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,10 @@ def candidates(fp32: str, int8: str, backend: str, matrix: bool, threads: int, s
                   baseline="fp32 openvino f32 dynamic"),
         Candidate("int8 openvino Q/DQ bf16-hint", int8, "openvino", bf16,
                   baseline="fp32 openvino bf16-hint static"),
+        # what runtime.detect runs by default: the fastest of the package's paths (engines.autotune)
+        Candidate(FP32_DEFAULT, fp32, "auto", (("fastest", True), ("threads", threads))),
+        Candidate(INT8_DEFAULT, int8, "auto", (("fastest", True), ("threads", threads))),
     ]
-
-
-def detector_inputs(e: engines.PackageEngines, tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """image [1,3,S,S] (seeded noise), text_hidden from the package's own text graph, mask [1,T]."""
-    rng = np.random.default_rng(seed)
-    s = int(e.manifest["input"]["size"][0])
-    mask = np.ones((1, tokens), np.int64)
-    mask[:, tokens - 3:] = 0
-    ids = rng.integers(1000, 20000, size=(1, tokens)).astype(np.int64) * mask
-    hidden = e.encode_text(ids, mask)
-    image = rng.standard_normal((1, 3, s, s)).astype(np.float32)
-    return {pkg.IMAGE: image, pkg.TEXT_HIDDEN: hidden, pkg.ATTENTION_MASK: mask}
 
 
 def time_side_by_side(runners: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, list[float]]:
@@ -158,7 +155,8 @@ def _open(cands: list[Candidate], tokens: int, opened: list) -> dict[str, Any]:
         opened.append(e)
         x = detector_inputs(e, tokens)
         runners[c.label] = (lambda e=e, x=x: e.detector.run(x))
-        print(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}", flush=True)
+        chosen = f" ({e.path_choice.label}: {e.path_choice.summary()})" if e.path_choice else ""
+        print(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}{chosen}", flush=True)
     return runners
 
 
@@ -169,6 +167,20 @@ def _print_rows(rows: list[dict[str, Any]], first: str, args: argparse.Namespace
         same = f"  x{same:.2f} vs FP32 same backend" if same is not None else ""
         print(f"  {r['label']:34s} {r['median_ms']:8.2f} ms (p10 {r['p10_ms']:.2f}, p90 {r['p90_ms']:.2f})"
               f"  x{r[f'speedup_vs_{first}']:.2f} vs {first}{same}")
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The INT8 package's default path against the fastest way to run the FP32 package, one run."""
+    med = {r["label"]: r["median_ms"] for r in rows}
+    fp32 = min((label for label in med if label.startswith("fp32")), key=med.get)
+    return {"fastest_fp32": fp32, "fastest_fp32_ms": med[fp32], "int8_default_ms": med[INT8_DEFAULT],
+            "int8_default_vs_fastest_fp32": round(med[fp32] / med[INT8_DEFAULT], 3)}
+
+
+def _print_verdict(rows: list[dict[str, Any]]) -> None:
+    v = verdict(rows)
+    print(f"\nINT8 package's default path vs the fastest FP32 path ({v['fastest_fp32']}): "
+          f"{v['int8_default_ms']:.2f} vs {v['fastest_fp32_ms']:.2f} ms = x{v['int8_default_vs_fastest_fp32']:.2f}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -203,12 +215,16 @@ def main(args: argparse.Namespace) -> int:
                           ("speedup_vs_same_backend_fp32", "vs FP32 same backend")):
             for label, v in spread(repeats, key).items():
                 print(f"  {label:34s} {what:28s} {min(v):.2f} / {float(np.median(v)):.2f} / {max(v):.2f}")
+    if args.matrix:
+        _print_verdict(repeats[-1])
     if not args.matrix:
         values = [rows[1][f"speedup_vs_{first}"] for rows in repeats]
         print(f"INT8/FP32 detector speed-up ({args.backend}): {float(np.median(values)):.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": repeats[-1], "repeats": repeats},
-                                              indent=2) + "\n")
+        record = {"args": vars(args), "results": repeats[-1], "repeats": repeats}
+        if args.matrix:
+            record["verdict"] = verdict(repeats[-1])
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
