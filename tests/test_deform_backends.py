@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -276,15 +277,28 @@ def test_openvino_engine_folder_has_native_deformable_convolution(dyhead, refere
         assert _rel(got[name], reference[name]) < PACKAGE_TOL, name
 
 
+@pytest.fixture(scope="module")
+def rtx_engine(dyhead, tmp_path_factory):
+    """``rtx_engine(precision)``: the DyHead package built by engines.build for TensorRT-RTX, once per
+    precision for the module, in-process (``build.main``); the refusal below runs it as a program."""
+    root, built = tmp_path_factory.mktemp("rtx"), {}
+
+    def get(precision: str) -> Path:
+        if precision not in built:
+            out = root / f"rtx-{precision}"
+            args = build.get_args_parser().parse_args(["--package", str(dyhead), "--backend", "tensorrt-rtx",
+                                                       "--precision", precision, "--out", str(out)])
+            assert build.main(args) == 0
+            built[precision] = out
+        return built[precision]
+    return get
+
+
 @needs_rtx
 @pytest.mark.trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_rtx_builds_the_dyhead_package(dyhead, tmp_path, precision):
-    out = tmp_path / f"rtx-{precision}"
-    r = subprocess.run([sys.executable, "-m", "engines.build", "--package", str(dyhead), "--backend", "tensorrt-rtx",
-                        "--precision", precision, "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
+def test_tensorrt_rtx_builds_the_dyhead_package(rtx_engine, precision):
+    out = rtx_engine(precision)
     record = json.loads((out / "engine.json").read_text())
     assert record["deform_conv"] == "gridsample" and record["build"]["deform_conv"] == "auto"
     assert record["graphs"]["detector"]["deform_conv"] == {"nodes": 13, "path": "gridsample", "precision": precision}
@@ -305,11 +319,10 @@ def test_tensorrt_rtx_refuses_the_plugin_path_in_one_line(dyhead, tmp_path):
 
 @needs_rtx
 @pytest.mark.trt
-def test_a_plugin_engine_is_refused_where_the_plugin_is_missing(dyhead, tmp_path):
+def test_a_plugin_engine_is_refused_where_the_plugin_is_missing(rtx_engine, tmp_path):
     """A plan with plugin layers needs libnvinfer_plugin's creator when it is loaded: without it,
     loading stops before deserialising, with the rebuild command."""
-    out = build.build_engines(build.BuildConfig(package=str(dyhead), backend="tensorrt-rtx", precision="fp32",
-                                                out=str(tmp_path / "e")))
+    out = Path(shutil.copytree(rtx_engine("fp32"), tmp_path / "e"))
     record = json.loads((out / "engine.json").read_text())
     record["deform_conv"] = "plugin"              # as a datacenter TensorRT with the plugin writes it
     (out / "engine.json").write_text(json.dumps(record))
