@@ -19,8 +19,11 @@ ONNX Runtime runs with ``allow_spinning`` off unless ``--spin``: on a small CPU 
 work, spinning threads slow every engine down and make the numbers noisy (both sides get the same
 setting). ``--matrix`` times every CPU path of the two packages instead, plus what runtime.detect
 runs by default (each package on the fastest of its paths, engines.autotune, remembered per machine),
-and ends with the ratio of the INT8 package's default path to the fastest FP32 path. A benchmark,
-not a test: run it on a quiet machine.
+and ends with the ratio of the INT8 package's default path to the fastest FP32 path (``run_matrix``:
+the same measurement for benchmarks.report). A path that forces OpenVINO's static shapes on a package
+whose manifest did not validate them is first checked in a child process (compress.export.check_openvino;
+OpenVINO 2026.4 segfaults compiling some graphs that way) and left out, with the reason, when it fails.
+A benchmark, not a test: run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 import engines
+from common import package as pkg
 from engines.autotune import detector_inputs
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
@@ -42,6 +46,7 @@ BACKENDS = ("auto", "onnxruntime", "openvino")
 
 FP32_DEFAULT = "fp32 runtime default (fastest)"
 INT8_DEFAULT = "int8 runtime default (fastest)"
+TARGET = 1.3    # issue 14: the INT8 package's default path vs the fastest way to run the FP32 package
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ def summarize(cands: list[Candidate], times: dict[str, list[float]]) -> list[dic
         row = {"label": c.label, "median_ms": round(med[c.label], 3), "p10_ms": round(float(np.percentile(v, 10)), 3),
                "p90_ms": round(float(np.percentile(v, 90)), 3), "runs": int(v.size),
                f"speedup_vs_{first}": round(med[first] / med[c.label], 3)}
-        if c.baseline:
+        if c.baseline in med:             # absent when that path was left out (``checked_static``)
             row["speedup_vs_same_backend_fp32"] = round(med[c.baseline] / med[c.label], 3)
         rows.append(row)
     return rows
@@ -148,15 +153,55 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open(cands: list[Candidate], tokens: int, opened: list) -> dict[str, Any]:
+def _static_ok(package: str) -> tuple[bool, str]:
+    """Can OpenVINO run ``package``'s detector with static shapes here? The manifest's word when
+    compress.export checked it, else a check against the package's reference outputs in a child."""
+    detector = pkg.read_manifest(package)["graphs"]["detector"]
+    if (detector.get("openvino") or {}).get("static_shapes"):
+        return True, "validated by compress.export"
+    from compress.export import check_openvino  # torch-heavy: only when a check is needed
+
+    r = check_openvino(Path(package) / detector.get("file", pkg.DETECTOR_GRAPH),
+                       Path(package) / pkg.reference_file("detector"))
+    return bool(r["static_shapes"]), str(r["checked"])
+
+
+def checked_static(cands: list[Candidate]) -> tuple[list[Candidate], dict[str, str]]:
+    """``cands`` less the OpenVINO paths forcing static shapes that fail ``_static_ok`` (one check
+    per package), and {label: why} of those left out."""
+    verdicts: dict[str, tuple[bool, str]] = {}
+    kept, left_out = [], {}
+    for c in cands:
+        if c.backend == "openvino" and dict(c.options).get("static_shapes"):
+            if c.package not in verdicts:
+                verdicts[c.package] = _static_ok(c.package)
+            ok, why = verdicts[c.package]
+            if not ok:
+                left_out[c.label] = f"OpenVINO static shapes fail on {Path(c.package).name}: {why}"
+                continue
+        kept.append(c)
+    return kept, left_out
+
+
+def _open(cands: list[Candidate], tokens: int, opened: dict[str, Any], failed: dict[str, str] | None = None,
+          say: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """A runner per candidate (engines kept in ``opened``); with ``failed``, a path that does not
+    open is recorded there ({label: why}) instead of raising."""
     runners = {}
     for c in cands:
-        e = engines.load(c.package, c.backend, **dict(c.options))
-        opened.append(e)
+        try:
+            e = engines.load(c.package, c.backend, **dict(c.options))
+        except (engines.EngineError, OSError) as err:
+            if failed is None:
+                raise
+            failed[c.label] = " ".join(str(err).split())[:300]
+            continue
+        opened[c.label] = e
         x = detector_inputs(e, tokens)
         runners[c.label] = (lambda e=e, x=x: e.detector.run(x))
         chosen = f" ({e.path_choice.label}: {e.path_choice.summary()})" if e.path_choice else ""
-        print(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}{chosen}", flush=True)
+        if say:
+            say(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}{chosen}")
     return runners
 
 
@@ -173,14 +218,57 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The INT8 package's default path against the fastest way to run the FP32 package, one run."""
     med = {r["label"]: r["median_ms"] for r in rows}
     fp32 = min((label for label in med if label.startswith("fp32")), key=med.get)
+    ratio = round(med[fp32] / med[INT8_DEFAULT], 3)
     return {"fastest_fp32": fp32, "fastest_fp32_ms": med[fp32], "int8_default_ms": med[INT8_DEFAULT],
-            "int8_default_vs_fastest_fp32": round(med[fp32] / med[INT8_DEFAULT], 3)}
+            "int8_default_vs_fastest_fp32": ratio, "target": TARGET, "met": ratio >= TARGET}
+
+
+def _choice(e: engines.PackageEngines) -> dict[str, Any]:
+    c = e.path_choice
+    return {"package": str(e.package), "path": c.label, "remembered": c.remembered,
+            "ms": {label: round(ms, 3) for label, ms in c.ms.items()}}
+
+
+def run_matrix(fp32: str, int8: str, threads: int, rounds: int, block: int = 5, warmup: int = 5,
+               tokens: int = 16, spin: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``--matrix`` once, as data: every CPU path of the two packages and each package's runtime
+    default, timed side by side; paths that cannot run here are left out with the reason.
+
+    Returns {"rows": summarize's rows plus ``speedup_vs_fastest_fp32``, "verdict": ``verdict`` or
+    None, "reason": why no verdict (None with one), "left_out": {label: why}, "defaults": {"fp32",
+    "int8": the path the runtime chose ({"package", "path", "remembered", "ms": {path: median ms}})},
+    "settings"}. Raises engines.EngineError when a path fails while being timed.
+    """
+    cands, left_out = checked_static(candidates(fp32, int8, "onnxruntime", True, threads, spin))
+    opened: dict[str, engines.PackageEngines] = {}
+    try:
+        runners = _open(cands, tokens, opened, failed=left_out, say=say)
+        timed = [c for c in cands if c.label in runners]
+        rows = summarize(timed, time_side_by_side(runners, rounds, block, warmup)) if timed else []
+        defaults = {k: _choice(opened[label]) for k, label in (("fp32", FP32_DEFAULT), ("int8", INT8_DEFAULT))
+                    if label in opened and opened[label].path_choice}
+    finally:
+        for e in opened.values():
+            e.close()
+    have_fp32 = any(r["label"].startswith("fp32") for r in rows)
+    reason = None
+    if INT8_DEFAULT not in runners:
+        reason = f"the INT8 package's default path did not open: {left_out.get(INT8_DEFAULT)}"
+    elif not have_fp32:
+        reason = "no FP32 path opened: " + "; ".join(f"{k}: {v}" for k, v in left_out.items() if k.startswith("fp32"))
+    v = verdict(rows) if reason is None else None
+    for r in rows if v else []:
+        r["speedup_vs_fastest_fp32"] = round(v["fastest_fp32_ms"] / r["median_ms"], 3)
+    return {"rows": rows, "verdict": v, "reason": reason, "left_out": left_out, "defaults": defaults,
+            "settings": {"threads": threads, "rounds": rounds, "block": block, "warmup": warmup,
+                         "tokens": tokens, "spin": spin}}
 
 
 def _print_verdict(rows: list[dict[str, Any]]) -> None:
     v = verdict(rows)
     print(f"\nINT8 package's default path vs the fastest FP32 path ({v['fastest_fp32']}): "
-          f"{v['int8_default_ms']:.2f} vs {v['fastest_fp32_ms']:.2f} ms = x{v['int8_default_vs_fastest_fp32']:.2f}")
+          f"{v['int8_default_ms']:.2f} vs {v['fastest_fp32_ms']:.2f} ms = x{v['int8_default_vs_fastest_fp32']:.2f}"
+          f" (target x{v['target']}: {'met' if v['met'] else 'not met'})")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -192,11 +280,15 @@ def main(args: argparse.Namespace) -> int:
         print("error: --matrix times every backend; leave --backend at its default", file=sys.stderr)
         return 2
     cands = candidates(args.package_fp32, args.package_int8, args.backend, args.matrix, args.threads, args.spin)
+    if args.matrix:
+        cands, left_out = checked_static(cands)
+        for label, why in left_out.items():
+            print(f"{label:34s} left out: {why}", flush=True)
     first = cands[0].label
-    opened: list[engines.PackageEngines] = []
+    opened: dict[str, engines.PackageEngines] = {}
     repeats = []
     try:
-        runners = _open(cands, args.tokens, opened)
+        runners = _open(cands, args.tokens, opened, say=lambda line: print(line, flush=True))
         for k in range(args.repeats):
             rows = summarize(cands, time_side_by_side(runners, args.rounds, args.block, args.warmup))
             repeats.append(rows)
@@ -207,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        for e in opened:
+        for e in opened.values():
             e.close()
     if args.repeats > 1:
         print(f"\nspread over {args.repeats} repeats (min / median / max):")

@@ -8,8 +8,10 @@ Runs, in one process: the machine description and its measured GEMM ceiling (ben
 FLOPs per stage of every package (benchmarks.flops; a teacher checkpoint by torch's flop counter),
 the alternating latency benchmark over every package x backend plus the PyTorch eager reference
 (benchmarks.latency), the pre/post-processing paths (benchmarks.prepost), end-to-end vs network-only
-FPS on a generated video (benchmarks.e2e_fps), and accuracy through the runtime for every package x
-backend (benchmarks.accuracy). Writes into ``--out`` (atomically: a temp folder renamed at the end):
+FPS on a generated video (benchmarks.e2e_fps), accuracy through the runtime for every package x
+backend (benchmarks.accuracy), and the INT8 package's default path against every CPU path of the FP32
+package side by side (benchmarks.int8_speed.run_matrix; issue 14's target 1.3x). Writes into ``--out``
+(atomically: a temp folder renamed at the end):
 
     report.json   every number, with the machine, versions, threads, package sha256s
                   (common.package.package_digest), the command line and the date
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmarks import flops as flops_mod
-from benchmarks import machine, plots
+from benchmarks import int8_speed, machine, plots
 from fiber.flops import checkpoint_flops
 from benchmarks.accuracy import AccuracyConfig, run_accuracy
 from benchmarks.latency import (DEFAULT_BACKENDS, TORCH, LatencyConfig, one_line, is_engine_dir,
@@ -62,12 +64,14 @@ class Settings:
     video_frames: int       # frames of the generated video (end-to-end vs network-only)
     video_rounds: int
     limit: int | None       # evaluation entries/images (None: all)
+    int8_rounds: int        # alternation rounds of the INT8-vs-fastest-FP32 path matrix
+    int8_block: int         # runs per path per round there (the first is dropped)
 
 
 FULL = Settings(runs=50, warmup=5, prepost_frames=300, machine_seconds=2.0, machine_size=1024,
-                video_frames=150, video_rounds=3, limit=None)
+                video_frames=150, video_rounds=3, limit=None, int8_rounds=20, int8_block=5)
 QUICK = Settings(runs=5, warmup=1, prepost_frames=20, machine_seconds=0.2, machine_size=256,
-                 video_frames=12, video_rounds=1, limit=8)
+                 video_frames=12, video_rounds=1, limit=8, int8_rounds=3, int8_block=3)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,35 @@ def _pct(a: float | None, b: float | None) -> float | None:
     return round(100.0 * a / b, 2) if a and b else None
 
 
+def int8_paths(packages: Sequence[Mapping[str, Any]], threads: int, st: Settings) -> dict[str, Any]:
+    """The INT8 package (main, else the first compare) against the FP32 compare package of the same
+    model (else the first FP32 one): every CPU path of both and each one's runtime default, side by
+    side in one run (benchmarks.int8_speed.run_matrix). "skipped" when there is no such pair."""
+    ok = [p for p in packages if p["status"] == "ok" and p["role"] in ("main", "compare")]
+    int8 = next((p for p in ok if p["precision"] == "int8"), None)
+    fp32s = [p for p in ok if p["precision"] == "fp32"]
+    fp32 = next((p for p in fp32s if int8 and p["model"] == int8["model"]), fp32s[0] if fp32s else None)
+    if int8 is None or fp32 is None:
+        return {"status": "skipped", "reason": "needs a verified INT8 and FP32 package (--package / --compare)"}
+    pair = {"int8": int8["path"], "fp32": fp32["path"]}
+    try:
+        m = int8_speed.run_matrix(fp32["path"], int8["path"], threads, st.int8_rounds, st.int8_block, st.warmup)
+    except Exception as e:  # a path that breaks while timed must not stop the report
+        return {"status": "not measured", **pair, "reason": one_line(e)}
+    if m["verdict"] is None:
+        return {"status": "not measured", **pair, **m}
+    return {"status": "ok", **pair, **m, "sentence": int8_paths_sentence(m["verdict"])}
+
+
+def int8_paths_sentence(v: Mapping[str, Any]) -> str:
+    """The verdict of issue 14 in one sentence."""
+    head = (f"INT8's default path is {v['int8_default_vs_fastest_fp32']:.2f}x the fastest FP32 path "
+            f"(target {v['target']}x)")
+    if v["met"]:
+        return f"{head}: met"
+    return f"{head}: not met; runtime.detect runs each package on its fastest path by itself (engines.autotune)"
+
+
 # ----------------------------------------------------------------------------- ratios
 
 def _row(name: str, value: float | None, unit: str, target: str, detail: str, reason: str | None = None) -> dict:
@@ -211,6 +244,11 @@ def int8_ratios(report: Mapping[str, Any]) -> list[dict]:
     if not rows:
         rows.append(_row("INT8 vs FP32 detector latency", None, "x", ">= 2.0", "",
                          "needs an INT8 and an FP32 package of the same model (--package / --compare)"))
+    paths = report.get("int8_paths", {})
+    v = paths.get("verdict") or {}
+    detail = f"median detector ms: {v['fastest_fp32']} / INT8 runtime default" if v else ""
+    rows.append(_row("INT8 default path vs fastest FP32 path", v.get("int8_default_vs_fastest_fp32"), "x",
+                     f">= {int8_speed.TARGET}", detail, paths.get("reason")))
     return rows
 
 
@@ -295,6 +333,8 @@ def missing_parts(report: Mapping[str, Any]) -> list[str]:
             if s.get("status") != "ok"]
     if lat.get("prepost", {}).get("status") not in ("ok", "skipped"):
         out.append(f"pre/post-processing: {lat['prepost'].get('reason')}")
+    if report.get("int8_paths", {}).get("status") == "not measured":
+        out.append(f"INT8 vs the fastest FP32 path: {report['int8_paths']['reason']}")
     if report.get("video", {}).get("status") != "ok":
         out.append(f"end-to-end video FPS: {report.get('video', {}).get('reason')}")
     acc = report["accuracy"]
@@ -330,6 +370,7 @@ def build_report(cfg: ReportConfig, command: str) -> dict[str, Any]:
     report["accuracy"] = run_accuracy(AccuracyConfig(
         tuple(good), cfg.data, cfg.backends, cfg.explicit_backends, checkpoints, tuple(roles.items()),
         st.limit, cfg.threads, cfg.progress))
+    report["int8_paths"] = int8_paths(report["packages"], cfg.threads, st)
     report["efficiency"] = efficiency(report["latency"], report["flops"], report["machine"])
     main_model = _model_of(report, cfg.package)
     report["ratios"] = (int8_ratios(report) + teacher_ratios(report, main_model, cfg.teacher)
@@ -399,6 +440,33 @@ def _ratios_md(r: Mapping[str, Any]) -> list[str]:
     rows = [(x["name"], x["value"] if x["status"] == "ok" else x["status"], x["unit"], x["target"], x["detail"])
             for x in r["ratios"]]
     return ["## Promised ratios", ""] + table(("ratio", "value", "unit", "target", "measured as"), rows)
+
+
+def _int8_paths_md(r: Mapping[str, Any]) -> list[str]:
+    m = r.get("int8_paths", {"status": "not measured", "reason": "not in this report"})
+    out = ["## INT8 vs the fastest FP32 path", ""]
+    if m["status"] != "ok":
+        return out + [f"not measured: {m['reason']}", ""]
+    st = m["settings"]
+    out += [f"Every CPU path of {m['fp32']} (FP32) and {m['int8']} (INT8), detector only, batch 1, "
+            f"{cell(st['tokens'])} text tokens, threads per engine: {cell(st['threads'])}; side by side in one run "
+            "(benchmarks.int8_speed.run_matrix: alternating blocks, the first run of each dropped). "
+            "Speed-up: the fastest FP32 path's median over this path's.", ""]
+    out += table(("path", "median ms", "p10 ms", "p90 ms", "runs", "speed-up vs fastest FP32"),
+                 [(x["label"], x["median_ms"], x["p10_ms"], x["p90_ms"], x["runs"], x["speedup_vs_fastest_fp32"])
+                  for x in m["rows"]])
+    if m["left_out"]:
+        out += ["Left out:", ""] + [f"- {label}: {why}" for label, why in m["left_out"].items()] + [""]
+    rows = [(k, d["package"], d["path"], d["remembered"],
+             ", ".join(f"{p} {ms} ms" for p, ms in sorted(d["ms"].items(), key=lambda kv: kv[1])) or "one path")
+            for k, d in m["defaults"].items()]
+    out += ["What runtime.detect runs by default (engines.autotune: each package's fastest CPU path, "
+            "timed once per machine and remembered):", ""]
+    out += table(("precision", "package", "runtime default path", "remembered", "median ms per path when chosen"),
+                 rows)
+    v = m["verdict"]
+    return out + [f"INT8 runtime default {v['int8_default_ms']} ms vs fastest FP32 ({v['fastest_fp32']}) "
+                  f"{v['fastest_fp32_ms']} ms.", "", f"**{m['sentence']}.**", ""]
 
 
 def _latency_md(r: Mapping[str, Any]) -> list[str]:
@@ -486,7 +554,7 @@ def render(r: Mapping[str, Any]) -> str:
     main = next((p for p in r["packages"] if p["role"] == "main"), {"path": "?"})
     lines = [f"# Benchmark report: {main.get('name', main['path'])}", "",
              f"Generated {r['date']} by `{r['command']}`. Every number in the tables is in report.json.", ""]
-    lines += _packages_md(r) + _ratios_md(r) + _latency_md(r) + _prepost_md(r) + _video_md(r) + _flops_md(r) + _efficiency_md(r)
+    lines += _packages_md(r) + _ratios_md(r) + _int8_paths_md(r) + _latency_md(r) + _prepost_md(r) + _video_md(r) + _flops_md(r) + _efficiency_md(r)
     lines += _accuracy_md(r) + _machine_md(r["machine"])
     lines += ["## Not measured", ""] + ([f"- {m}" for m in r["missing"]] or ["- nothing: every part was measured"]) + [""]
     lines += ["## Plots", ""]

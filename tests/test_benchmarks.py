@@ -4,7 +4,8 @@ FLOPs: a hand-built ONNX graph whose MACs are counted by hand in the test; a gra
 only onnxruntime can resolve; the fiber-tiny-test detector and text graphs against
 torch.utils.flop_counter on the same torch model. Peak: hand-computed figures for made-up CPUs.
 Latency: the alternation order with fake runners, percentiles on fixed lists. Report: toy packages
-(tests/toy_package.py) with --quick settings; bad inputs (a tampered package, a backend that is not
+(tests/toy_package.py) with --quick settings, including the INT8 package's default path against
+every CPU path of the FP32 one (issue 14's verdict); bad inputs (a tampered package, a backend that is not
 installed, data without annotations) each leave their part marked and exit status 1.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import flops, latency, machine, report
+from benchmarks import flops, int8_speed, latency, machine, report
 from fiber.flops import checkpoint_flops, torch_flops
 from common import package as pkg
 
@@ -270,14 +271,25 @@ def table_numbers(md: str) -> list[str]:
     return [c for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c)]
 
 
-def test_report_on_toy_packages(toys, tmp_path):
-    code, data, md = run_report(tmp_path / "rep", toys["toy-int8"], "--compare", str(toys["toy"]),
-                                "--data", str(toys["data"]), "--backend", "onnxruntime")
+@pytest.fixture(scope="module")
+def toy_report(toys, tmp_path_factory):
+    """The report of toy-int8 against toy, once for the tests that read it; the autotune cache of
+    its runtime-default paths goes to a temporary XDG_CACHE_HOME."""
+    tmp = tmp_path_factory.mktemp("toy-report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        code, data, md = run_report(tmp / "rep", toys["toy-int8"], "--compare", str(toys["toy"]),
+                                    "--data", str(toys["data"]), "--backend", "onnxruntime")
+    return {"code": code, "data": data, "md": md, "out": tmp / "rep", "cache": tmp / "cache"}
+
+
+def test_report_on_toy_packages(toys, toy_report):
+    code, data, md = toy_report["code"], toy_report["data"], toy_report["md"]
     assert code == 0, data["missing"]
     for name in ("report.md", "report.json", *report.plots.PLOTS.values()):
-        assert (tmp_path / "rep" / name).is_file(), name
+        assert (toy_report["out"] / name).is_file(), name
     for png in report.plots.PLOTS.values():
-        assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (toy_report["out"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     numbers = table_numbers(md)
     assert len(numbers) > 100
     known = json_numbers(data)
@@ -300,7 +312,68 @@ def test_report_on_toy_packages(toys, tmp_path):
     assert "## Promised ratios" in md and "student vs teacher" in md and "no --teacher given" in md
 
 
-def test_report_bad_inputs_are_marked_and_the_rest_is_produced(toys, tmp_path):
+def test_report_int8_vs_fastest_fp32_path(toys, toy_report):
+    """Issue 14: every CPU path of both packages and their runtime defaults, timed side by side in the
+    report, the verdict (INT8 default vs fastest FP32, target 1.3x) in report.json and report.md."""
+    data, md = toy_report["data"], toy_report["md"]
+    m = data["int8_paths"]
+    assert m["status"] == "ok", m.get("reason")
+    assert (m["fp32"], m["int8"]) == (str(toys["toy"]), str(toys["toy-int8"]))
+    assert m["settings"]["threads"] == 1 and m["settings"]["rounds"] == report.QUICK.int8_rounds
+    # every path is timed or left out with its reason
+    every = {c.label for c in int8_speed.candidates(m["fp32"], m["int8"], "onnxruntime", True, 1)}
+    rows = {r["label"]: r for r in m["rows"]}
+    assert set(rows) | set(m["left_out"]) == every and not set(rows) & set(m["left_out"])
+    assert all(why for why in m["left_out"].values())
+    assert {int8_speed.FP32_DEFAULT, int8_speed.INT8_DEFAULT, "fp32 onnxruntime",
+            "int8 onnxruntime cpu_file"} <= set(rows)
+    runs = report.QUICK.int8_rounds * (report.QUICK.int8_block - 1)
+    assert all(r["runs"] == runs and r["median_ms"] > 0 for r in rows.values())
+    # the verdict: the INT8 default against the fastest FP32 row
+    v = m["verdict"]
+    fastest = min((r for r in rows.values() if r["label"].startswith("fp32")), key=lambda r: r["median_ms"])
+    assert (v["fastest_fp32"], v["fastest_fp32_ms"]) == (fastest["label"], fastest["median_ms"])
+    assert v["int8_default_ms"] == rows[int8_speed.INT8_DEFAULT]["median_ms"]
+    assert v["int8_default_vs_fastest_fp32"] == round(v["fastest_fp32_ms"] / v["int8_default_ms"], 3)
+    assert v["target"] == 1.3 and v["met"] == (v["int8_default_vs_fastest_fp32"] >= 1.3)
+    for r in rows.values():
+        assert r["speedup_vs_fastest_fp32"] == round(v["fastest_fp32_ms"] / r["median_ms"], 3)
+    ratio = next(r for r in data["ratios"] if r["name"] == "INT8 default path vs fastest FP32 path")
+    assert ratio["status"] == "ok" and ratio["value"] == v["int8_default_vs_fastest_fp32"]
+    # what the runtime picks by itself, measured now (the cache was empty) and remembered in the tmp cache
+    for k, pkg_path in (("fp32", toys["toy"]), ("int8", toys["toy-int8"])):
+        d = m["defaults"][k]
+        assert d["package"] == str(pkg_path) and d["path"] in d["ms"] and d["remembered"] is False
+        assert d["ms"][d["path"]] == min(d["ms"].values())
+    assert "onnxruntime cpu_file" in m["defaults"]["int8"]["ms"]
+    cache = json.loads((toy_report["cache"] / "fiber-edge" / "cpu-paths.json").read_text())
+    assert sorted(e["package"] for e in cache.values()) == sorted(map(str, (toys["toy"], toys["toy-int8"])))
+    # report.md: the section, its table with the numbers of report.json, the one-sentence verdict
+    section = md.split("## INT8 vs the fastest FP32 path\n", 1)[1].split("\n## ", 1)[0]
+    for r in rows.values():
+        assert f"| {r['label']} | {r['median_ms']} | {r['p10_ms']} | {r['p90_ms']} | {r['runs']} | " \
+               f"{r['speedup_vs_fastest_fp32']} |" in section
+    for k in ("fp32", "int8"):
+        assert f"| {k} | {m['defaults'][k]['package']} | {m['defaults'][k]['path']} | no |" in section
+    assert re.fullmatch(r"INT8's default path is \d+\.\d\dx the fastest FP32 path \(target 1\.3x\): "
+                        r"(met|not met; runtime\.detect runs each package on its fastest path by itself "
+                        r"\(engines\.autotune\))", m["sentence"])
+    assert f"{v['int8_default_vs_fastest_fp32']:.2f}x" in m["sentence"]
+    assert ("not met" in m["sentence"]) == (not v["met"])
+    assert f"**{m['sentence']}.**" in section
+
+
+def test_int8_paths_sentence():
+    met = {"int8_default_vs_fastest_fp32": 1.456, "target": 1.3, "met": True}
+    assert report.int8_paths_sentence(met) == "INT8's default path is 1.46x the fastest FP32 path (target 1.3x): met"
+    missed = {"int8_default_vs_fastest_fp32": 1.199, "target": 1.3, "met": False}
+    assert report.int8_paths_sentence(missed) == (
+        "INT8's default path is 1.20x the fastest FP32 path (target 1.3x): not met; "
+        "runtime.detect runs each package on its fastest path by itself (engines.autotune)")
+
+
+def test_report_bad_inputs_are_marked_and_the_rest_is_produced(toys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tampered = shutil.copytree(toys["toy"], tmp_path / "tampered")
     with open(tampered / pkg.DETECTOR_GRAPH, "ab") as f:
         f.write(b"\0")
@@ -314,6 +387,10 @@ def test_report_bad_inputs_are_marked_and_the_rest_is_produced(toys, tmp_path):
     assert re.search(r"latency of .*toy-int8 on tensorrt: .*TensorRT", missing)
     assert re.search(r"accuracy: data folder .*no-annotations: no annotations", missing)
     assert "not measured: package does not verify" in md and "## Not measured" in md
+    # no verified FP32 package: the path matrix is not run, says why, and is not a failure of the report
+    assert data["int8_paths"]["status"] == "skipped"
+    assert "## INT8 vs the fastest FP32 path\n\nnot measured: needs a verified INT8 and FP32 package" in md
+    assert not any("fastest FP32" in line for line in data["missing"])
     ok = [s for s in data["latency"]["subjects"] if s["status"] == "ok"]
     assert [s["label"] for s in ok] == ["toy-int8 onnxruntime"]          # the rest was measured
     assert (tmp_path / "rep" / "latency_stages.png").is_file()
