@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from _toy_task import ToyCrash, ToyTask, tiny_config
 from train import checkpointing as ckpt
+from train import loop
 from train.distributed import DataOrder, epoch_permutation
 from train.loop import (NonFiniteLossError, TrainConfig, TrainingError, TrainingOutOfMemoryError,
                         add_train_args, fit, resolve_amp, train_config_from_args)
@@ -185,12 +187,27 @@ def test_out_of_memory_gives_advice_and_keeps_checkpoints(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
 
 
-def test_amp_modes_on_cpu():
+def test_amp_modes_on_cpu(monkeypatch):
     assert resolve_amp("auto", torch.device("cpu")) is None
     assert resolve_amp("off", torch.device("cpu")) is None
-    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16.*use --amp off"):
+        assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_cpu_has_native_bf16_reads_the_flags():
+    assert loop.cpu_has_native_bf16("flags\t: fpu avx2 avx512f avx512_bf16 amx_tile")
+    assert loop.cpu_has_native_bf16("flags : fpu amx_bf16 amx_int8")
+    assert not loop.cpu_has_native_bf16("flags\t: fpu sse4_2 avx2 fma avx512f avx512_vnni")
 
 
 @pytest.mark.gpu

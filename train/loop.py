@@ -277,6 +277,17 @@ def _check_run_dir(out_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU flags (Linux /proc/cpuinfo) name AVX-512 BF16 or AMX BF16."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # cannot tell (not Linux): do not warn
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``amp`` on ``device``; None = full fp32.
 
@@ -288,6 +299,10 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type != "cuda":
         if amp == "bf16":
+            if not cpu_has_native_bf16():
+                warnings.warn("amp 'bf16' on a CPU without native bf16 (no AVX-512 BF16 or AMX): autocast "
+                              "is emulated here and about 10x slower than fp32 (measured on an AVX2 EPYC: "
+                              "12 steps > 300 s vs 32 s); use --amp off", stacklevel=2)
             return torch.bfloat16
         raise ValueError(f"amp: {amp!r} needs a CUDA device (running on {device}); use 'bf16', "
                          f"'auto' or 'off'")
