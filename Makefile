@@ -25,11 +25,11 @@ demo: setup
 native:
 	$(PY) setup.py -q build_ext --inplace
 
-# The suite on pytest-xdist workers, one per core (at most 4): a test module's shared fixtures (a built
-# package, a trained tiny model) stay on one worker (--dist loadgroup, tests/conftest.py), the
-# other tests are spread one by one. PYTEST_WORKERS=0 runs it in this process.
+# The suite on pytest-xdist workers, one per core (at most 4): each test module runs whole on one
+# worker, so its shared fixtures (a built package, a converted checkpoint) are built once; the long
+# modules are handed out first (tests/conftest.py). PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= logical
-PYTEST_XDIST = -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_XDIST) tests

@@ -12,17 +12,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)
+def _shares_a_module_fixture(item) -> bool:
+    """Whether ``item`` uses a module- or session-scoped fixture defined in its own test module."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info else ()
+    return any(d and d[-1].scope != "function" and getattr(d[-1].func, "__module__", None) == item.module.__name__
+               for d in defs)
+
+
 def pytest_collection_modifyitems(items):
-    """``--dist loadgroup``: a test that uses a module- or session-scoped fixture of its own test
-    module (a built package, a trained tiny model) runs on the same worker as that module's other
-    such tests, so the fixture is built once; every other test is spread one by one."""
+    """On pytest-xdist workers (``--dist loadfile --no-loadscope-reorder``: a test module is one unit
+    of work, handed out in collection order) the long modules go first, so the short ones fill the
+    end evenly: modules by their count of `slow` tests, then of tests on a shared module fixture (a
+    built package, a converted checkpoint), each module's tests in their own order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    weight: dict[str, list[int]] = {}
     for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        defs = defs.name2fixturedefs.values() if defs else ()
-        if any(d[-1].scope != "function" and getattr(d[-1].func, "__module__", "") == item.module.__name__
-               for d in defs if d):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        w = weight.setdefault(item.module.__name__, [0, 0])
+        w[0] += item.get_closest_marker("slow") is not None
+        w[1] += _shares_a_module_fixture(item)
+    items.sort(key=lambda item: [-n for n in weight[item.module.__name__]])
 
 
 @pytest.fixture(scope="module")
