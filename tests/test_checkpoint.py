@@ -272,6 +272,10 @@ def test_load_model_state_skips_distillation_projections_only():
     inner = {k[len("backbone."):]: v for k, v in state.items()}
     load_model_state(model, {**inner, "kd_proj.text.weight": torch.zeros(3, 3)})
     assert torch.equal(model.state_dict()["image.norm3.weight"], inner["image.norm3.weight"])
+    # the training-only colour classifier of train.fine --colour-aux, in its mid-run checkpoints
+    load_model_state(model, {**inner, "colour_aux.weight": torch.zeros(8, 3), "colour_aux.bias": torch.zeros(8)})
+    with pytest.raises(CheckpointError, match=r"unknown key 'colour_auxiliary.x'"):
+        load_model_state(model, {**inner, "colour_auxiliary.x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"unknown key 'kd_projection.x'"):
         load_model_state(model, {**inner, "kd_projection.x": torch.zeros(1)})
 
