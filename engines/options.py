@@ -35,3 +35,20 @@ def make_options(cls, opts: Mapping[str, Any], backend: str):
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def int8_pairs_saturate(cpuinfo: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only): there ONNX Runtime's (and OpenVINO's) uint8 x int8
+    GEMMs add pairs of products in int16 with saturation (vpmaddubsw), and 2 * 255 * 127 > 32767.
+    With VNNI (vpdpbusd), AMX, or off x86 the products add into int32. ``cpuinfo``: /proc/cpuinfo text."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False        # not Linux: no flags to read, assume the int32 path
+    flags = set(cpuinfo.split())
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
