@@ -18,6 +18,7 @@ from onnx import TensorProto
 
 import engines
 from common import package as pkg
+from engines.options import int8_pairs_saturate
 from compress import export, quantize
 from test_export import BUCKETS, CONFIG, make_checkpoint, make_data, rel_diff, run_cli, run_program
 
@@ -27,6 +28,9 @@ INT8_VS_FP32 = 0.1         # INT8 vs FP32 outputs on random weights (quantisatio
 # A backend's int8 kernels vs the reference (ORT, optimisations off): a few activations round to
 # the neighbouring code; OpenVINO's fused int8 pipeline differs most (the box decode's exp amplifies).
 BACKEND_TOL = {"onnxruntime": 1e-2, "openvino": 5e-2}
+if int8_pairs_saturate():   # x86 without VNNI: the int8 kernels' int16 pair sums saturate (vpmaddubsw);
+    # measured on an AVX2-only EPYC: ONNX Runtime 3.9e-2, OpenVINO 6.8e-2 (token_logits); 2x margin
+    BACKEND_TOL = {"onnxruntime": 8e-2, "openvino": 0.15}
 SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--eval-entries", "6", "--batch-size", "4",
          "--threads", "1"]
 
@@ -186,7 +190,8 @@ def test_int8_graphs_are_explicit_qdq(work):
     assert manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] == len(qs)
     assert manifest["graphs"]["detector"]["cpu_backend"] == "openvino"     # checked below
     check = manifest["graphs"]["detector"]["openvino"]
-    assert check["static_shapes"] is True and max(check["max_rel_diff"].values()) <= export.OPENVINO_TOL
+    want = export.OPENVINO_TOL_NO_VNNI if int8_pairs_saturate() else export.OPENVINO_TOL
+    assert check["tolerance"] == want and check["static_shapes"] is True and max(check["max_rel_diff"].values()) <= want
     assert set(manifest["accuracy"]) >= {"fp32", "int8", "int8_cpu", "int8_openvino"}
     fp32 = json.loads((work["fp32"] / pkg.MANIFEST).read_text())
     assert fp32["graphs"]["detector"]["cpu_backend"] == "onnxruntime"
@@ -251,7 +256,7 @@ def test_openvino_check_refuses_wrong_outputs_and_failures(work, tmp_path):
     ref[pkg.CENTERNESS] = ref[pkg.CENTERNESS] + 1.0 + np.abs(ref[pkg.CENTERNESS]).max()
     np.savez(tmp_path / "off.npz", **ref)
     off = export.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz")
-    assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > export.OPENVINO_TOL
+    assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > export.OPENVINO_TOL_NO_VNNI
     failed = export.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"))
     assert failed["static_shapes"] is False and "OpenVINO failed" in failed["checked"]
 
