@@ -11,7 +11,11 @@ On an x86 CPU without VNNI (``int8_pairs_saturate``) the CPU file's DynamicQuant
 are loaded as uint8 (w + 128, zero point + 128: the same numbers), so that ONNX Runtime runs its
 U8U8 kernel (int16 widening, exact) instead of U8S8, whose vpmaddubsw saturates pairs of uint8
 activation x int8 weight products: on an AVX2-only EPYC the golden-fine INT8 CPU file kept 0.700 of
-FP32's top-5 boxes (max |logit diff| 2.07) as stored and 0.95 (0.36) with uint8 weights.
+FP32's top-5 boxes (max |logit diff| 2.07) as stored and 0.95 (0.36) with uint8 weights. For the
+same reason an INT8 package's Q/DQ graphs run there with ONNX Runtime's Q/DQ fusion off
+(``session.disable_quant_qdq``): each DequantizeLinear -> float op -> QuantizeLinear as written,
+no saturating int8 kernel. On the shipped fiber-nano INT8 detector, relative to its reference
+outputs: fused 7.0e-2 (centerness), unfused 3.7e-2, at about the same speed (35.5 vs 37.2 ms).
 
 On a small CPU shared with other work, spinning threads steal the cores the other threads need:
 ``allow_spinning=False`` halved the fiber-nano detector's latency on a busy 2-core machine.
@@ -79,11 +83,13 @@ class OrtEngine:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 opts: OrtOptions = OrtOptions(), sha256: str | None = None, uint8_weights: bool = False):
+                 opts: OrtOptions = OrtOptions(), sha256: str | None = None, uint8_weights: bool = False,
+                 unfused_qdq: bool = False):
         import onnxruntime as ort
 
         self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
         self.uint8_weights = uint8_weights    # DynamicQuantizeMatMul weights loaded as uint8 (module docstring)
+        self.unfused_qdq = unfused_qdq        # Q/DQ pairs not fused into int8 kernels (module docstring)
         providers = _PROVIDERS[opts.device]
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -106,6 +112,8 @@ class OrtEngine:
         spin = "1" if self.opts.allow_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if self.unfused_qdq:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -138,6 +146,7 @@ class OrtEngine:
         sha256 = sha256 or pkg.sha256_file(self.path)
         key = f"{sha256[:32]}-ort{ort.__version__}-{_cache_level(self.opts.graph_optimization)}-{platform.machine()}"
         key += "-u8w" if self.uint8_weights else ""
+        key += "-noqdq" if self.unfused_qdq else ""
         return root / f"{key}.onnx", root / f"{key}.json"
 
     def _write_cache(self, ort, model: Path, sidecar: Path) -> None:
@@ -228,6 +237,8 @@ def open_package(package: Path, manifest: Mapping[str, Any], backend: str, opts:
             engines.append(OpenVinoEngine(path, *specs, openvino_options(opts, manifest, graph)))
         else:
             cpu_file = path.name == manifest["graphs"][graph].get("cpu_file")
+            saturates = opts.device == "cpu" and int8_pairs_saturate()
             engines.append(OrtEngine(path, *specs, opts, sha256=manifest["files"][path.name]["sha256"],
-                                     uint8_weights=cpu_file and opts.device == "cpu" and int8_pairs_saturate()))
+                                     uint8_weights=cpu_file and saturates,
+                                     unfused_qdq=saturates and not cpu_file and manifest.get("precision") == "int8"))
     return tuple(engines)
