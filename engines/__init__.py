@@ -174,7 +174,8 @@ def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None
         raise EngineError(f"unknown option(s) {unknown} for backend 'auto'; "
                           f"known: {sorted(ort_fields | ov_fields)}")
     detector = manifest.get("graphs", {}).get("detector", {})
-    ort_only = opts.get("use_cpu_file") is True or str(opts.get("device", "cpu")).lower() != "cpu"
+    ort_only = (opts.get("use_cpu_file") is True or str(opts.get("device", "cpu")).lower() != "cpu"
+                or openvino_int8_saturates(manifest))
     if (detector.get("cpu_backend", "onnxruntime") == "openvino" and not ort_only
             and importlib.util.find_spec("openvino") is not None):
         chosen = {k: v for k, v in opts.items() if k in ov_fields and k != "device"}
@@ -185,6 +186,15 @@ def auto_cpu_backend(manifest: Mapping[str, Any], opts: Mapping[str, Any] | None
     if "threads" in opts and "intra_op_threads" not in opts:
         chosen["intra_op_threads"] = opts["threads"]
     return "onnxruntime", chosen
+
+
+def openvino_int8_saturates(manifest: Mapping[str, Any]) -> bool:
+    """True for an INT8 package on an x86 CPU without VNNI: OpenVINO's int8 kernels add uint8 x int8
+    pairs in saturating int16 there (fiber-nano INT8 on an AVX2 EPYC: R@1 77.8 on OpenVINO vs 81.6
+    FP32; ONNX Runtime runs the same package exactly, engines.ort), so "auto" leaves OpenVINO out."""
+    from engines.options import int8_pairs_saturate
+
+    return manifest.get("precision") == "int8" and int8_pairs_saturate()
 
 
 def _load_engine_dir(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageEngines:

@@ -13,7 +13,8 @@ with the same key opens the remembered path at once.
 Every path runs the package's own graphs: ONNX Runtime runs ``detector.onnx`` (Q/DQ for INT8) or
 the integer ``detector.cpu.onnx`` that compress.export checked against it; OpenVINO compiles
 ``detector.onnx`` at f32 precision, or at bf16 only where the processor has native bf16 (where
-bf16 is also OpenVINO's own default).
+bf16 is also OpenVINO's own default). An INT8 package on an x86 CPU without VNNI is not offered to
+OpenVINO: its int8 kernels saturate there (``engines.openvino_int8_saturates``).
 """
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def cpu_paths(manifest: Mapping[str, Any]) -> list[CpuPath]:
     paths = [CpuPath("onnxruntime", "onnxruntime", (("use_cpu_file", False),))]
     if detector.get("cpu_file"):
         paths.append(CpuPath("onnxruntime cpu_file", "onnxruntime", (("use_cpu_file", True),)))
-    if importlib.util.find_spec("openvino") is not None:
+    from engines import openvino_int8_saturates
+
+    if importlib.util.find_spec("openvino") is not None and not openvino_int8_saturates(manifest):
         paths.append(CpuPath("openvino f32", "openvino", (("precision_hint", "f32"),)))
         if openvino_has_bf16():
             paths.append(CpuPath("openvino bf16", "openvino", (("precision_hint", "bf16"),)))

@@ -362,8 +362,14 @@ def test_openvino_static_shapes_follow_the_manifest(toys, tmp_path):
         assert e.detector.opts.static_shapes is False
 
 
-def test_auto_follows_the_manifest_cpu_backend(toys, tmp_path):
+def test_auto_follows_the_manifest_cpu_backend(toys, tmp_path, monkeypatch):
     ov_package = _edit_manifest(toys["toy-int8"], tmp_path / "ov", lambda d: d.update(cpu_backend="openvino"))
+    import engines.options
+
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: True)
+    with engines.load(ov_package, cache_dir="") as e:   # no VNNI: OpenVINO's int8 kernels saturate
+        assert e.backend == "onnxruntime"
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: False)
     with engines.load(ov_package, cache_dir="", intra_op_threads=1, allow_spinning=False) as e:
         assert e.backend == "openvino" and e.detector.backend == "openvino"
         assert e.detector.opts.threads == 1 and e.detector.path.name == "detector.onnx"   # the Q/DQ file

@@ -17,6 +17,7 @@ import torch
 from onnx import TensorProto
 
 import engines
+from engines import autotune
 from common import package as pkg
 from engines.options import int8_pairs_saturate
 from compress import export, quantize
@@ -239,13 +240,22 @@ def test_cpu_variant_is_close_to_the_qdq_graph(work):
                 and cpu_inits[n.input[1]].data_type == TensorProto.INT8]
 
 
-def test_auto_runs_the_int8_package_on_openvino(work):
-    """The manifest's cpu_backend: "auto" opens the Q/DQ file with OpenVINO, the same file TensorRT builds."""
+def test_auto_runs_the_int8_package_on_openvino(work, monkeypatch):
+    """The manifest's cpu_backend: "auto" opens the Q/DQ file with OpenVINO, the same file TensorRT
+    builds - except on an x86 CPU without VNNI, where OpenVINO's int8 kernels saturate and "auto"
+    runs the package on ONNX Runtime (engines.openvino_int8_saturates)."""
+    import engines.options
+
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: False)
     with engines.load(work["int8"], cache_dir="", intra_op_threads=1) as e:
         assert e.backend == "openvino" and e.detector.path.name == pkg.DETECTOR_GRAPH
         assert e.detector.opts.threads == 1
     with engines.load(work["fp32"], cache_dir="") as e:
         assert e.backend == "onnxruntime"
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: True)
+    with engines.load(work["int8"], cache_dir="", intra_op_threads=1) as e:
+        assert e.backend == "onnxruntime"
+    assert [p.label for p in autotune.cpu_paths(e.manifest) if p.backend == "openvino"] == []
 
 
 def test_openvino_check_refuses_wrong_outputs_and_failures(work, tmp_path):
