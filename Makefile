@@ -177,11 +177,14 @@ kd-compare: $(KD_RUN)/eval.json $(ALONE_RUN)/eval.json
 # captions get absent hard negatives appended); phase 2, 1200 steps with the same data and a
 # training-only colour classifier on the head's region features (--colour-aux), without which the
 # head stays colour-blind (docs/results.md section 6). 1.5-3 s/step at 1 thread on this shared CPU:
-# ~25 + ~50 min. package-nano-attr exports both packages (calibrated default threshold, INT8 with no
+# ~25 + ~50 min, then phase 3 below. package-nano-attr exports both packages (calibrated default threshold, INT8 with no
 # FP32 groups) into ATTR_PKG; attributes-nano: the attribute metric of the shipped packages.
 ATTR_RUN ?= runs/nano-attr
 ATTR_RUN2 ?= runs/nano-attr2
 ATTR_PKG ?= runs/pkg
+# phase 1 started from the KD student's package: models/fiber-nano as of commit 040cfe9^ (since
+# re-shipped twice; e.g. `git archive 040cfe9^ models/fiber-nano | tar -x -C /tmp/kd`, then
+# ATTR_INIT_PACKAGE=/tmp/kd/models/fiber-nano)
 ATTR_INIT_PACKAGE ?= models/fiber-nano
 ATTR_DATA_FLAGS = --attribute-prompts 0.8 --hard-negatives 0.5 --colour-prompts 0.35 --caption-swap 0.3
 .PHONY: train-nano-attr package-nano-attr attributes-nano
@@ -195,12 +198,22 @@ $(ATTR_RUN)/final/model.safetensors: runs/shipped-nano/final/model.safetensors |
 $(ATTR_RUN2)/final/model.safetensors: $(ATTR_RUN)/final/model.safetensors
 	OMP_NUM_THREADS=1 $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(ATTR_RUN) --out $(ATTR_RUN2) --max-steps 1200 --batch-size $(NANO_BATCH) $(FINE_FLAGS) --seed 0 $(ATTR_DATA_FLAGS) --colour-aux 1.0 --ckpt-every 200 --no-progress
 
-train-nano-attr: $(ATTR_RUN2)/final/model.safetensors
+# phase 3 (runs/nano-attr3): 2000 more steps of phase 2's recipe from its weights, lr 5e-4 with a
+# 100-step warm-up and cosine decay, seed 3; ~2.3 s/step at 1 thread in fp32 (77 min). As run, the
+# init was the weights of the package phase 2 shipped (runs/shipped-nano, read back exactly by
+# compress.recover from models/fiber-nano of commit 040cfe9); replayed, it is phase 2's final.
+ATTR_RUN3 ?= runs/nano-attr3
+$(ATTR_RUN3)/final/model.safetensors: $(ATTR_RUN2)/final/model.safetensors
+	OMP_NUM_THREADS=1 $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(ATTR_RUN2) --out $(ATTR_RUN3) --max-steps 2000 --schedule cosine --warmup-steps 100 --batch-size $(NANO_BATCH) --lr 5e-4 --text-lr-mult $(TEXT_LR_MULT) --amp $(TRAIN_AMP) --seed 3 $(ATTR_DATA_FLAGS) --colour-aux 1.0 --ckpt-every 200 --no-progress
 
-package-nano-attr: $(ATTR_RUN2)/final/model.safetensors
-	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_RUN2) --config fiber-nano --out $(ATTR_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
-	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint $(ATTR_RUN2) --config fiber-nano --data $(NANO_CALIB_DATA) --out $(ATTR_RUN2)-quant --overwrite
-	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_RUN2) --config fiber-nano --out $(ATTR_PKG)/fiber-nano-int8 --int8 $(ATTR_RUN2)-quant --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
+train-nano-attr: $(ATTR_RUN3)/final/model.safetensors
+
+# the shipped packages: export with a calibrated threshold, quantise, export INT8 (ATTR_SHIP: which run)
+ATTR_SHIP ?= $(ATTR_RUN3)
+package-nano-attr: $(ATTR_SHIP)/final/model.safetensors
+	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint $(ATTR_SHIP) --config fiber-nano --data $(NANO_CALIB_DATA) --out $(ATTR_SHIP)-quant --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano-int8 --int8 $(ATTR_SHIP)-quant --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
 
 attributes-nano:
 	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 200 --seed 1414 --threads 1
