@@ -33,6 +33,7 @@ import numpy as np
 
 from common import package as pkg
 from common.atomic import atomic_write_bytes
+from common.cpu import cpu_flags, cpu_model, read_cpuinfo
 from engines.options import default_cache_dir
 
 CACHE_NAME = "cpu-paths.json"
@@ -98,15 +99,11 @@ def cpu_paths(manifest: Mapping[str, Any]) -> list[CpuPath]:
 
 
 def _processor() -> str:
-    """The CPU model and its instruction-set flags, as one string (Linux: /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
-        model = fields.get("model name\t", fields.get("model name", "")).strip()
-        flags = fields.get("flags\t\t", fields.get("flags\t", fields.get("flags", ""))).strip()
-        return f"{model}|{flags}"
-    except OSError:
+    """The CPU model and its instruction-set flags, as one string."""
+    cpuinfo = read_cpuinfo()
+    if cpuinfo is None:
         return f"{platform.processor()}|{platform.machine()}"
+    return f"{cpu_model(cpuinfo)}|{' '.join(sorted(cpu_flags(cpuinfo)))}"
 
 
 def _versions() -> str:

@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from common.cpu import cpu_flags, read_cpuinfo
 from engines.errors import EngineError
 
 
@@ -45,10 +46,8 @@ def int8_pairs_saturate(cpuinfo: str | None = None) -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
         return False
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False        # not Linux: no flags to read, assume the int32 path
-    flags = set(cpuinfo.split())
+        return False            # not Linux: no flags to read, assume the int32 path
+    flags = cpu_flags(cpuinfo)
     return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.cpu import cpu_flags, read_cpuinfo
 from common.progress import is_terminal
 from fiber.checkpoint import write_checkpoint
 from train import checkpointing as ckpt
@@ -279,13 +280,10 @@ def _check_run_dir(out_dir: Path, resume: bool) -> Path | None:
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU flags (Linux /proc/cpuinfo) name AVX-512 BF16 or AMX BF16."""
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True  # cannot tell (not Linux): do not warn
-    flags = set(cpuinfo.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return True  # cannot tell (not Linux): do not warn
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
