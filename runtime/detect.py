@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 
-from engines import EngineError
+from engines import EngineError, openvino_int8_saturates
 from runtime.draw import backend as draw_backend
 from runtime.draw import draw_detections
 from runtime.outputs import ImageSink, JsonlWriter, StageStats, UsageError, VideoSink, make_sink
@@ -207,7 +207,8 @@ def backend_line(detector: Detector, threads: int | None) -> str:
         line += f", deformable convs: {deform}"
     wanted = (detector.manifest.get("graphs", {}).get("detector", {}) or {}).get("cpu_backend")
     if (detector.backend == "onnxruntime" and wanted == "openvino"
-            and importlib.util.find_spec("openvino") is None):
+            and importlib.util.find_spec("openvino") is None
+            and not openvino_int8_saturates(detector.manifest)):  # no VNNI: OpenVINO int8 clips
         line += (" (OpenVINO, an extra, is often faster on x86 CPUs; the fastest path is picked by timing: "
                  "pip install 'fiber-edge[openvino]')")
     return line

@@ -122,6 +122,13 @@ def test_backend_line_suggests_openvino_when_the_package_wants_it(toy, monkeypat
     line = detect.backend_line(Fake(), None)
     assert line.startswith("fiber-detect: fiber-nano-int8 on onnxruntime (OpenVINO")
     assert "pip install 'fiber-edge[openvino]'" in line
+    import engines.options
+
+    Fake.manifest = {"precision": "int8", "graphs": {"detector": {"cpu_backend": "openvino"}}}
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: True)
+    assert detect.backend_line(Fake(), None) == "fiber-detect: fiber-nano-int8 on onnxruntime"  # no VNNI: no hint
+    monkeypatch.setattr(engines.options, "int8_pairs_saturate", lambda cpuinfo=None: False)
+    assert "pip install 'fiber-edge[openvino]'" in detect.backend_line(Fake(), None)
     Fake.backend = "openvino"
     assert detect.backend_line(Fake(), 2) == "fiber-detect: fiber-nano-int8 on openvino, 2 threads"
 
