@@ -6,13 +6,16 @@ CPU path (engines.autotune).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
 
 
+@functools.lru_cache(maxsize=1)
 def read_cpuinfo() -> str | None:
-    """/proc/cpuinfo's text, or None where there is none (not Linux)."""
+    """/proc/cpuinfo's text, or None where there is none (not Linux); read once per process (every
+    package load asks, the answer does not change)."""
     try:
         return CPUINFO.read_text()
     except OSError:

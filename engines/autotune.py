@@ -18,6 +18,7 @@ OpenVINO: its int8 kernels saturate there (``engines.openvino_int8_saturates``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -73,8 +74,10 @@ class PathChoice:
         return f"fastest of {len(self.ms)} CPU paths here ({times}; {how})"
 
 
+@functools.lru_cache(maxsize=1)
 def openvino_has_bf16() -> bool:
-    """True when OpenVINO's CPU plugin reports native bf16 (AVX-512 BF16 or AMX)."""
+    """True when OpenVINO's CPU plugin reports native bf16 (AVX-512 BF16 or AMX); asked once per
+    process (it starts an OpenVINO Core)."""
     try:
         import openvino as ov
 
