@@ -171,6 +171,43 @@ def test_fine_param_groups_scale_the_text_tower(data_dir):
             assert g["lr_mult"] == (0.1 if names[id(p)].startswith("backbone.text.") else 1.0)
 
 
+def test_fine_param_groups_fusion_lr_mult_covers_both_towers_fusion(data_dir):
+    """--fusion-lr-mult: every i2t / t2i parameter (image and text tower) at that multiplier,
+    the rest of the text tower still at text_lr_mult."""
+    from train.tasks import FineOptions
+    task = FineTask(CFG, load_stage2(data_dir, CFG),
+                    options=FineOptions(text_lr_mult=0.1, fusion_lr_mult=5.0))
+    model = task.build_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in task.param_groups(model, TrainConfig()):
+        for p in g["params"]:
+            n = names[id(p)]
+            fused = "i2t" in n or "t2i" in n
+            want = 5.0 if fused else 0.1 if n.startswith("backbone.text.") else 1.0
+            assert g["lr_mult"] == want, n
+            seen.add(("t2i" in n, "i2t" in n))
+    assert (True, False) in seen and (False, True) in seen  # both towers' fusion present
+    assert task.checkpoint_config()["stage"]["fusion_lr_mult"] == 5.0
+
+
+def test_relation_repeat_repeats_only_relation_entries(data_dir):
+    plain = load_stage2(data_dir, CFG)
+    rel = [s for s in plain.grounding if s.has_relation]
+    assert rel, "the synthetic data has relation entries"
+    twice = load_stage2(data_dir, CFG, Stage2Options(relation_repeat=3))
+    assert len(twice) == len(plain) + 2 * len(rel)
+    ids = [s.id for s in twice.grounding]
+    assert ids[:len(plain.grounding)] == [s.id for s in plain.grounding]
+    assert ids[len(plain.grounding):] == [s.id for s in rel] * 2
+    extra = len(plain.grounding)  # a repeated entry gives the same sample as its original
+    first = ids.index(ids[extra])
+    a, b = twice[first], twice[extra]
+    assert a.prompt == b.prompt and np.array_equal(a.boxes, b.boxes) and a.image == b.image
+    with pytest.raises(ValueError, match="relation-repeat"):
+        load_stage2(data_dir, CFG, Stage2Options(relation_repeat=0))
+
+
 def test_late_fusion_config_has_no_fused_layers():
     late = model_config("fiber-tiny-test", late_fusion=True)
     assert late == model_config("fiber-tiny-test-late")

@@ -316,14 +316,18 @@ class GroundingTrainDataset:
 
     grounding / detection: loaded datasets (either may be None, not both).
     max_negatives: cap on the random negative class names of a detection prompt.
+    relation_repeat: each grounding entry with a spatial relation or superlative appears this many
+    times (the extra copies follow the data; detection images are not repeated).
     """
 
     def __init__(self, grounding: GroundingDataset | None, detection: DetectionDataset | None,
                  cache: LetterboxCache, tokenizer: PromptTokenizer, max_text_len: int,
                  max_negatives: int = 85, attributes: AttributeOptions | None = None,
-                 object_colours: dict[int, str] | None = None):
+                 object_colours: dict[int, str] | None = None, relation_repeat: int = 1):
         if grounding is None and detection is None:
             raise ValueError("stage-2 data needs grounding entries or detection images")
+        if relation_repeat < 1:
+            raise ValueError(f"relation-repeat must be >= 1, got {relation_repeat}")
         self.attributes = attributes or AttributeOptions()
         self.attributes.check()
         if self.attributes.active and (detection is None or object_colours is None):
@@ -332,6 +336,8 @@ class GroundingTrainDataset:
         self.cache, self.tok, self.pad_id = cache, tokenizer, tokenizer.pad_id
         self.max_text_len, self.max_negatives = max_text_len, max_negatives
         self.grounding = list(grounding.samples) if grounding is not None else []
+        # entries with a spatial relation / superlative appended again (relation_repeat - 1) times
+        self.grounding += [s for s in self.grounding if s.has_relation] * (relation_repeat - 1)
         self.detection = list(detection.images) if detection is not None else []
         self.names = dict(detection.categories) if detection is not None else {}
         self.g_images = [cache.add(s.image) for s in self.grounding]
@@ -510,6 +516,7 @@ class Stage2Options:
     grounding: bool = True       # use DATA/grounding.json (captions + referring expressions)
     detection: bool = True       # use DATA/detection.json (class-name prompts with negatives)
     max_negatives: int = 85      # RANDOM_SAMPLE_NEG of the official O365 config
+    relation_repeat: int = 1     # each grounding entry with has_relation this many times per epoch
     attributes: AttributeOptions = AttributeOptions()  # colour-kind prompts, hard negatives
 
 
@@ -541,6 +548,6 @@ def load_stage2(data_dir: str | Path, cfg: ModelConfig, options: Stage2Options =
         colours = load_object_colours(root / DETECTION_FILE)
     data = GroundingTrainDataset(grounding, detection, cache, build_tokenizer(cfg),
                                  cfg.max_text_len, options.max_negatives, options.attributes,
-                                 colours)
+                                 colours, options.relation_repeat)
     cache.load(progress)
     return data

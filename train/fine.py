@@ -51,6 +51,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
+    p.add_argument("--fusion-lr-mult", type=float, default=None, metavar="M",
+                   help="lr multiplier of every fusion parameter (i2t in the image tower, t2i in "
+                        "the text tower); default: each follows its tower, as in official FIBER "
+                        "fine (t2i at --text-lr-mult); FIBER coarse uses 5")
+    p.add_argument("--relation-repeat", type=int, default=1, metavar="N",
+                   help="show each grounding entry with a spatial relation or superlative N times "
+                        "per epoch (1: as in the data)")
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
@@ -66,14 +73,15 @@ def _run(args: argparse.Namespace) -> str:
         if is_main_process():
             print(report.summary(), flush=True)
     options = Stage2Options(grounding=args.grounding, detection=args.detection,
-                            max_negatives=args.max_negatives,
+                            max_negatives=args.max_negatives, relation_repeat=args.relation_repeat,
                             attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
                                                         args.max_hard_negatives, args.colour_prompts,
                                                         args.caption_swap))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
-                                init=str(args.init), colour_aux=args.colour_aux))
+                                init=str(args.init), colour_aux=args.colour_aux,
+                                fusion_lr_mult=args.fusion_lr_mult))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

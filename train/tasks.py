@@ -134,6 +134,9 @@ class FineOptions:
     text_init: str = "none"         # "none" | "minilm" (only without an init checkpoint)
     init: str = "none"              # where the weights came from (recorded in config.json)
     colour_aux: float = 0.0         # weight of the auxiliary colour loss on the region features
+    # lr multiplier of every fusion parameter (names with "i2t" / "t2i", both towers); None = the
+    # official fine rule: each follows its tower (t2i at text_lr_mult). FIBER coarse uses 5.
+    fusion_lr_mult: float | None = None
 
 
 class FineTask(BaseTask):
@@ -215,14 +218,17 @@ class FineTask(BaseTask):
         return {k: v for k, v in state.items() if not k.startswith("colour_aux.")}
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
-        return make_param_groups(model, cfg.weight_decay,
-                                 (("backbone.text.", self.options.text_lr_mult),))
+        rules = (("backbone.text.", self.options.text_lr_mult),)
+        if self.options.fusion_lr_mult is not None:  # first matching rule wins: fusion before tower
+            rules = (("i2t", self.options.fusion_lr_mult), ("t2i", self.options.fusion_lr_mult)) + rules
+        return make_param_groups(model, cfg.weight_decay, rules)
 
     def checkpoint_config(self) -> dict:
         return {"model": self.cfg.to_dict(), "task": "fine",
                 "stage": {"init": self.options.init, "text_init": self.options.text_init,
                           "text_lr_mult": self.options.text_lr_mult,
-                          "colour_aux": self.options.colour_aux}}
+                          "colour_aux": self.options.colour_aux,
+                          "fusion_lr_mult": self.options.fusion_lr_mult}}
 
 
 # ----------------------------------------------------------------------------- init weights
