@@ -144,6 +144,9 @@ class HeadConfig:
     use_p6: bool = False                      # extra stride-64 FPN level (official: P6 + P7)
     use_p7: bool = False                      # stride-128 level from ReLU(P6) (official LastLevelP6P7); needs use_p6
     gn_groups: int = 16                       # GroupNorm groups in the head tower (official 16)
+    # light head only: add a learned linear map of each location's normalised (x, y) to its region
+    # feature, so a token can prefer a side of the image ("left of", "the topmost"); not in FIBER
+    position_features: bool = False
     queue_size: int = 1024                    # ITC feature queue length (official 4096)
     # DyHead only (the light head keeps log_scale 0 and the 5e4 clamp):
     num_classes: int = 80                     # cls_logits outputs = official score columns (NUM_CLASSES - 1)
@@ -159,6 +162,8 @@ class HeadConfig:
         _check(self.kind in HEAD_KINDS, f"head: kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
         _check(self.fpn_channels % self.gn_groups == 0,
                f"head: {self.fpn_channels} channels not divisible by {self.gn_groups} GroupNorm groups")
+        _check(not (self.position_features and self.kind == "dyhead"),
+               "head: position_features is a light-head option (the DyHead is the official one)")
         if self.kind == "dyhead":
             _check(self.proj_dim == self.fpn_channels,
                    f"head: the DyHead projects tokens to the tower width, proj_dim {self.proj_dim} "
@@ -442,7 +447,8 @@ register_config(ModelConfig(
     text=TextConfig(hidden_size=384, num_layers=4, num_heads=12, intermediate_size=1536,
                     max_position_embeddings=512, **_BERT_VOCAB),
     fusion=FusionConfig(num_fused_layers=3, i2t_prenorm=True),
-    head=HeadConfig(fpn_channels=64, num_convs=2, proj_dim=64),
+    # position_features: relations and superlatives pick one of identical twins (fiber.heads.grounding)
+    head=HeadConfig(fpn_channels=64, num_convs=2, proj_dim=64, position_features=True),
     max_text_len=64,
 ))
 

@@ -101,9 +101,10 @@ def test_fpn_shapes(use_p6):
 
 # ----------------------------------------------------------------------------- grounding head
 
-def _head(proj_dim=16, text_dim=12):
+def _head(proj_dim=16, text_dim=12, position_features=False):
     torch.manual_seed(0)
-    return GroundingHead(16, text_dim, strides=(8, 16, 32), num_convs=2, proj_dim=proj_dim)
+    return GroundingHead(16, text_dim, strides=(8, 16, 32), num_convs=2, proj_dim=proj_dim,
+                         position_features=position_features)
 
 
 def _features(b=2):
@@ -159,9 +160,42 @@ def test_padding_tokens_do_not_leak():
     assert torch.equal(a, b)
 
 
-def test_head_exports_to_onnx_with_dynamic_tokens():
+def test_position_features_start_as_the_plain_head_and_can_prefer_a_side():
+    """Zero-initialised position map: the same logits as the head without it. A map that gives
+    a token the direction -x adds POSITION_SCALE * (0.5 - x / W) to its logits: of twins (the
+    same feature at two places) the left one scores higher."""
+    from fiber.heads.grounding import POSITION_SCALE
+    plain, pos = _head(), _head(position_features=True)
+    pos.load_state_dict({**plain.state_dict(), "region_position": torch.zeros(2, 16)})
+    text, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.long)
+    feats = _features()
+    base = plain(feats, text, mask).token_logits
+    assert torch.equal(base, pos(feats, text, mask).token_logits)
+    with torch.no_grad():
+        t, _ = pos.project_text(text, mask)
+        pos.region_position[0] = -t[0, 0] / t[0, 0].norm() ** 2  # token 0 of sample 0: <p, (-1, 0)>
+    added = pos(feats, text, mask).token_logits - base
+    level0 = added[0, :64, 0].reshape(8, 8)  # stride 8, rows y, columns x
+    step = POSITION_SCALE * 8 / 64  # one column of the 64 px input
+    np.testing.assert_allclose((level0[:, :-1] - level0[:, 1:]).detach().numpy(), step, rtol=1e-4)
+    assert torch.allclose(level0[1:], level0[:-1], atol=1e-5)  # no preference along y
+    np.testing.assert_allclose(level0[0, 0].item(), POSITION_SCALE * (0.5 - 4 / 64), rtol=1e-4)
+
+
+def test_position_features_are_a_light_head_option():
+    from fiber.config import HeadConfig
+    HeadConfig(kind="light", position_features=True).validate()
+    with pytest.raises(ValueError, match="position_features"):
+        HeadConfig(kind="dyhead", position_features=True).validate()
+
+
+@pytest.mark.parametrize("position_features", [False, True])
+def test_head_exports_to_onnx_with_dynamic_tokens(position_features):
     ort = pytest.importorskip("onnxruntime")
-    head = _head().eval()
+    head = _head(position_features=position_features).eval()
+    if position_features:
+        with torch.no_grad():
+            head.region_position.normal_()
 
     class Wrap(torch.nn.Module):
         def __init__(self):

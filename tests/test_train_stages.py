@@ -245,6 +245,19 @@ def test_coarse_then_fine_end_to_end(coarse_run, data_dir, tmp_path):
     assert "itm_score.fc.weight" in report.dropped and any(k.startswith("head.") for k in report.fresh)
 
 
+def test_init_grows_into_position_features_and_nothing_else(coarse_run):
+    """A checkpoint without the head's position features initialises a config that adds them (the
+    new parameter starts at zero); any other difference is still refused."""
+    import dataclasses
+    from fiber.checkpoint import CheckpointError
+    grown = CFG.replace(head=dataclasses.replace(CFG.head, position_features=True))
+    state, report = load_init(coarse_run, grown)
+    assert "head.region_position" in report.fresh and state.keys() == load_init(coarse_run, CFG)[0].keys()
+    other = grown.replace(head=dataclasses.replace(grown.head, num_convs=CFG.head.num_convs + 1))
+    with pytest.raises(CheckpointError, match="differs from the registered"):
+        load_init(coarse_run, other)
+
+
 def test_fine_refuses_an_init_of_another_config(coarse_run, data_dir, tmp_path, capsys):
     out = tmp_path / "late"
     assert _fine(data_dir, out, "--init", str(coarse_run), "--late-fusion") == 2

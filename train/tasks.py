@@ -259,10 +259,18 @@ def _prefixes(keys: tuple[str, ...]) -> str:
     return ", ".join(shown) + (", ..." if len(heads) > len(shown) else "")
 
 
+def _grows_into(old: ModelConfig, new: ModelConfig) -> bool:
+    """True when ``new`` is ``old`` plus the light head's position features, whose parameter starts
+    at zero, so ``old``'s weights give the same outputs under ``new``."""
+    head = dataclasses.replace(old.head, position_features=True)
+    return new.head.position_features and not old.head.position_features and old.replace(head=head) == new
+
+
 def load_init(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], InitReport]:
     """Starting weights for a ``FiberForGrounding(cfg)`` from a coarse or fine checkpoint / run.
 
-    Refuses (CheckpointError) a checkpoint of another config, one missing backbone tensors, or
+    Refuses (CheckpointError) a checkpoint of another config (one without the head's position
+    features of ``cfg`` is accepted: that parameter starts at zero), one missing backbone tensors, or
     one whose shapes differ. Keys the fine model does not have are dropped; FPN/head keys the
     checkpoint lacks stay freshly initialised. Returns ``(state_dict subset, report)``.
     """
@@ -272,7 +280,7 @@ def load_init(path: str | Path, cfg: ModelConfig) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"--init {folder} holds config '{ckpt_cfg.name}', but this run is "
                               f"'{cfg.name}'; use a checkpoint of '{cfg.name}' or --config "
                               f"{ckpt_cfg.name}")
-    if ckpt_cfg != cfg:
+    if ckpt_cfg != cfg and not _grows_into(ckpt_cfg, cfg):
         raise CheckpointError(f"--init {folder}: config '{cfg.name}' differs from the registered "
                               f"one (an older definition?); retrain the init run")
     own = {k: tuple(v.shape) for k, v in FiberForGrounding(cfg).state_dict().items()}

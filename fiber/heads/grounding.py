@@ -24,6 +24,14 @@ Head (GLIP ``VLDyHead`` with ``USE_DOT_PRODUCT_TOKEN_LOSS``, ``EARLY_FUSE_ON: Fa
   ``log_scale`` starts at 0, ``bias_lang`` at 0 and ``bias0`` at ``-log((1 - p) / p)`` (p = 0.01).
   Padding tokens therefore get ``<f_a, b_text> + bias0``: meaningless values that the loss masks
   and that consumers must ignore (the runtime only reads tokens of a phrase).
+- ``position_features`` (not in GLIP or FIBER; fiber-nano): ``f_a += POSITION_SCALE * p_a @
+  region_position`` with ``p_a`` the location's anchor centre over the input width and height,
+  minus 0.5 (so in [-0.5, 0.5]), and ``region_position`` ``[2, P]`` starting at zero (the head is
+  unchanged until it learns). The logit gains ``<p_a, region_position @ t_j>``: a token can prefer
+  a side of the image. Region features are otherwise translation-equivariant, so identical twins
+  score alike and "the red star left of the blue ring" or "the leftmost red star" is a coin toss
+  between them; in the synthetic data the target of a relation is also the extreme of its twins
+  in that direction. ``POSITION_SCALE`` lets Adam's lr-sized steps move the logits at a useful rate.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from torch import nn
 from fiber.box_ops import BoxCoder, make_anchors
 
 LOGIT_CLAMP = 50000.0  # GLIP CLAMP_DOT_PRODUCT
+POSITION_SCALE = 4.0   # position_features: the normalised centres [-0.5, 0.5] times this
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ class GroundingHead(nn.Module):
 
     def __init__(self, in_channels: int, text_dim: int, strides: Sequence[int], num_convs: int = 2,
                  proj_dim: int | None = None, prior_prob: float = 0.01, anchor_scale: float = 8.0,
-                 gn_groups: int = 16):
+                 gn_groups: int = 16, position_features: bool = False):
         super().__init__()
         if in_channels % gn_groups:
             raise ValueError(f"grounding head: {in_channels} channels not divisible by {gn_groups} GroupNorm groups")
@@ -152,6 +161,7 @@ class GroundingHead(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1))
         self.bias_lang = nn.Parameter(torch.zeros(text_dim))
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - prior_prob) / prior_prob)]))
+        self.region_position = nn.Parameter(torch.zeros(2, proj_dim)) if position_features else None
 
     def forward(self, features: Sequence[torch.Tensor], text: torch.Tensor,
                 attention_mask: torch.Tensor) -> GroundingOutput:
@@ -169,8 +179,10 @@ class GroundingHead(nn.Module):
             sizes.append((x.shape[-2], x.shape[-1]))
         box_deltas = torch.cat(deltas, dim=1)
         regions = torch.cat(regions, dim=1)                                         # [B, N, P]
-        logits = alignment_logits(regions, tokens, token_bias, self.log_scale)      # [B, N, T]
         anchors = make_anchors(sizes, self.strides, self.anchor_scale, box_deltas.device, box_deltas.dtype)
+        if self.region_position is not None:
+            regions = regions + self.position_term(anchors, sizes[0]).to(regions.dtype)
+        logits = alignment_logits(regions, tokens, token_bias, self.log_scale)      # [B, N, T]
         return GroundingOutput(
             box_deltas=box_deltas,
             boxes=self.box_coder.decode(box_deltas, anchors),
@@ -179,6 +191,14 @@ class GroundingHead(nn.Module):
             anchors=anchors,
             level_sizes=tuple(int(h) * int(w) for h, w in sizes),
         )
+
+    def position_term(self, anchors: torch.Tensor, first_size: tuple[int, int]) -> torch.Tensor:
+        """``POSITION_SCALE * p @ region_position`` ``[N, P]``: ``p`` the anchor centres over the
+        input size (level 0's grid times its stride), minus 0.5."""
+        h, w = first_size[0] * self.strides[0], first_size[1] * self.strides[0]
+        centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+        p = centre / torch.tensor([w, h], dtype=centre.dtype, device=centre.device) - 0.5
+        return POSITION_SCALE * (p @ self.region_position.to(p.dtype))
 
     def project_text(self, text: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused text ``[B, T, D]`` -> projected tokens ``[B, T, P]`` and per-token bias ``[B, T]``."""
@@ -248,4 +268,4 @@ def build_grounding_head(cfg) -> GroundingHead:
         in_channels=opts.fpn_channels, text_dim=cfg.text.hidden_size,
         strides=fpn_strides(cfg.swin.patch_size, opts.use_p6, opts.use_p7), num_convs=opts.num_convs,
         proj_dim=opts.proj_dim, prior_prob=opts.prior_prob, anchor_scale=opts.anchor_scale,
-        gn_groups=opts.gn_groups)
+        gn_groups=opts.gn_groups, position_features=opts.position_features)
