@@ -163,23 +163,24 @@ def test_padding_tokens_do_not_leak():
 def test_position_features_start_as_the_plain_head_and_can_prefer_a_side():
     """Zero-initialised position map: the same logits as the head without it. A map that gives
     a token the direction -x adds POSITION_SCALE * (0.5 - x / W) to its logits: of twins (the
-    same feature at two places) the left one scores higher."""
+    same feature at two places) the left one scores higher; padding tokens get nothing."""
     from fiber.heads.grounding import POSITION_SCALE
     plain, pos = _head(), _head(position_features=True)
-    pos.load_state_dict({**plain.state_dict(), "region_position": torch.zeros(2, 16)})
-    text, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.long)
+    pos.load_state_dict({**plain.state_dict(), "position_text": torch.zeros(12, 2)})
+    text, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     feats = _features()
     base = plain(feats, text, mask).token_logits
     assert torch.equal(base, pos(feats, text, mask).token_logits)
+    e0 = text[0, 0] / text[0, 0].norm()
     with torch.no_grad():
-        t, _ = pos.project_text(text, mask)
-        pos.region_position[0] = -t[0, 0] / t[0, 0].norm() ** 2  # token 0 of sample 0: <p, (-1, 0)>
+        pos.position_text[:, 0] = -2 * e0  # token 0 of sample 0: (e0 / 2) . (-2 e0) = -1 along x
     added = pos(feats, text, mask).token_logits - base
     level0 = added[0, :64, 0].reshape(8, 8)  # stride 8, rows y, columns x
     step = POSITION_SCALE * 8 / 64  # one column of the 64 px input
     np.testing.assert_allclose((level0[:, :-1] - level0[:, 1:]).detach().numpy(), step, rtol=1e-4)
     assert torch.allclose(level0[1:], level0[:-1], atol=1e-5)  # no preference along y
     np.testing.assert_allclose(level0[0, 0].item(), POSITION_SCALE * (0.5 - 4 / 64), rtol=1e-4)
+    assert torch.equal(added[1, :, 3:], torch.zeros_like(added[1, :, 3:]))  # padding
 
 
 def test_position_features_are_a_light_head_option():
@@ -195,7 +196,7 @@ def test_head_exports_to_onnx_with_dynamic_tokens(position_features):
     head = _head(position_features=position_features).eval()
     if position_features:
         with torch.no_grad():
-            head.region_position.normal_()
+            head.position_text.normal_()
 
     class Wrap(torch.nn.Module):
         def __init__(self):

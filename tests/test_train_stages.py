@@ -252,7 +252,7 @@ def test_init_grows_into_position_features_and_nothing_else(coarse_run):
     from fiber.checkpoint import CheckpointError
     grown = CFG.replace(head=dataclasses.replace(CFG.head, position_features=True))
     state, report = load_init(coarse_run, grown)
-    assert "head.region_position" in report.fresh and state.keys() == load_init(coarse_run, CFG)[0].keys()
+    assert "head.position_text" in report.fresh and state.keys() == load_init(coarse_run, CFG)[0].keys()
     other = grown.replace(head=dataclasses.replace(grown.head, num_convs=CFG.head.num_convs + 1))
     with pytest.raises(CheckpointError, match="differs from the registered"):
         load_init(coarse_run, other)

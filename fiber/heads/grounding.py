@@ -24,14 +24,18 @@ Head (GLIP ``VLDyHead`` with ``USE_DOT_PRODUCT_TOKEN_LOSS``, ``EARLY_FUSE_ON: Fa
   ``log_scale`` starts at 0, ``bias_lang`` at 0 and ``bias0`` at ``-log((1 - p) / p)`` (p = 0.01).
   Padding tokens therefore get ``<f_a, b_text> + bias0``: meaningless values that the loss masks
   and that consumers must ignore (the runtime only reads tokens of a phrase).
-- ``position_features`` (not in GLIP or FIBER; fiber-nano): ``f_a += POSITION_SCALE * p_a @
-  region_position`` with ``p_a`` the location's anchor centre over the input width and height,
-  minus 0.5 (so in [-0.5, 0.5]), and ``region_position`` ``[2, P]`` starting at zero (the head is
-  unchanged until it learns). The logit gains ``<p_a, region_position @ t_j>``: a token can prefer
-  a side of the image. Region features are otherwise translation-equivariant, so identical twins
-  score alike and "the red star left of the blue ring" or "the leftmost red star" is a coin toss
-  between them; in the synthetic data the target of a relation is also the extreme of its twins
-  in that direction. ``POSITION_SCALE`` lets Adam's lr-sized steps move the logits at a useful rate.
+- ``position_features`` (not in GLIP or FIBER; fiber-nano): two more channels on each side of the
+  dot product. A location's are its anchor centre over the input width and height minus 0.5 (in
+  [-0.5, 0.5]) times ``POSITION_SCALE``; a token's are ``(e_j / 2) @ position_text`` from its own
+  normalised text state, ``position_text`` ``[D, 2]`` starting at zero (the head is unchanged until
+  it learns). So ``logit[a, j] += POSITION_SCALE * <p_a, (e_j / 2) @ position_text>``: a token can
+  prefer a side of the image. Region features are otherwise translation-equivariant, so identical
+  twins score alike and "the red star left of the blue ring" or "the leftmost red star" is a coin
+  toss between them (in the synthetic data a relation's target is also the extreme of its twins in
+  that direction). The token side reads the text state, not the projected token: a first version
+  that added ``p_a @ W`` to the region feature (so the token's direction was ``W t_j``) stayed at
+  zero, the bilinear saddle of section 8 of docs/results.md (the projected tokens had no direction
+  component for ``W`` to grow from, and ``W`` was zero for them to grow one).
 """
 from __future__ import annotations
 
@@ -161,7 +165,7 @@ class GroundingHead(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1))
         self.bias_lang = nn.Parameter(torch.zeros(text_dim))
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - prior_prob) / prior_prob)]))
-        self.region_position = nn.Parameter(torch.zeros(2, proj_dim)) if position_features else None
+        self.position_text = nn.Parameter(torch.zeros(text_dim, 2)) if position_features else None
 
     def forward(self, features: Sequence[torch.Tensor], text: torch.Tensor,
                 attention_mask: torch.Tensor) -> GroundingOutput:
@@ -180,9 +184,9 @@ class GroundingHead(nn.Module):
         box_deltas = torch.cat(deltas, dim=1)
         regions = torch.cat(regions, dim=1)                                         # [B, N, P]
         anchors = make_anchors(sizes, self.strides, self.anchor_scale, box_deltas.device, box_deltas.dtype)
-        if self.region_position is not None:
-            regions = regions + self.position_term(anchors, sizes[0]).to(regions.dtype)
         logits = alignment_logits(regions, tokens, token_bias, self.log_scale)      # [B, N, T]
+        if self.position_text is not None:
+            logits = logits + self.position_logits(anchors, sizes[0], text, attention_mask).to(logits.dtype)
         return GroundingOutput(
             box_deltas=box_deltas,
             boxes=self.box_coder.decode(box_deltas, anchors),
@@ -192,13 +196,17 @@ class GroundingHead(nn.Module):
             level_sizes=tuple(int(h) * int(w) for h, w in sizes),
         )
 
-    def position_term(self, anchors: torch.Tensor, first_size: tuple[int, int]) -> torch.Tensor:
-        """``POSITION_SCALE * p @ region_position`` ``[N, P]``: ``p`` the anchor centres over the
-        input size (level 0's grid times its stride), minus 0.5."""
+    def position_logits(self, anchors: torch.Tensor, first_size: tuple[int, int], text: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+        """``POSITION_SCALE * <p_a, (e_j / 2) @ position_text>`` ``[B, N, T]``: ``p_a`` the anchor
+        centres over the input size (level 0's grid times its stride) minus 0.5, ``e_j`` the
+        normalised text states (zero at padding), as in ``project_text``."""
         h, w = first_size[0] * self.strides[0], first_size[1] * self.strides[0]
         centre = (anchors[:, :2] + anchors[:, 2:]) / 2
-        p = centre / torch.tensor([w, h], dtype=centre.dtype, device=centre.device) - 0.5
-        return POSITION_SCALE * (p @ self.region_position.to(p.dtype))
+        p = centre / torch.tensor([w, h], dtype=centre.dtype, device=centre.device) - 0.5   # [N, 2]
+        e = F.normalize(text * attention_mask.unsqueeze(-1).to(text.dtype), p=2, dim=-1)
+        q = (e / 2.0) @ self.position_text.to(e.dtype)                                    # [B, T, 2]
+        return POSITION_SCALE * torch.matmul(p.to(q.dtype), q.transpose(1, 2))             # [B, N, T]
 
     def project_text(self, text: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused text ``[B, T, D]`` -> projected tokens ``[B, T, P]`` and per-token bias ``[B, T]``."""
