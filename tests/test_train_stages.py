@@ -191,6 +191,19 @@ def test_fine_param_groups_fusion_lr_mult_covers_both_towers_fusion(data_dir):
     assert task.checkpoint_config()["stage"]["fusion_lr_mult"] == 5.0
 
 
+def test_fine_param_groups_position_lr_mult(data_dir):
+    import dataclasses
+    from train.tasks import FineOptions
+    cfg = CFG.replace(head=dataclasses.replace(CFG.head, position_features=True))
+    task = FineTask(cfg, load_stage2(data_dir, cfg),
+                    options=FineOptions(text_lr_mult=0.1, position_lr_mult=10.0))
+    model = task.build_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    mults = {names[id(p)]: g["lr_mult"] for g in task.param_groups(model, TrainConfig()) for p in g["params"]}
+    assert mults.pop("head.position_text") == 10.0
+    assert set(mults.values()) == {0.1, 1.0}
+
+
 def test_relation_repeat_repeats_only_relation_entries(data_dir):
     plain = load_stage2(data_dir, CFG)
     rel = [s for s in plain.grounding if s.has_relation]

@@ -55,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lr multiplier of every fusion parameter (i2t in the image tower, t2i in "
                         "the text tower); default: each follows its tower, as in official FIBER "
                         "fine (t2i at --text-lr-mult); FIBER coarse uses 5")
+    p.add_argument("--position-lr-mult", type=float, default=1.0, metavar="M",
+                   help="lr multiplier of the head's position features (configs with "
+                        "head.position_features): their signal comes only from the few phrases "
+                        "that name a side, so at 1x they drift like noise")
     p.add_argument("--relation-repeat", type=int, default=1, metavar="N",
                    help="show each grounding entry with a spatial relation or superlative N times "
                         "per epoch (1: as in the data)")
@@ -81,7 +85,8 @@ def _run(args: argparse.Namespace) -> str:
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
                                 init=str(args.init), colour_aux=args.colour_aux,
-                                fusion_lr_mult=args.fusion_lr_mult))
+                                fusion_lr_mult=args.fusion_lr_mult,
+                                position_lr_mult=args.position_lr_mult))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

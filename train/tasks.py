@@ -137,6 +137,7 @@ class FineOptions:
     # lr multiplier of every fusion parameter (names with "i2t" / "t2i", both towers); None = the
     # official fine rule: each follows its tower (t2i at text_lr_mult). FIBER coarse uses 5.
     fusion_lr_mult: float | None = None
+    position_lr_mult: float = 1.0   # lr multiplier of the head's position_text (position features)
 
 
 class FineTask(BaseTask):
@@ -218,7 +219,8 @@ class FineTask(BaseTask):
         return {k: v for k, v in state.items() if not k.startswith("colour_aux.")}
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
-        rules = (("backbone.text.", self.options.text_lr_mult),)
+        rules = (("backbone.text.", self.options.text_lr_mult),
+                 ("head.position_text", self.options.position_lr_mult))
         if self.options.fusion_lr_mult is not None:  # first matching rule wins: fusion before tower
             rules = (("i2t", self.options.fusion_lr_mult), ("t2i", self.options.fusion_lr_mult)) + rules
         return make_param_groups(model, cfg.weight_decay, rules)
@@ -228,7 +230,8 @@ class FineTask(BaseTask):
                 "stage": {"init": self.options.init, "text_init": self.options.text_init,
                           "text_lr_mult": self.options.text_lr_mult,
                           "colour_aux": self.options.colour_aux,
-                          "fusion_lr_mult": self.options.fusion_lr_mult}}
+                          "fusion_lr_mult": self.options.fusion_lr_mult,
+                          "position_lr_mult": self.options.position_lr_mult}}
 
 
 # ----------------------------------------------------------------------------- init weights

@@ -50,7 +50,7 @@ from torch import nn
 from fiber.box_ops import BoxCoder, make_anchors
 
 LOGIT_CLAMP = 50000.0  # GLIP CLAMP_DOT_PRODUCT
-POSITION_SCALE = 4.0   # position_features: the normalised centres [-0.5, 0.5] times this
+POSITION_SCALE = 32.0  # position_features: the normalised centres [-0.5, 0.5] times this
 
 
 @dataclass(frozen=True)
