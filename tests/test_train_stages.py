@@ -204,6 +204,33 @@ def test_fine_param_groups_position_lr_mult(data_dir):
     assert set(mults.values()) == {0.1, 1.0}
 
 
+def test_position_from_relations_trains_position_text_only_on_relation_samples(data_dir):
+    """--position-from-relations: a batch without relation or superlative text sends no gradient to
+    the head's position_text, one with them does; the rest of the model learns from both, and
+    the mask is cleared after the forward pass."""
+    import dataclasses
+    from train.tasks import FineOptions
+    cfg = CFG.replace(head=dataclasses.replace(CFG.head, position_features=True))
+    data = load_stage2(data_dir, cfg, Stage2Options(detection=False))
+    task = FineTask(cfg, data, options=FineOptions(position_from_relations=True))
+    model = task.build_model().train()
+    with torch.no_grad():
+        model.head.position_text.normal_()  # a non-zero map, so the text side gets gradient too
+    rel = [i for i, s in enumerate(data.grounding) if s.has_relation][:2]
+    plain = [i for i, s in enumerate(data.grounding) if not s.has_relation][:2]
+    grads = []
+    for idx in (plain, rel):
+        model.zero_grad()
+        batch = task.collate([data[i] for i in idx])
+        assert batch["has_relation"].tolist() == [bool(idx is rel)] * 2
+        task.loss(model, batch, 0)["loss"].backward()
+        assert model.head.position_grad_mask is None
+        grads.append((model.head.position_text.grad.norm().item(),
+                      model.head.dot_product_projection_text.weight.grad.norm().item()))
+    assert grads[0][0] == 0.0 and grads[1][0] > 0
+    assert grads[0][1] > 0 and grads[1][1] > 0
+
+
 def test_relation_repeat_repeats_only_relation_entries(data_dir):
     plain = load_stage2(data_dir, CFG)
     rel = [s for s in plain.grounding if s.has_relation]

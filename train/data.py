@@ -217,6 +217,7 @@ class GroundingItem:
     prompt: str                 # the text (for debugging and tests)
     spans: tuple = ()           # per phrase, its ((start, end), ...) character spans in ``prompt``
                                 # (another tokenizer, e.g. a distillation teacher's, re-tokenises with them)
+    has_relation: bool = False  # the text names a side (spatial relation or superlative)
 
 
 def _span_tuple(phrases) -> tuple:
@@ -388,7 +389,8 @@ class GroundingTrainDataset:
                 boxes.append(box)
                 rows.append(pmap[p])
         b, pm = _targets(boxes, rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, caption, _span_tuple([p.spans for p in s.phrases]))
+        return GroundingItem(image, _real_ids(enc), b, pm, caption, _span_tuple([p.spans for p in s.phrases]),
+                             s.has_relation)
 
     def _token_len(self, text: str) -> int:
         if text not in self._name_tokens:
@@ -469,7 +471,8 @@ class GroundingTrainDataset:
 
     def collate(self, samples: list[GroundingItem]) -> dict:
         """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
-        ``boxes`` [G_i, 4] float32 network pixels and ``positive_map`` [G_i, T] float32."""
+        ``boxes`` [G_i, 4] float32 network pixels and ``positive_map`` [G_i, T] float32;
+        ``has_relation`` bool [B]."""
         ids, mask = pad_ids([s.input_ids for s in samples], self.pad_id)
         width = ids.shape[1]
         maps = []
@@ -479,7 +482,7 @@ class GroundingTrainDataset:
             maps.append(torch.from_numpy(pm))
         batch = {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
                  "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
-                 "positive_map": maps}
+                 "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples])}
         if self.attributes.active:
             batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
         return batch

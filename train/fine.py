@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lr multiplier of the head's position features (configs with "
                         "head.position_features): their signal comes only from the few phrases "
                         "that name a side, so at 1x they drift like noise")
+    p.add_argument("--position-from-relations", action=argparse.BooleanOptionalAction, default=False,
+                   help="only samples whose text names a side (relations, superlatives) train the "
+                        "head's position features; the others see them but send no gradient")
     p.add_argument("--relation-repeat", type=int, default=1, metavar="N",
                    help="show each grounding entry with a spatial relation or superlative N times "
                         "per epoch (1: as in the data)")
@@ -86,7 +89,8 @@ def _run(args: argparse.Namespace) -> str:
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
                                 init=str(args.init), colour_aux=args.colour_aux,
                                 fusion_lr_mult=args.fusion_lr_mult,
-                                position_lr_mult=args.position_lr_mult))
+                                position_lr_mult=args.position_lr_mult,
+                                position_from_relations=args.position_from_relations))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

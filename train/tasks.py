@@ -138,6 +138,7 @@ class FineOptions:
     # official fine rule: each follows its tower (t2i at text_lr_mult). FIBER coarse uses 5.
     fusion_lr_mult: float | None = None
     position_lr_mult: float = 1.0   # lr multiplier of the head's position_text (position features)
+    position_from_relations: bool = False  # only samples that name a side train position_text
 
 
 class FineTask(BaseTask):
@@ -186,7 +187,13 @@ class FineTask(BaseTask):
 
     def loss(self, model: FiberForGrounding, batch: dict, step: int) -> dict[str, torch.Tensor]:
         self._regions.clear()
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        head = model.module.head if hasattr(model, "module") else model.head
+        if self.options.position_from_relations and getattr(head, "position_text", None) is not None:
+            head.position_grad_mask = batch["has_relation"]
+        try:
+            out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        finally:
+            head.position_grad_mask = None
         targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
         losses = self.loss_fn(out, targets, batch["attention_mask"])
         if self.options.colour_aux > 0:
@@ -231,7 +238,8 @@ class FineTask(BaseTask):
                           "text_lr_mult": self.options.text_lr_mult,
                           "colour_aux": self.options.colour_aux,
                           "fusion_lr_mult": self.options.fusion_lr_mult,
-                          "position_lr_mult": self.options.position_lr_mult}}
+                          "position_lr_mult": self.options.position_lr_mult,
+                          "position_from_relations": self.options.position_from_relations}}
 
 
 # ----------------------------------------------------------------------------- init weights
