@@ -231,6 +231,43 @@ def test_position_from_relations_trains_position_text_only_on_relation_samples(d
     assert grads[0][1] > 0 and grads[1][1] > 0
 
 
+def test_side_named_reads_the_synthetic_relations_and_superlatives():
+    from train.data import SIDES, side_named
+    cases = {"the leftmost red star": "left", "the red star to the left of the blue ring": "left",
+             "the red star that is right of the big ring": "right", "the topmost ring": "above",
+             "the red star above the ring": "above", "the lowest pink moon": "below",
+             "the blue ring under the red star": "below", "the rightmost star": "right"}
+    for text, side in cases.items():
+        assert side_named(text) == SIDES.index(side), text
+    assert side_named("two red stars and a leftover ring") == -1
+
+
+def test_position_loss_pulls_side_phrases_their_way_and_others_to_zero(data_dir):
+    import dataclasses
+    from train.tasks import POSITION_TARGET, FineOptions, position_loss
+    maps = [torch.tensor([[0.0, 1.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0, 0.0]])]
+    side = torch.tensor([0, -1])  # sample 0 names "left", sample 1 no side
+    q = torch.zeros(2, 4, 2)
+    assert position_loss(q, maps, side).item() == pytest.approx(0.5)  # 1 for sample 0, 0 for 1
+    q[0, 1:3] = torch.tensor([-POSITION_TARGET, 0.0])
+    assert position_loss(q, maps, side).item() == pytest.approx(0.0)
+    q[0, 0] = 5.0  # a token outside every phrase does not count
+    q[1, 1] = torch.tensor([0.0, POSITION_TARGET])
+    assert position_loss(q, maps, side).item() == pytest.approx(0.5)
+    # in a training step: logged as loss_position, side phrases of the batch from the captions
+    cfg = CFG.replace(head=dataclasses.replace(CFG.head, position_features=True))
+    data = load_stage2(data_dir, cfg, Stage2Options(detection=False))
+    task = FineTask(cfg, data, options=FineOptions(position_aux=1.0))
+    model = task.build_model().train()
+    rel = [i for i, s in enumerate(data.grounding) if s.has_relation][:2]
+    batch = task.collate([data[i] for i in rel])
+    assert (batch["side"] >= 0).all()
+    losses = task.loss(model, batch, 0)
+    assert losses["loss_position"].item() == pytest.approx(1.0)  # q starts at zero
+    losses["loss"].backward()
+    assert model.head.position_text.grad.norm() > 0
+
+
 def test_relation_repeat_repeats_only_relation_entries(data_dir):
     plain = load_stage2(data_dir, CFG)
     rel = [s for s in plain.grounding if s.has_relation]

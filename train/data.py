@@ -42,6 +42,7 @@ from fiber.config import ModelConfig
 from fiber.data.evaluation import load_image_rgb
 from fiber.data.formats import (DataFormatError, DetectionDataset, GroundingDataset, Pair,
                                 load_detection, load_grounding, load_pairs)
+from fiber.data.synth import RELATIONS, SUPERLATIVES
 from fiber.data.prompts import SEPARATOR, build_detection_prompt, sample_detection_prompt, within_budget
 from runtime.preprocess import letterbox
 from runtime.tokenize import EncodedPrompt, PromptTokenizer
@@ -218,6 +219,23 @@ class GroundingItem:
     spans: tuple = ()           # per phrase, its ((start, end), ...) character spans in ``prompt``
                                 # (another tokenizer, e.g. a distillation teacher's, re-tokenises with them)
     has_relation: bool = False  # the text names a side (spatial relation or superlative)
+    side: int = -1              # which: SIDES index ("left", "right", "above", "below"), -1 none
+
+
+SIDES = ("left", "right", "above", "below")
+
+
+def side_named(text: str) -> int:
+    """The ``SIDES`` index that a fiber.data.synth relation or superlative names ("the leftmost red
+    star", "the red star to the left of the blue ring"), -1 when it names none."""
+    words = text.lower()
+    for side in SIDES:  # superlatives first: "leftmost" also holds "left"
+        if SUPERLATIVES[side] in words:
+            return SIDES.index(side)
+    for side in SIDES:
+        if any(f" {w} " in f" {words} " for w in RELATIONS[side]):
+            return SIDES.index(side)
+    return -1
 
 
 def _span_tuple(phrases) -> tuple:
@@ -390,7 +408,7 @@ class GroundingTrainDataset:
                 rows.append(pmap[p])
         b, pm = _targets(boxes, rows, n)
         return GroundingItem(image, _real_ids(enc), b, pm, caption, _span_tuple([p.spans for p in s.phrases]),
-                             s.has_relation)
+                             s.has_relation, side_named(s.caption) if s.has_relation else -1)
 
     def _token_len(self, text: str) -> int:
         if text not in self._name_tokens:
@@ -472,7 +490,7 @@ class GroundingTrainDataset:
     def collate(self, samples: list[GroundingItem]) -> dict:
         """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
         ``boxes`` [G_i, 4] float32 network pixels and ``positive_map`` [G_i, T] float32;
-        ``has_relation`` bool [B]."""
+        ``has_relation`` bool [B] and ``side`` int64 [B] (``SIDES`` index, -1 none)."""
         ids, mask = pad_ids([s.input_ids for s in samples], self.pad_id)
         width = ids.shape[1]
         maps = []
@@ -482,7 +500,8 @@ class GroundingTrainDataset:
             maps.append(torch.from_numpy(pm))
         batch = {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
                  "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
-                 "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples])}
+                 "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples]),
+                 "side": torch.tensor([s.side for s in samples])}
         if self.attributes.active:
             batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
         return batch

@@ -62,6 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-from-relations", action=argparse.BooleanOptionalAction, default=False,
                    help="only samples whose text names a side (relations, superlatives) train the "
                         "head's position features; the others see them but send no gradient")
+    p.add_argument("--position-aux", type=float, default=0.0, metavar="W",
+                   help="weight of a loss that asks the position query of a phrase naming a side "
+                        "(relations, superlatives of the synthetic data) to point that way, and of "
+                        "every other phrase to be zero (configs with head.position_features)")
     p.add_argument("--relation-repeat", type=int, default=1, metavar="N",
                    help="show each grounding entry with a spatial relation or superlative N times "
                         "per epoch (1: as in the data)")
@@ -90,7 +94,8 @@ def _run(args: argparse.Namespace) -> str:
                                 init=str(args.init), colour_aux=args.colour_aux,
                                 fusion_lr_mult=args.fusion_lr_mult,
                                 position_lr_mult=args.position_lr_mult,
-                                position_from_relations=args.position_from_relations))
+                                position_from_relations=args.position_from_relations,
+                                position_aux=args.position_aux))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

@@ -169,6 +169,7 @@ class GroundingHead(nn.Module):
         # training only: a [B] bool mask of the samples whose gradient reaches position_text (set
         # by the training task per batch; None = every sample)
         self.position_grad_mask: torch.Tensor | None = None
+        self.last_position_query: torch.Tensor | None = None  # training only: q [B, T, 2] of the last pass
 
     def forward(self, features: Sequence[torch.Tensor], text: torch.Tensor,
                 attention_mask: torch.Tensor) -> GroundingOutput:
@@ -209,6 +210,8 @@ class GroundingHead(nn.Module):
         p = centre / torch.tensor([w, h], dtype=centre.dtype, device=centre.device) - 0.5   # [N, 2]
         e = F.normalize(text * attention_mask.unsqueeze(-1).to(text.dtype), p=2, dim=-1)
         q = (e / 2.0) @ self.position_text.to(e.dtype)                                    # [B, T, 2]
+        if self.training:
+            self.last_position_query = q
         if self.training and self.position_grad_mask is not None:
             q = torch.where(self.position_grad_mask.to(q.device)[:, None, None], q, q.detach())
         return POSITION_SCALE * torch.matmul(p.to(q.dtype), q.transpose(1, 2))             # [B, N, T]
