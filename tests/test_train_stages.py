@@ -231,6 +231,16 @@ def test_position_from_relations_trains_position_text_only_on_relation_samples(d
     assert grads[0][1] > 0 and grads[1][1] > 0
 
 
+@pytest.mark.parametrize("flag", [["--position-aux", "1"], ["--position-from-relations"],
+                                  ["--position-lr-mult", "10"]])
+def test_position_flags_need_a_config_with_position_features(flag, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _fine(data_dir, out, "--init", "none", *flag) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag[0] in err and "position_features" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_side_named_reads_the_synthetic_relations_and_superlatives():
     from train.data import SIDES, side_named
     cases = {"the leftmost red star": "left", "the red star to the left of the blue ring": "left",

@@ -35,7 +35,7 @@ from fiber.config import ModelConfig, get_config, list_configs
 from fiber.data.formats import DataFormatError
 from fiber.losses import GroundingLoss, GroundingTarget, mask_tokens_for_mlm
 from fiber.models import FiberForGrounding, FiberForPretraining, pretraining_losses
-from train.data import GroundingTrainDataset, PairDataset, special_token_ids
+from train.data import SIDES, GroundingTrainDataset, PairDataset, special_token_ids
 from train.loop import BaseTask, TrainConfig, TrainingError, add_train_args
 from train.schedule import make_param_groups
 
@@ -153,6 +153,12 @@ class FineTask(BaseTask):
                  options: FineOptions = FineOptions()):
         if init_state is not None and options.text_init != "none":
             raise ValueError("--text-init applies only to a run without an --init checkpoint")
+        asked = [flag for flag, on in (("--position-aux", options.position_aux > 0),
+                                       ("--position-from-relations", options.position_from_relations),
+                                       ("--position-lr-mult", options.position_lr_mult != 1.0)) if on]
+        if asked and not cfg.head.position_features:
+            raise ValueError(f"{', '.join(asked)} train the head's position features, which config "
+                             f"'{cfg.name}' does not have (head.position_features)")
         self.cfg, self.data, self.init_state, self.options = cfg, data, init_state, options
         self.loss_fn = GroundingLoss.for_head(cfg.head)
         self._regions: list[torch.Tensor] = []
@@ -251,7 +257,8 @@ class FineTask(BaseTask):
 # a phrase that names a side asks for this position query (the head's logit gains
 # POSITION_SCALE * <p, q>: at 32 and a twin 0.3 of the width away, 2.4 logits); others for zero
 POSITION_TARGET = 0.25
-_SIDE_VECTORS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # train.data.SIDES
+_SIDE_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "above": (0.0, -1.0), "below": (0.0, 1.0)}
+_SIDE_VECTORS = torch.tensor([_SIDE_DIRECTIONS[side] for side in SIDES])  # row k: train.data.SIDES[k]
 
 
 def position_loss(query: torch.Tensor, positive_maps: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:
