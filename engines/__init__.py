@@ -134,10 +134,11 @@ def _load_package(path: Path, backend: str, opts: Mapping[str, Any]) -> PackageE
 
     opts = dict(opts)
     fastest = bool(opts.pop("fastest", False))
+    runs = opts.pop("runs", None)
     manifest = read_package(path, verify=bool(opts.get("verify", True)))
     if backend == "auto" and fastest and set(opts) <= autotune.TUNABLE_OPTIONS:
         return autotune.fastest_cpu_path(
-            path, manifest, opts, lambda p, o: _open_package(path, manifest, p.backend, o))
+            path, manifest, opts, lambda p, o: _open_package(path, manifest, p.backend, o), runs=runs)
     if backend == "auto":
         backend, opts = auto_cpu_backend(manifest, opts)
     return _open_package(path, manifest, backend, opts)

@@ -96,9 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime / OpenVINO")
     m.add_argument("--fastest-path", action=argparse.BooleanOptionalAction, default=True,
                    help="with --backend auto and a package: time every CPU path this machine has "
-                        "(ONNX Runtime, its integer graph, OpenVINO f32/bf16) once, run the fastest "
-                        "and remember it in ~/.cache/fiber-edge (--no-fastest-path: the package's "
-                        "own choice)")
+                        "(ONNX Runtime, its integer graph, OpenVINO f32/bf16) once and remember "
+                        "the times in ~/.cache/fiber-edge; a camera or video runs the fastest per "
+                        "frame, a list of images the quickest for its length (OpenVINO compiles on "
+                        "its first image; --no-fastest-path: the package's own choice)")
     out = p.add_argument_group("outputs")
     out.add_argument("--json", metavar="OUT.jsonl", help="one JSON line per input ('-' = stdout)")
     out.add_argument("--save", metavar="OUT", help="annotated video (video/camera input) or image folder")
@@ -169,13 +170,27 @@ def _check_args(args: argparse.Namespace, specs: list[SourceSpec]) -> None:
                              "(give a folder to save several)")
 
 
-def _detector(args: argparse.Namespace) -> Detector:
+def _image_count(args: argparse.Namespace, specs: list[SourceSpec]) -> int | None:
+    """How many images the run will detect on: the image inputs' count, or the requests file's
+    non-empty lines; None for a stream (camera, video) or an unreadable requests file."""
+    if args.requests:
+        try:
+            with open(args.requests, encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())
+        except (OSError, UnicodeDecodeError):
+            return None  # _run_requests says what is wrong with it
+    if any(s.kind != "images" for s in specs):
+        return None
+    return sum(len(s.location) for s in specs)
+
+
+def _detector(args: argparse.Namespace, specs: list[SourceSpec]) -> Detector:
     grounding = args.per_phrase is not None
     threshold = 0.0 if grounding and args.threshold is None else args.threshold
     cfg = DetectorConfig(package=str(_package(args)), backend=args.backend, threads=args.threads,
                          threshold=threshold, max_detections=args.max_detections,
                          per_phrase=args.per_phrase or 0, one_label_per_box=args.one_label_per_box,
-                         fastest=args.fastest_path)
+                         fastest=args.fastest_path, expected_runs=_image_count(args, specs))
     try:
         return build_detector(cfg)
     except (EngineError, ValueError, OSError) as e:
@@ -491,7 +506,7 @@ def _run(args: argparse.Namespace, log: TextIO) -> int:
     specs = _input_specs(args)
     _check_args(args, specs)
     _resolution(args.resolution)
-    with _detector(args) as detector:
+    with _detector(args, specs) as detector:
         _check_prompt(detector, args.prompt)
         runner = Runner(detector, args, log)
         fatal = None

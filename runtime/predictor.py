@@ -84,6 +84,7 @@ class DetectorConfig:
     per_phrase: int = 0                # > 0: grounding, each phrase's best K boxes (Flickr30k protocol)
     one_label_per_box: bool = False    # detection: NMS across phrases, a box keeps its best phrase
     fastest: bool = False              # backend "auto", a package: time the CPU paths, run the fastest
+    expected_runs: int | None = None   # with fastest: the images to run (None: a stream), see engines.autotune
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
@@ -113,13 +114,16 @@ class _PostParams:
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool,
-                    fastest: bool = False) -> dict[str, Any]:
+                    fastest: bool = False, expected_runs: int | None = None) -> dict[str, Any]:
     """engines.load options: the thread count goes to whichever CPU backend will run; ``fastest``
-    (backend "auto" on a package) times the CPU paths and runs the fastest (engines.autotune)."""
+    (backend "auto" on a package) times the CPU paths and runs the quickest for ``expected_runs``
+    images (None: the fastest per image; engines.autotune)."""
     opts: dict[str, Any] = {"verify": verify}
     is_engine_dir = (path / ENGINE_JSON).is_file()
     if fastest and backend == "auto" and not is_engine_dir:
         opts["fastest"] = True
+        if expected_runs is not None:
+            opts["runs"] = expected_runs
     if threads is None:
         return opts
     if threads < 1:
@@ -184,7 +188,8 @@ class Detector:
     pre_nms_top_k, max_detections: override the manifest's ``postprocess`` section. per_phrase K
     > 0: grounding, each phrase's best K boxes; one_label_per_box: NMS across phrases. fastest
     (backend "auto", a package): time every CPU path once per machine and run the fastest
-    (engines.autotune; ``engines.path_choice`` holds the timings).
+    (engines.autotune; ``engines.path_choice`` holds the timings), or with ``expected_runs`` the
+    quickest for that many images, counting each path's start (OpenVINO compiles on its first).
     Raises engines.EngineError (package/engine/backend unusable) or ValueError (bad settings).
     """
 
@@ -193,14 +198,16 @@ class Detector:
                  max_detections: int | None = None, nms_iou: float | None = None,
                  pre_nms_top_k: int | None = None, prompt_cache_size: int = 8,
                  use_native: bool = True, verify: bool = True, min_per_phrase: int = 0,
-                 per_phrase: int = 0, one_label_per_box: bool = False, fastest: bool = False):
+                 per_phrase: int = 0, one_label_per_box: bool = False, fastest: bool = False,
+                 expected_runs: int | None = None):
         if prompt_cache_size < 1:
             raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
         if isinstance(package_or_engine, engines.PackageEngines):
             self.engines = package_or_engine
         else:
             path = Path(package_or_engine)
-            self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify, fastest))
+            self.engines = engines.load(path, backend, **_engine_options(path, backend, threads, verify, fastest,
+                                                                        expected_runs))
         try:
             self.manifest = self.engines.manifest
             try:

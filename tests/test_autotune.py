@@ -106,17 +106,49 @@ def test_remembered_choice_is_what_opens(toys, tmp_path):
     manifest = json.loads((package / "manifest.json").read_text())
     paths = autotune.cpu_paths(manifest)
     key = autotune.cache_key(manifest, paths, 1)
+    # per image the first path is fastest, but the cpu_file path starts far quicker
+    ms = {p.label: 1.0 + i for i, p in enumerate(paths)}
+    start = {p.label: 1.0 if p.label == "onnxruntime cpu_file" else 500.0 for p in paths}
     (tmp_path / autotune.CACHE_NAME).write_text(json.dumps(
-        {key: {"path": "onnxruntime cpu_file", "ms": {p.label: 1.0 + i for i, p in enumerate(paths)}}}))
+        {key: {"path": paths[0].label, "ms": ms, "start_ms": start}}))
     opened = []
 
     def open_path(path, options):
         opened.append((path.label, options))
         return engines.load(package, path.backend, **options)
 
-    with autotune.fastest_cpu_path(package, manifest, {"threads": 1}, open_path, cache_dir=tmp_path) as e:
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1}, open_path, cache_dir=tmp_path,
+                                   runs=3) as e:
         assert e.path_choice.remembered and e.path_choice.label == "onnxruntime cpu_file"
+        assert "quickest of" in e.path_choice.summary() and "for 3 images" in e.path_choice.summary()
     assert opened == [("onnxruntime cpu_file", {"verify": False, "use_cpu_file": True, "intra_op_threads": 1})]
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1}, open_path, cache_dir=tmp_path) as e:
+        assert e.path_choice.label == paths[0].label          # a stream: the fastest per image
+
+
+def test_quickest_weighs_the_start_against_the_run_length():
+    ms = {"openvino bf16": 17.0, "onnxruntime cpu_file": 36.0}
+    start = {"openvino bf16": 1400.0, "onnxruntime cpu_file": 130.0}
+    assert autotune.quickest(ms, start, None) == "openvino bf16"                # a camera or video
+    assert autotune.quickest(ms, start, 1) == "onnxruntime cpu_file"            # 130 < 1400 ms
+    assert autotune.quickest(ms, start, 60) == "onnxruntime cpu_file"           # 2254 < 2403 ms
+    assert autotune.quickest(ms, start, 80) == "openvino bf16"                  # 2743 < 2974 ms
+    assert autotune.quickest(ms, {}, 1) == "openvino bf16"                      # starts unknown
+
+
+def test_an_entry_without_start_times_is_measured_again(toys, tmp_path):
+    package = toys["toy"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    paths = autotune.cpu_paths(manifest)
+    key = autotune.cache_key(manifest, paths, 1)
+    (tmp_path / autotune.CACHE_NAME).write_text(json.dumps(
+        {key: {"path": paths[0].label, "ms": {p.label: 1.0 for p in paths}}}))
+    with autotune.fastest_cpu_path(package, manifest, {"threads": 1},
+                                   lambda p, o: engines.load(package, p.backend, **o),
+                                   cache_dir=tmp_path, budget_s=0.05) as e:
+        assert not e.path_choice.remembered and set(e.path_choice.start_ms) == {p.label for p in paths}
+    entry = json.loads((tmp_path / autotune.CACHE_NAME).read_text())[key]
+    assert set(entry["start_ms"]) == set(entry["ms"]) and min(entry["start_ms"].values()) > 0
 
 
 def test_a_corrupt_cache_is_measured_again_and_rewritten(toys, tmp_path):
@@ -166,7 +198,8 @@ def test_runtime_detect_names_the_fastest_path_first(toys, tmp_path, monkeypatch
             "--threads", "1"]
     assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
     first = capsys.readouterr().err.splitlines()[0]
-    assert first.startswith("fiber-detect: toy-int8 on ") and ", 1 threads, fastest of " in first, first
+    assert first.startswith("fiber-detect: toy-int8 on ") and ", 1 threads, quickest of " in first, first
+    assert " here for 1 image (" in first and "open + first image " in first, first
     assert first.endswith("; measured now)"), first
     assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
     assert capsys.readouterr().err.splitlines()[0].endswith("; remembered)")

@@ -81,7 +81,8 @@ def test_folder_of_images_one_line_each(package, tmp_path, capsys):
     for name, (h, w) in sizes.items():
         Image.fromarray(_rgb(h, w, len(name))).save(tmp_path / "in" / name)
     rc, out, err = run_cli(["--package", package, "--image", tmp_path / "in", "--prompt", PROMPT,
-                            "--json", tmp_path / "out.jsonl", "--threshold", "0.3"], capsys)
+                            "--json", tmp_path / "out.jsonl", "--threshold", "0.3", "--no-fastest-path"],
+                           capsys)  # the library's default path (INT8 paths differ in the last digits)
     assert rc == 0, err
     records = read_jsonl(tmp_path / "out.jsonl")
     assert [r["image"].rsplit("/", 1)[1] for r in records] == sorted(sizes)
