@@ -271,3 +271,63 @@ def test_colour_aux_loss_is_logged_and_left_out_of_the_final_weights(data_dir, t
         ["--data", str(data_dir), "--out", str(tmp_path / "bad"), "--config", "fiber-tiny-test",
          "--init", "none", "--max-steps", "1", "--batch-size", "4", "--no-progress", "--colour-aux", "1"])
     assert fine.main(args) == 2
+
+
+def test_omit_present_leaves_pairs_out_and_their_boxes_unmarked(data_dir):
+    """--omit-present 1: an attribute item's prompt holds only absent hard negatives (each sharing
+    a colour or kind with a present pair) and no box is a positive; 0 keeps every present pair."""
+    det, pairs = _scene_pairs(data_dir)
+    omit = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=AttributeOptions(
+        attribute_prompts=1.0, omit_present=1.0)))
+    keep = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=AttributeOptions(
+        attribute_prompts=1.0)))
+    checked = 0
+    for i, im in enumerate(det["images"]):
+        present = {f"{c} {k}" for c, k in pairs.get(im["id"], [])}
+        if not present:
+            continue
+        np.random.seed(i)
+        item = omit[i]
+        names = set(item.prompt.split(". "))
+        assert not names & present and len(item.boxes) == 0, item.prompt
+        np.random.seed(i)
+        assert len(keep[i].boxes) > 0
+        checked += 1
+    assert checked > 0
+    with pytest.raises(ValueError, match="omit-present"):
+        load_stage2(data_dir, CFG, Stage2Options(attributes=AttributeOptions(attribute_prompts=1.0,
+                                                                             omit_present=2.0)))
+
+
+def test_token_contrast_loss_puts_each_positive_anchor_on_its_phrase():
+    """MDETR soft-token loss: log(k) at uniform logits over k real tokens; lower when the anchor's
+    phrase tokens lead; padding ignored; negatives anchors add nothing; 0 without positives."""
+    from train.tasks import token_contrast_loss
+
+    logits = torch.zeros(1, 3, 5, requires_grad=True)
+    targets = torch.zeros(1, 3, 5)
+    targets[0, 0, 1:3] = 1
+    matched = torch.tensor([[0, -1, -1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss = token_contrast_loss(logits, targets, matched, mask)
+    assert loss.item() == pytest.approx(np.log(4))
+    loss.backward()
+    g = logits.grad[0]
+    assert (g[0, 1:3] < 0).all() and (g[0, [0, 3]] > 0).all() and g[0, 4] == 0 and (g[1:] == 0).all()
+    better = torch.zeros(1, 3, 5)
+    better[0, 0, 1:3] = 3.0
+    assert token_contrast_loss(better, targets, matched, mask) < loss
+    assert token_contrast_loss(logits, targets, torch.full((1, 3), -1), mask).item() == 0.0
+
+
+def test_fine_cli_logs_the_token_contrast_loss(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(out), "--config", "fiber-tiny-test", "--init", "none",
+         "--max-steps", "1", "--batch-size", "4", "--log-every", "1", "--no-progress",
+         "--attribute-prompts", "0.8", "--omit-present", "0.3", "--token-contrast", "1.0"])
+    assert fine.main(args) == 0
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec[0]["loss_token_contrast"] > 0
+    stage = json.loads((out / "final" / "config.json").read_text())["stage"]
+    assert stage["token_contrast"] == 1.0

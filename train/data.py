@@ -280,19 +280,24 @@ class AttributeOptions:
     token is the class, with no noun shared between a positive and a negative phrase.
     caption_swap: probability that a caption / referring expression sample is replaced by an
     attribute item of its own image (more attribute samples without changing the dataset length).
+    omit_present: probability that a present pair of an attribute item is left out of its prompt
+    (its boxes then negatives for every token), so that an absent phrase sharing its colour or
+    kind ("blue star" on a blue triangle) meets it with no right phrase to compete, as a user's
+    prompt of only absent things does.
     """
     attribute_prompts: float = 0.0
     hard_negatives: float = 0.0
     max_hard_negatives: int = 4
     colour_prompts: float = 0.0
     caption_swap: float = 0.0
+    omit_present: float = 0.0
 
     @property
     def active(self) -> bool:
         return self.attribute_prompts > 0 or self.hard_negatives > 0 or self.caption_swap > 0
 
     def check(self) -> None:
-        for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap"):
+        for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
@@ -453,6 +458,8 @@ class GroundingTrainDataset:
         present = [present[j] for j in rng.permutation(len(present))]
         count = int(rng.integers(1, self.attributes.max_hard_negatives + 1)) + len(present) // 2
         negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count)
+        if self.attributes.omit_present > 0:  # after the negatives: they share the omitted pairs' words
+            present = [p for p in present if rng.random() >= self.attributes.omit_present]
         budget = self.max_text_len - 2
         pos = within_budget([f"{c} {k}" for c, k in present], budget, self._token_len)
         budget -= sum(self._token_len(n + SEPARATOR) for n in pos)

@@ -48,6 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-prompts", type=float, default=0.0, metavar="P",
                    help="probability that an attribute sample is prompted with the colour names "
                         "alone (each object positive for its colour)")
+    p.add_argument("--omit-present", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute item leaves a present \"colour kind\" pair "
+                        "out of its prompt (its objects then negatives), so absent phrases that "
+                        "share its colour or kind are met without the right phrase beside them")
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
@@ -69,6 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--relation-repeat", type=int, default=1, metavar="N",
                    help="show each grounding entry with a spatial relation or superlative N times "
                         "per epoch (1: as in the data)")
+    p.add_argument("--token-contrast", type=float, default=0.0, metavar="W",
+                   help="weight of a soft-token loss (MDETR's): at each positive anchor, a softmax "
+                        "over the prompt's tokens must put its mass on the anchor's phrase, so a "
+                        "phrase that shares a word with the right one (\"blue star\" on a blue "
+                        "triangle) is pushed below it at full strength, not focal-damped")
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
@@ -87,7 +96,7 @@ def _run(args: argparse.Namespace) -> str:
                             max_negatives=args.max_negatives, relation_repeat=args.relation_repeat,
                             attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
                                                         args.max_hard_negatives, args.colour_prompts,
-                                                        args.caption_swap))
+                                                        args.caption_swap, args.omit_present))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
@@ -95,7 +104,8 @@ def _run(args: argparse.Namespace) -> str:
                                 fusion_lr_mult=args.fusion_lr_mult,
                                 position_lr_mult=args.position_lr_mult,
                                 position_from_relations=args.position_from_relations,
-                                position_aux=args.position_aux))
+                                position_aux=args.position_aux,
+                                token_contrast=args.token_contrast))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

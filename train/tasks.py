@@ -140,6 +140,7 @@ class FineOptions:
     position_lr_mult: float = 1.0   # lr multiplier of the head's position_text (position features)
     position_from_relations: bool = False  # only samples that name a side train position_text
     position_aux: float = 0.0       # weight of the position-query loss (position_loss)
+    token_contrast: float = 0.0     # weight of the soft-token loss (token_contrast_loss)
 
 
 class FineTask(BaseTask):
@@ -207,6 +208,11 @@ class FineTask(BaseTask):
             aux = position_loss(head.last_position_query, batch["positive_map"], batch["side"])
             losses["loss_position"] = aux
             losses["loss"] = losses["loss"] + self.options.position_aux * aux
+        if self.options.token_contrast > 0:
+            matched, token_targets = self.loss_fn.assign(out, targets)
+            aux = token_contrast_loss(out.token_logits, token_targets, matched, batch["attention_mask"])
+            losses["loss_token_contrast"] = aux
+            losses["loss"] = losses["loss"] + self.options.token_contrast * aux
         if self.options.colour_aux > 0:
             aux = self.colour_loss(model, out, targets, batch["colour_ids"])
             losses["loss_colour"] = aux
@@ -251,7 +257,30 @@ class FineTask(BaseTask):
                           "fusion_lr_mult": self.options.fusion_lr_mult,
                           "position_lr_mult": self.options.position_lr_mult,
                           "position_from_relations": self.options.position_from_relations,
-                          "position_aux": self.options.position_aux}}
+                          "position_aux": self.options.position_aux,
+                          "token_contrast": self.options.token_contrast}}
+
+
+def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor, matched: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+    """MDETR's soft-token prediction on the positive anchors: cross-entropy between the anchor's
+    softmax over the prompt's real tokens (``attention_mask``) and the uniform distribution over
+    its phrase's tokens (``token_targets`` ``[B, N, T]`` from ``GroundingLoss.assign``, positive
+    where ``matched`` ``[B, N]`` >= 0). Mean over positive anchors; 0 when there is none.
+
+    The per-token focal loss scales a negative token of probability p by p**2, so a wrong phrase
+    that shares a word with the right one keeps p ~ 0.2 almost for free; here every positive
+    anchor spends its whole probability mass on its own phrase.
+    """
+    pos = matched >= 0
+    if not pos.any():
+        return token_logits.sum() * 0.0
+    real = (attention_mask > 0).unsqueeze(1).expand_as(token_logits)[pos]         # [P, T]
+    logits = token_logits.float()[pos].masked_fill(~real, float("-inf"))
+    target = token_targets.float()[pos] * real
+    target = target / target.sum(-1, keepdim=True).clamp(min=1.0)
+    logp = torch.log_softmax(logits, dim=-1).masked_fill(~real, 0.0)
+    return -(target * logp).sum(-1).mean()
 
 
 # a phrase that names a side asks for this position query (the head's logit gains
