@@ -94,15 +94,27 @@ def same(a: np.ndarray | None, b: np.ndarray) -> bool:
     return a is not None and a.dtype == b.dtype and a.shape == b.shape and bool(np.all(a == b))
 
 
-def rewire(model: onnx.ModelProto, old: str, new: str) -> None:
-    """Every consumer (and graph output) of tensor ``old`` reads ``new`` instead."""
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            if name == old:
-                node.input[k] = new
-    for out in model.graph.output:
-        if out.name == old:
+class Rewirer:
+    """``rewire(old, new)``: every consumer of tensor ``old`` reads ``new`` instead (a graph output
+    cannot be rewired). The consumer index is built once, so a rewrite that rewires hundreds of
+    tensors costs one pass over the graph, not one per tensor (a FIBER INT8 export rewires ~800).
+    Nodes added after it was built are not seen; a node input changed behind its back is skipped.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.consumers: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+        for node in model.graph.node:
+            for k, name in enumerate(node.input):
+                self.consumers[name].append((node, k))
+        self.outputs = {o.name for o in model.graph.output}
+
+    def __call__(self, old: str, new: str) -> None:
+        if old in self.outputs:
             raise OnnxExportError(f"cannot rewire graph output {old!r}")
+        moved = [(node, k) for node, k in self.consumers.pop(old, []) if node.input[k] == old]
+        for node, k in moved:
+            node.input[k] = new
+        self.consumers[new].extend(moved)
 
 
 def remove_nodes(model: onnx.ModelProto, first_outputs: set[str]) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compress.onnx_graph import GraphIndex, attr, count_ops, drop_unused, remove_nodes, rewire, same
+from compress.onnx_graph import GraphIndex, Rewirer, attr, count_ops, drop_unused, remove_nodes, same
 
 def _quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
     """ONNX QuantizeLinear to int8: round half to even, saturate, per-axis when ``scale`` is 1-D."""
@@ -27,6 +27,7 @@ def _quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> 
 def _fold_weights(model: onnx.ModelProto) -> int:
     """W (float constant) -> Q -> DQ [-> Transpose] becomes int8 W -> DQ. Returns the folds made."""
     g = GraphIndex(model)
+    rewire = Rewirer(model)
     remove, folds = set(), 0
     for q in list(model.graph.node):
         if q.op_type != "QuantizeLinear" or len(q.input) < 3:
@@ -49,7 +50,7 @@ def _fold_weights(model: onnx.ModelProto) -> int:
             perm = list(attr(t, "perm", [1, 0]))
             if perm == [1, 0]:      # fold the transpose too: DQ(axis) on W^T uses the other axis
                 wq, axis = wq.T.copy(), 1 - axis
-                rewire(model, t.output[0], dq.output[0])
+                rewire(t.output[0], dq.output[0])
                 remove.add(t.output[0])
         name = f"{q.input[0]}_int8"
         model.graph.initializer.append(numpy_helper.from_array(wq, name))
@@ -76,11 +77,12 @@ def _remove_noop_casts(model: onnx.ModelProto) -> int:
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     types.update({i.name: i.data_type for i in model.graph.initializer})
     outputs = {o.name for o in model.graph.output}
+    rewire = Rewirer(model)
     remove = set()
     for node in model.graph.node:
         if (node.op_type == "Cast" and attr(node, "to") == types.get(node.input[0], -1)
                 and node.output[0] not in outputs):
-            rewire(model, node.output[0], node.input[0])
+            rewire(node.output[0], node.input[0])
             remove.add(node.output[0])
     remove_nodes(model, remove)
     return len(remove)
@@ -89,6 +91,7 @@ def _remove_noop_casts(model: onnx.ModelProto) -> int:
 def _merge_duplicate_qdq(model: onnx.ModelProto) -> int:
     """Q/DQ pairs on the same tensor with equal scale, zero point and axis -> one pair."""
     g = GraphIndex(model)
+    rewire = Rewirer(model)
     seen: dict[tuple, str] = {}
     remove = set()
     for q in list(model.graph.node):
@@ -105,7 +108,7 @@ def _merge_duplicate_qdq(model: onnx.ModelProto) -> int:
             continue
         if dq.output[0] in g.outputs:
             continue
-        rewire(model, dq.output[0], seen[key])
+        rewire(dq.output[0], seen[key])
         remove.update({q.output[0], dq.output[0]})
     remove_nodes(model, remove)
     return len(remove) // 2

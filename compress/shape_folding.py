@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.onnx_graph import GraphIndex, OnnxExportError, attr, drop_unused, plain_session, rewire, same
+from compress.onnx_graph import GraphIndex, OnnxExportError, Rewirer, attr, drop_unused, plain_session, same
 
 def set_static_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                     dynamic: frozenset[str] = frozenset({"batch", "tokens"})) -> None:
@@ -232,12 +232,13 @@ def _replace_with_constants(model: onnx.ModelProto, folded: dict[str, np.ndarray
                             targets: dict[str, np.ndarray]) -> None:
     """Consumers of each folded tensor read an initializer; the Reshapes in ``targets`` (keyed by
     their output) read their new target."""
+    rewire = Rewirer(model)
     for name, value in folded.items():
         if any(out.name == name for out in model.graph.output):
             raise OnnxExportError(f"graph output {name!r} is constant")
         const = f"{name}/folded"
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), const))
-        rewire(model, name, const)
+        rewire(name, const)
     for node in model.graph.node:
         if node.op_type == "Reshape" and node.output[0] in targets:
             const = f"{node.output[0]}/target"

@@ -416,6 +416,24 @@ def _qdq_graph(w: np.ndarray, scale: np.ndarray, s_act: float) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_rewirer_moves_consumers_in_order_and_refuses_graph_outputs():
+    """Rewiring a then b -> c sends a's consumers on to c (as one rewrite after another would); an
+    input changed behind the index is left alone; a graph output is refused."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Mul", ["a", "a"], ["y"])]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("s"), vi("y")]))
+    rewire = onnx_graph.Rewirer(model)
+    rewire("a", "b")
+    rewire("b", "x")
+    assert [list(n.input) for n in model.graph.node[2:]] == [["x", "x"], ["x", "x"]]
+    model.graph.node[3].input[0] = "q"                  # edited outside the rewirer
+    rewire("x", "z")
+    assert list(model.graph.node[3].input) == ["q", "z"] and list(model.graph.node[0].input) == ["z"]
+    with pytest.raises(onnx_graph.OnnxExportError, match="cannot rewire graph output 's'"):
+        rewire("s", "x")
+
+
 def test_clean_qdq_folds_weights_and_merges_pairs():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 5)).astype(np.float32)                 # [out, in]

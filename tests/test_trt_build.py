@@ -1,5 +1,5 @@
 """engines.build with TensorRT-RTX on this CPU (ahead-of-time builds, no GPU): FP32, INT8 and FP16
-engines from the toy packages (and the shipped ones when models/ has them), engine.json contents,
+engines from the toy packages (and the shipped INT8 one when models/ has it), engine.json contents,
 refusals on load (other package, other TensorRT version, modified plan, tampered package, newer
 format), clear CLI errors (no TensorRT, corrupt ONNX, parser errors, existing --out) and no partial
 output on failure. Running a plan needs a GPU: that part is `gpu`-marked.
@@ -40,11 +40,13 @@ def needs_rtx(test):
     return pytest.mark.trt(pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)(test))
 
 
-# (package id, requested precision, expected {graph: precision}); shipped packages: FP32 and INT8
+# (package id, requested precision, expected {graph: precision}). Of the shipped packages the INT8
+# one, which runtime.detect and the README run: its graphs hold every op of the FP32 package plus
+# the Q/DQ pairs (a shipped FP32 build took another 10 s and tested no other parser path).
 BUILDS = [("toy", "fp32", {"text": "fp32", "detector": "fp32"}),
           ("toy-int8", "auto", {"text": "int8", "detector": "int8"}),
           ("toy", "fp16", {"text": "fp16", "detector": "fp16"})]
-BUILDS += [(p.name, "int8" if "int8" in p.name else "fp32", None) for p in shipped_packages()]
+BUILDS += [(p.name, "int8", None) for p in shipped_packages() if p.name.endswith("-int8")]
 
 
 def _cli(*args: str, block_tensorrt: bool = False) -> subprocess.CompletedProcess:
