@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -35,7 +33,6 @@ from engines.deform import (
 )
 from engines.errors import BuildError
 
-REPO = Path(__file__).resolve().parents[1]
 LOWER_TOL = 1e-4      # the rewrite vs ONNX Runtime's DeformConv (absolute, values O(10))
 OV_NODE_TOL = 1e-4    # OpenVINO's DeformableConvolution-8 vs ONNX Runtime, one node
 PACKAGE_TOL = 1e-4    # a whole detector vs its reference outputs, relative to 1 + max |ref|
@@ -308,12 +305,13 @@ def test_tensorrt_rtx_builds_the_dyhead_package(rtx_engine, precision):
 
 @needs_rtx
 @pytest.mark.trt
-def test_tensorrt_rtx_refuses_the_plugin_path_in_one_line(dyhead, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engines.build", "--package", str(dyhead), "--backend", "tensorrt-rtx",
-                        "--deform-conv", "plugin", "--out", str(tmp_path / "e")], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert "TensorRT-RTX has no ModulatedDeformConv2d plugin" in r.stderr and "--deform-conv auto" in r.stderr
+def test_tensorrt_rtx_refuses_the_plugin_path_in_one_line(dyhead, tmp_path, capsys):
+    args = build.get_args_parser().parse_args(["--package", str(dyhead), "--backend", "tensorrt-rtx",
+                                               "--deform-conv", "plugin", "--out", str(tmp_path / "e")])
+    assert build.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "TensorRT-RTX has no ModulatedDeformConv2d plugin" in err and "--deform-conv auto" in err
     assert not (tmp_path / "e").exists()
 
 
@@ -368,15 +366,16 @@ def test_datacenter_tensorrt_uses_the_plugin_when_it_is_there():
     assert "--deform-conv auto / gridsample" in message and "TensorRT >= 10.1" in message
 
 
-def test_detect_names_the_deform_conv_path_first(dyhead, tmp_path):
+def test_detect_names_the_deform_conv_path_first(dyhead, tmp_path, capsys):
     from PIL import Image
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    r = subprocess.run([sys.executable, "-m", "runtime.detect", "--package", str(dyhead), "--image",
-                        str(tmp_path / "a.png"), "--prompt", "a red circle", "--backend", "onnxruntime", "--json",
-                        str(tmp_path / "out.jsonl"), "--headless"], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    first = r.stderr.splitlines()[0]
+    from runtime import detect
+
+    args = detect.get_args_parser().parse_args([
+        "--package", str(dyhead), "--image", str(tmp_path / "a.png"), "--prompt", "a red circle",
+        "--backend", "onnxruntime", "--json", str(tmp_path / "out.jsonl"), "--headless"])
+    assert detect.main(args) == 0
+    first = capsys.readouterr().err.splitlines()[0]
     assert first == "fiber-detect: fiber-tiny-dyhead-test on onnxruntime, deformable convs: native", first
     assert json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["phrases"] == ["a red circle"]
