@@ -12,6 +12,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The suite's CPU-path timings and OpenVINO compiled models go to a temporary cache, not the
+    user's ~/.cache/fiber-edge: a test's toy package must not land in it, and a warm cache from an
+    earlier run must not make the suite faster than on a fresh machine (CI)."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 def _shares_a_module_fixture(item) -> bool:
     """Whether ``item`` uses a module- or session-scoped fixture defined in its own test module."""
     info = getattr(item, "_fixtureinfo", None)
