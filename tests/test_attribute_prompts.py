@@ -36,6 +36,15 @@ def _scene_pairs(data_dir):
     return det, pairs
 
 
+def _train_tiny(data_dir, out, steps: int, *flags: str) -> list[dict]:
+    """train.fine on the tiny config for ``steps`` steps with ``flags``; its metrics.jsonl records."""
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(out), "--config", "fiber-tiny-test", "--init", "none",
+         "--max-steps", str(steps), "--batch-size", "4", "--log-every", "1", "--no-progress", *flags])
+    assert fine.main(args) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _marked(item, row):
     """The lower-cased words whose tokens a positive-map row marks."""
     tok = raw_tokenizer()
@@ -257,12 +266,7 @@ def test_colour_aux_loss_is_logged_and_left_out_of_the_final_weights(data_dir, t
     for ids, boxes in zip(batch["colour_ids"], batch["boxes"]):
         assert len(ids) == len(boxes) and (ids >= 0).all() and (ids < len(data.colours)).all()
     out = tmp_path / "run"
-    args = fine.get_args_parser().parse_args(
-        ["--data", str(data_dir), "--out", str(out), "--config", "fiber-tiny-test", "--init", "none",
-         "--max-steps", "2", "--batch-size", "4", "--log-every", "1", "--no-progress",
-         "--attribute-prompts", "0.8", "--caption-swap", "0.5", "--colour-aux", "1.0"])
-    assert fine.main(args) == 0
-    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "0.8", "--caption-swap", "0.5", "--colour-aux", "1.0")
     assert 1.0 < rec[0]["loss_colour"] < 3.0
     assert not [k for k in load_file(str(out / "final" / "model.safetensors")) if k.startswith("colour_aux")]
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
@@ -322,12 +326,8 @@ def test_token_contrast_loss_puts_each_positive_anchor_on_its_phrase():
 
 def test_fine_cli_logs_the_token_contrast_loss(data_dir, tmp_path):
     out = tmp_path / "run"
-    args = fine.get_args_parser().parse_args(
-        ["--data", str(data_dir), "--out", str(out), "--config", "fiber-tiny-test", "--init", "none",
-         "--max-steps", "1", "--batch-size", "4", "--log-every", "1", "--no-progress",
-         "--attribute-prompts", "0.8", "--omit-present", "0.3", "--token-contrast", "1.0"])
-    assert fine.main(args) == 0
-    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = _train_tiny(data_dir, out, 1, "--attribute-prompts", "0.8", "--omit-present", "0.3",
+                      "--token-contrast", "1.0")
     assert rec[0]["loss_token_contrast"] > 0
     stage = json.loads((out / "final" / "config.json").read_text())["stage"]
     assert stage["token_contrast"] == 1.0
