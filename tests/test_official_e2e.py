@@ -119,7 +119,8 @@ def test_a_prompt_over_the_largest_bucket_is_truncated_with_one_line(golden_pack
     prompt = ". ".join(f"thing number {i}" for i in range(12))
     out = tmp_path / "out.jsonl"
     args = detect.get_args_parser().parse_args(["--package", str(golden_package), "--image", str(tmp_path / "grey.png"),
-                                                "--prompt", prompt, "--json", str(out), "--headless"])
+                                                "--prompt", prompt, "--json", str(out), "--headless",
+                                                "--no-fastest-path"])  # not timing every CPU path: 6 s
     assert detect.main(args) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1, warnings
