@@ -263,11 +263,12 @@ class GroundingLoss(nn.Module):
         official = getattr(head_cfg, "kind", "light") == "dyhead"
         return cls(pixel_offset=1.0 if official else 0.0, no_object_token=official)
 
-    def forward(self, output, targets: Sequence[GroundingTarget],
-                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, output, targets: Sequence[GroundingTarget], attention_mask: torch.Tensor,
+                assignment: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``output``: a ``GroundingOutput``; ``targets``: one ``GroundingTarget`` per image;
-        ``attention_mask`` ``[B, T]`` int64."""
-        matched, token_targets = self.assign(output, targets)                       # [B, N], [B, N, T]
+        ``attention_mask`` ``[B, T]`` int64; ``assignment``: ``self.assign(output, targets)`` when
+        the caller already has it (auxiliary losses on the same positives), else computed here."""
+        matched, token_targets = assignment if assignment is not None else self.assign(output, targets)
         pos = matched >= 0
         num_pos = _mean_over_ranks(pos.sum().float()).clamp(min=1.0)
         loss_token = token_sigmoid_focal_loss(output.token_logits, token_targets, attention_mask,

@@ -203,28 +203,29 @@ class FineTask(BaseTask):
         finally:
             head.position_grad_mask = None
         targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
-        losses = self.loss_fn(out, targets, batch["attention_mask"])
+        assignment = self.loss_fn.assign(out, targets)    # ATSS once: the auxiliary losses share it
+        losses = self.loss_fn(out, targets, batch["attention_mask"], assignment)
         if self.options.position_aux > 0:
             aux = position_loss(head.last_position_query, batch["positive_map"], batch["side"])
             losses["loss_position"] = aux
             losses["loss"] = losses["loss"] + self.options.position_aux * aux
         if self.options.token_contrast > 0:
-            matched, token_targets = self.loss_fn.assign(out, targets)
+            matched, token_targets = assignment
             aux = token_contrast_loss(out.token_logits, token_targets, matched, batch["attention_mask"])
             losses["loss_token_contrast"] = aux
             losses["loss"] = losses["loss"] + self.options.token_contrast * aux
         if self.options.colour_aux > 0:
-            aux = self.colour_loss(model, out, targets, batch["colour_ids"])
+            aux = self.colour_loss(model, assignment[0], batch["colour_ids"])
             losses["loss_colour"] = aux
             losses["loss"] = losses["loss"] + self.options.colour_aux * aux
         return losses
 
-    def colour_loss(self, model, out, targets, colour_ids) -> torch.Tensor:
+    def colour_loss(self, model, matched: torch.Tensor, colour_ids) -> torch.Tensor:
         """Cross-entropy of ``model.colour_aux`` on the region features of the ATSS-positive
-        anchors whose box has a known colour (mean; 0 when there is none)."""
+        anchors (``matched`` [B, N]: gt index or -1) whose box has a known colour (mean; 0 when
+        there is none)."""
         regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
         self._regions.clear()
-        matched, _ = self.loss_fn.assign(out, targets)
         feats, labels = [], []
         for b, ids in enumerate(colour_ids):
             pos = matched[b] >= 0
