@@ -11,15 +11,16 @@ detector file's sha256, the processor, the thread count and the backend versions
 with the same key opens the remembered path at once.
 
 The steady-state winner is not always the quickest for a short run: OpenVINO compiles the
-detector on its first inference (about 1 s for fiber-nano even from its compiled-model cache),
-where ONNX Runtime has paid its set-up when the session opened. So the timing also records each
-path's time to open and to run the first inference, and a caller that knows how many images it
-will run (``runs``: runtime.detect on a list of images) gets the path with the least expected
-total, ``open + first + (runs - 1) * steady``; a stream (camera, video: ``runs`` None) gets the
-steady-state winner. An entry written before start times were recorded is measured again. The first inference is
-timed in the tuning process, whose OpenVINO compile
-fills the cache, so it overstates OpenVINO's later starts (by about 2x here): the choice leans to
-ONNX Runtime for runs of tens of images, which a 1 s compile would not have paid for anyway.
+detector on its first inference (0.4-1.4 s for the fiber-nano INT8 detector even from its
+compiled-model cache, quiet or beside other work), where ONNX Runtime has paid its set-up when the
+session opened. So the timing also records each path's time to open and to run the first
+inference, and a caller that knows how many images it will run (``runs``: runtime.detect on a
+list of images) gets the path with the least expected total, ``open + first + (runs - 1) *
+steady``; a stream (camera, video: ``runs`` None) gets the steady-state winner. An entry written
+before start times were recorded is measured again. The first inference is timed in the tuning
+process, whose OpenVINO compile fills the cache, so it overstates OpenVINO's later starts: the
+choice leans to ONNX Runtime for runs of tens of images, which a compile would not have paid for
+anyway.
 
 Every path runs the package's own graphs: ONNX Runtime runs ``detector.onnx`` (Q/DQ for INT8) or
 the integer ``detector.cpu.onnx`` that compress.export checked against it; OpenVINO compiles
