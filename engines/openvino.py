@@ -12,6 +12,7 @@ OpenVINO reproduced the graph's reference outputs with static shapes in a child 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -66,6 +67,19 @@ def openvino_core():
     return core
 
 
+def cache_folder(config: Mapping[str, Any]) -> str:
+    """The sub-folder of the compiled-model cache for the compile properties ``config``.
+
+    OpenVINO 2026.4's cache key leaves INFERENCE_PRECISION_HINT out for a Q/DQ model: a bf16
+    compile of the INT8 detector imported the blob of an earlier f32 compile and corrupted the heap
+    (a crash at the next inference or at close, on AMX). Each set of properties gets its own folder."""
+    if not config:
+        return "default"
+    text = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+    precision = str(config.get("INFERENCE_PRECISION_HINT", "default")).lower()
+    return f"{precision}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 class OpenVinoEngine:
     """One ONNX file compiled by OpenVINO (``openvino`` package). Same interface as OrtEngine.
 
@@ -84,8 +98,8 @@ class OpenVinoEngine:
         self.path, self.inputs, self.outputs, self.opts = Path(path), inputs, outputs, opts
         self._core = openvino_core()
         if opts.cache_dir != "":
-            cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir() / "openvino"
-            self._core.set_property({"CACHE_DIR": str(cache)})
+            root = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir() / "openvino"
+            self._core.set_property({"CACHE_DIR": str(root / cache_folder(self.config()))})
         try:
             self._model = self._core.read_model(str(self.path))
         except Exception as e:

@@ -428,3 +428,20 @@ def test_uint8_weights_keep_the_cpu_file_values():
     assert after["w"].dtype == after["zp"].dtype == np.uint8
     np.testing.assert_array_equal(after["w"].astype(np.int32) - after["zp"], w)
     np.testing.assert_allclose(run(model), before, rtol=1e-6, atol=1e-6)
+
+
+def test_openvino_cache_keeps_precisions_apart(toys, tmp_path):
+    """A bf16 compile must not import an f32 compile's blob: OpenVINO 2026.4 gives both the same cache
+    key for a Q/DQ model, and on AMX the bf16 engine built from the f32 blob corrupted the heap."""
+    x = random_inputs(config_of(toys["toy-int8"]), tokens=16)
+    out = {}
+    for hint in ("f32", "bf16", "f32"):
+        with engines.load(toys["toy-int8"], "openvino", cache_dir=str(tmp_path), precision_hint=hint) as e:
+            out[hint] = e.detect(x[pkg.IMAGE], e.encode_text(x[pkg.INPUT_IDS], x[pkg.ATTENTION_MASK]),
+                                 x[pkg.ATTENTION_MASK])
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.split("-")[0] for f in folders] == ["bf16", "f32"], folders
+    blobs = {f: sorted(b.name for b in (tmp_path / f).glob("*.blob")) for f in folders}
+    assert all(blobs.values()), blobs                           # each precision compiled and cached once
+    for name, value in out["f32"].items():                      # bf16 rounds; same detections' scale
+        np.testing.assert_allclose(out["bf16"][name], value, atol=0.1 * (1 + np.abs(value).max()))
