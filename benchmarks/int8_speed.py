@@ -199,7 +199,7 @@ def _open(cands: list[Candidate], tokens: int, opened: dict[str, Any], failed: d
         opened[c.label] = e
         x = detector_inputs(e, tokens)
         runners[c.label] = (lambda e=e, x=x: e.detector.run(x))
-        chosen = f" ({e.path_choice.label}: {e.path_choice.summary()})" if e.path_choice else ""
+        chosen = f" ({e.path_choice.label}: {e.path_choice.summary(full=True)})" if e.path_choice else ""
         if say:
             say(f"{c.label:34s} {Path(c.package).name}/{e.detector.path.name} on {e.backend}{chosen}")
     return runners

@@ -81,16 +81,32 @@ class PathChoice:
     start_ms: dict[str, float] = field(default_factory=dict)  # path label -> open + first inference ms
     runs: int | None = None                       # the run length chosen for (None: a stream)
 
-    def summary(self) -> str:
-        ranked = sorted(self.ms.items(), key=lambda kv: kv[1])
-        times = ", ".join(f"{label} {ms:.1f} ms" for label, ms in ranked)
+    def summary(self, full: bool = False) -> str:
+        """Why this path: its time and the runner-up's (``full``: every path's)."""
         how = "remembered" if self.remembered else "measured now"
-        if self.runs is None or not self.start_ms:
-            return f"fastest of {len(self.ms)} CPU paths here ({times}; {how})"
-        starts = ", ".join(f"{label} {self.start_ms[label]:.0f} ms" for label, _ in ranked if label in self.start_ms)
-        images = f"{self.runs} image" + ("s" if self.runs != 1 else "")
-        return (f"quickest of {len(self.ms)} CPU paths here for {images} (per image {times}; "
-                f"open + first image {starts}; {how})")
+        counted = self.runs is not None and all(label in self.start_ms for label in self.ms)
+        if full:
+            ranked = sorted(self.ms.items(), key=lambda kv: kv[1])
+            times = ", ".join(f"{label} {ms:.1f} ms" for label, ms in ranked)
+            if not counted:
+                return f"fastest of {len(self.ms)} CPU paths here ({times}; {how})"
+            starts = ", ".join(f"{label} {self.start_ms[label]:.0f} ms" for label, _ in ranked)
+            return (f"quickest of {len(self.ms)} CPU paths here for {self._images()} (per image {times}; "
+                    f"open + first image {starts}; {how})")
+        if counted:
+            cost = lambda label: self.start_ms[label] + (self.runs - 1) * self.ms[label]  # noqa: E731
+            what = lambda label: f"{self.start_ms[label]:.0f} ms to start, {self.ms[label]:.1f} ms/image"  # noqa: E731
+            head = f"quickest of {len(self.ms)} CPU paths here for {self._images()}"
+        else:
+            cost = self.ms.get
+            what = lambda label: f"{self.ms[label]:.1f} ms/image"  # noqa: E731
+            head = f"fastest of {len(self.ms)} CPU paths here"
+        others = sorted((label for label in self.ms if label != self.label), key=cost)
+        parts = [what(self.label)] + ([f"next {others[0]}: {what(others[0])}"] if others else [])
+        return f"{head} ({'; '.join(parts)}; {how})"
+
+    def _images(self) -> str:
+        return f"{self.runs} image" + ("s" if self.runs != 1 else "")
 
 
 def quickest(ms: Mapping[str, float], start_ms: Mapping[str, float], runs: int | None) -> str:

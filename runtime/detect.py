@@ -109,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--stats-every", type=float, default=5.0, metavar="S", help="live stats period, seconds")
     out.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                      help="no per-image lines (stats and errors are still printed)")
+    out.add_argument("--path-timings", action=argparse.BooleanOptionalAction, default=False,
+                     help="the first log line lists every CPU path's timings, not only the chosen "
+                          "path's and the runner-up's")
     return p
 
 
@@ -208,7 +211,7 @@ def _check_prompt(detector: Detector, prompt: str | None) -> None:
         raise UsageError(f"--prompt {prompt!r}: {e}") from None
 
 
-def backend_line(detector: Detector, threads: int | None) -> str:
+def backend_line(detector: Detector, threads: int | None, path_timings: bool = False) -> str:
     """``fiber-detect: <model> on <backend>[, N threads][, deformable convs: PATH][: hint]``: the
     backend chosen, for a DyHead how its DeformConv nodes run (native / plugin / gridsample), and how to
     get the faster one when a package made for OpenVINO runs on ONNX Runtime for want of it."""
@@ -216,7 +219,7 @@ def backend_line(detector: Detector, threads: int | None) -> str:
     where = choice.label if choice is not None else detector.backend
     line = f"{PROG}: {detector.name} on {where}" + (f", {threads} threads" if threads else "")
     if choice is not None and choice.ms:
-        line += f", {choice.summary()}"
+        line += f", {choice.summary(full=path_timings)}"
     deform = getattr(detector.engines, "deform_conv", None)  # a DyHead's DeformConv path (engines.deform)
     if deform:
         line += f", deformable convs: {deform}"
@@ -434,7 +437,8 @@ class Runner:
             live: bool) -> None:
         """Process items until they end, --max-frames or q/Esc (Ctrl-C propagates)."""
         if not self.announced:  # the run's first log line: what runs this model, and how
-            print(backend_line(self.detector, self.args.threads), file=sys.stderr, flush=True)
+            print(backend_line(self.detector, self.args.threads, self.args.path_timings),
+                  file=sys.stderr, flush=True)
             self.announced = True
         last_stats = t_wait = time.perf_counter()
         if self.stats.start is None:

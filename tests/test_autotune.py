@@ -199,7 +199,25 @@ def test_runtime_detect_names_the_fastest_path_first(toys, tmp_path, monkeypatch
     assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("fiber-detect: toy-int8 on ") and ", 1 threads, quickest of " in first, first
-    assert " here for 1 image (" in first and "open + first image " in first, first
+    assert " here for 1 image (" in first and " ms to start, " in first and "; next " in first, first
     assert first.endswith("; measured now)"), first
-    assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
-    assert capsys.readouterr().err.splitlines()[0].endswith("; remembered)")
+    assert first.count(" ms/image") == 2 and len(first) < 200, first   # the choice and the runner-up only
+    assert detect.main(detect.get_args_parser().parse_args(argv + ["--path-timings"])) == 0
+    full = capsys.readouterr().err.splitlines()[0]
+    assert full.endswith("; remembered)") and "open + first image " in full, full
+    label = first[len("fiber-detect: toy-int8 on "):first.index(", 1 threads")]
+    assert f"per image {label} " in full or f", {label} " in full, full   # every path listed
+
+
+def test_path_choice_names_the_choice_and_the_runner_up():
+    ms = {"openvino bf16": 14.6, "onnxruntime cpu_file": 40.2, "openvino f32": 22.5}
+    start = {"openvino bf16": 496.0, "onnxruntime cpu_file": 344.0, "openvino f32": 1240.0}
+    one = autotune.PathChoice("onnxruntime cpu_file", ms, False, None, start, runs=1)
+    assert one.summary() == ("quickest of 3 CPU paths here for 1 image (344 ms to start, 40.2 ms/image; "
+                             "next openvino bf16: 496 ms to start, 14.6 ms/image; measured now)")
+    stream = autotune.PathChoice("openvino bf16", ms, True, None, start, runs=None)
+    assert stream.summary() == ("fastest of 3 CPU paths here (14.6 ms/image; next openvino f32: 22.5 ms/image; "
+                                "remembered)")
+    assert "onnxruntime cpu_file 40.2 ms" in stream.summary(full=True)
+    alone = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None)
+    assert alone.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered)"
