@@ -20,7 +20,8 @@ steady``; a stream (camera, video: ``runs`` None) gets the steady-state winner. 
 before start times were recorded is measured again. The first inference is timed in the tuning
 process, whose OpenVINO compile fills the cache, so it overstates OpenVINO's later starts: the
 choice leans to ONNX Runtime for runs of tens of images, which a compile would not have paid for
-anyway.
+anyway. A run of fewer than ``TIMED_RUNS`` images that finds nothing remembered is not timed at
+all: it runs on ONNX Runtime, which starts quickest, and leaves the timing to a longer run.
 
 Every path runs the package's own graphs: ONNX Runtime runs ``detector.onnx`` (Q/DQ for INT8) or
 the integer ``detector.cpu.onnx`` that compress.export checked against it; OpenVINO compiles
@@ -50,6 +51,12 @@ from common.cpu import cpu_flags, cpu_model, read_cpuinfo
 from engines.options import default_cache_dir
 
 CACHE_NAME = "cpu-paths.json"
+# A run of fewer images, with no timings remembered, is not worth timing every path for: timing
+# opens each path and runs it for ~2 s (fiber-nano; minutes for a FIBER-B package on OpenVINO),
+# while ONNX Runtime, which starts quickest, loses at most ~25 ms per image to the fastest path
+# (fiber-nano INT8 on a Zen 4 and a Sapphire Rapids: 340 ms to start and 38-40 ms per image, against
+# 500 ms and 11-15 ms on OpenVINO bf16).
+TIMED_RUNS = 20
 # The "auto" options a timed choice honours; any other option pins a path, and "auto" then follows
 # the manifest's rule (engines.auto_cpu_backend).
 TUNABLE_OPTIONS = frozenset({"threads", "intra_op_threads", "verify", "cache_dir"})
@@ -80,9 +87,12 @@ class PathChoice:
     cache: str | None                             # the cache file (None: not written)
     start_ms: dict[str, float] = field(default_factory=dict)  # path label -> open + first inference ms
     runs: int | None = None                       # the run length chosen for (None: a stream)
+    note: str = ""                                # why nothing was timed, when that is the case
 
     def summary(self, full: bool = False) -> str:
         """Why this path: its time and the runner-up's (``full``: every path's)."""
+        if not self.ms:
+            return self.note
         how = "remembered" if self.remembered else "measured now"
         counted = self.runs is not None and all(label in self.start_ms for label in self.ms)
         if full:
@@ -262,6 +272,13 @@ def fastest_cpu_path(package: Path, manifest: Mapping[str, Any], opts: Mapping[s
     if len(paths) == 1:
         engines = open_path(paths[0], {**base, **paths[0].load_options(threads)})
         engines.path_choice = PathChoice(paths[0].label, {}, False, None)
+        return engines
+    if runs is not None and runs < TIMED_RUNS:
+        chosen = [p for p in paths if p.backend == "onnxruntime"][-1]   # the integer graph when there is one
+        engines = open_path(chosen, {**base, **chosen.load_options(threads)})
+        note = (f"not timed for {runs} image{'s' if runs != 1 else ''}: ONNX Runtime starts quickest; a "
+                f"camera, a video or {TIMED_RUNS}+ images time the {len(paths)} CPU paths once")
+        engines.path_choice = PathChoice(chosen.label, {}, False, None, runs=runs, note=note)
         return engines
     opened: dict[str, Any] = {}
     start: dict[str, float] = {}

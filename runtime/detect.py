@@ -218,7 +218,7 @@ def backend_line(detector: Detector, threads: int | None, path_timings: bool = F
     choice = getattr(detector.engines, "path_choice", None)  # engines.autotune.PathChoice
     where = choice.label if choice is not None else detector.backend
     line = f"{PROG}: {detector.name} on {where}" + (f", {threads} threads" if threads else "")
-    if choice is not None and choice.ms:
+    if choice is not None and (choice.ms or choice.note):
         line += f", {choice.summary(full=path_timings)}"
     deform = getattr(detector.engines, "deform_conv", None)  # a DyHead's DeformConv path (engines.deform)
     if deform:

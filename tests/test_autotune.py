@@ -193,13 +193,15 @@ def test_cache_key_follows_the_detector_file_and_threads(toys):
 
 def test_runtime_detect_names_the_fastest_path_first(toys, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "x.png")
-    argv = ["--package", str(toys["toy-int8"]), str(tmp_path / "x.png"), "--prompt", "cat", "--json", "-",
-            "--threads", "1"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(autotune.TIMED_RUNS):
+        Image.fromarray(np.full((20, 30, 3), i, np.uint8)).save(images / f"{i:02d}.png")
+    argv = ["--package", str(toys["toy-int8"]), str(images), "--prompt", "cat", "--json", "-", "--threads", "1"]
     assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("fiber-detect: toy-int8 on ") and ", 1 threads, quickest of " in first, first
-    assert " here for 1 image (" in first and " ms to start, " in first and "; next " in first, first
+    assert f" here for {autotune.TIMED_RUNS} images (" in first and " ms to start, " in first and "; next " in first, first
     assert first.endswith("; measured now)"), first
     assert first.count(" ms/image") == 2 and len(first) < 200, first   # the choice and the runner-up only
     assert detect.main(detect.get_args_parser().parse_args(argv + ["--path-timings"])) == 0
@@ -221,3 +223,16 @@ def test_path_choice_names_the_choice_and_the_runner_up():
     assert "onnxruntime cpu_file 40.2 ms" in stream.summary(full=True)
     alone = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None)
     assert alone.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered)"
+
+
+def test_a_short_run_with_nothing_remembered_is_not_timed(toys, tmp_path, monkeypatch, capsys):
+    """One image: timing every path (seconds; minutes for a large model on OpenVINO) would cost more
+    than it could save, so ONNX Runtime's integer graph runs untimed and nothing is remembered."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "x.png")
+    argv = ["--package", str(toys["toy-int8"]), str(tmp_path / "x.png"), "--prompt", "cat", "--json", "-"]
+    assert detect.main(detect.get_args_parser().parse_args(argv)) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("fiber-detect: toy-int8 on onnxruntime cpu_file, not timed for 1 image: "), first
+    assert f"{autotune.TIMED_RUNS}+ images time the " in first, first
+    assert not (tmp_path / "cache" / "fiber-edge" / autotune.CACHE_NAME).exists()
