@@ -232,7 +232,7 @@ train-nano-attr: $(ATTR_RUN5)/final/model.safetensors
 # the shipped packages: export with a calibrated threshold, quantise, export INT8 (ATTR_SHIP: which run)
 ATTR_SHIP ?= $(ATTR_RUN5)
 package-nano-attr: $(ATTR_SHIP)/final/model.safetensors
-	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --openvino-check --threads 1 --overwrite
 	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint $(ATTR_SHIP) --config fiber-nano --data $(NANO_CALIB_DATA) --out $(ATTR_SHIP)-quant --overwrite
 	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano-int8 --int8 $(ATTR_SHIP)-quant --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
 

@@ -17,7 +17,8 @@ end (a failed export leaves nothing):
     graphs.detector.cpu_backend  the CPU backend engines.load("auto") picks: "openvino" for an INT8
                        package when OpenVINO with static shapes reproduces reference/detector.npz
                        (graphs.detector.openvino, checked in a child process: the fastest CPU path
-                       measured, see compress.cpu_int8), else and for FP32 "onnxruntime"
+                       measured, see compress.cpu_int8), else and for FP32 "onnxruntime" (an FP32
+                       export checks OpenVINO only with --openvino-check)
     tokenizer.json, reference/text.npz, reference/detector.npz (inputs + ONNX Runtime outputs with
                        graph optimisations off, checked against PyTorch at export), manifest.json
 
@@ -110,6 +111,7 @@ class ExportConfig:
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
     memory_check: bool = True              # refuse (one line, nothing written) when MemAvailable < the estimate
     fold_shapes: bool = True               # fold the detector's shape arithmetic (its probes: the export's peak memory)
+    openvino_check: bool | None = None     # check OpenVINO with static shapes on the detector (None: INT8 only)
 
 
 @dataclass
@@ -212,7 +214,8 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
                  buckets: Sequence[int], cpu_method: str, text_words: str,
-                 tokenizer: TokenizerSource = TokenizerSource(), fold_shapes: bool = True) -> dict[str, Any]:
+                 tokenizer: TokenizerSource = TokenizerSource(), fold_shapes: bool = True,
+                 openvino_check: bool | None = None) -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
     ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
     table as per-row int8 (the text parity check is then against the model with that table read
@@ -237,10 +240,13 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     graphs["text"]["word_embeddings"] = words_info or {"dtype": "float32"}
     graphs["detector"]["cpu_file"] = None
     graphs["detector"]["cpu_backend"] = "onnxruntime"
-    if qmodel is not None:
+    if openvino_check is None:
+        openvino_check = qmodel is not None
+    if openvino_check:
         check = check_openvino(tmp / pkg.DETECTOR_GRAPH, tmp / pkg.reference_file("detector"))
         graphs["detector"]["openvino"] = check
-        graphs["detector"]["cpu_backend"] = "openvino" if check["static_shapes"] else "onnxruntime"
+        if qmodel is not None:  # FP32: the check lets OpenVINO compile static shapes; ONNX Runtime stays the default
+            graphs["detector"]["cpu_backend"] = "openvino" if check["static_shapes"] else "onnxruntime"
     if qmodel is not None and cpu_method != "none":
         info = cpu_int8.make_cpu_variant(cpu_method, model, qmodel, x, hidden, tmp)
         graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH
@@ -467,7 +473,7 @@ def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfi
                    ) -> dict[str, Any]:
     tokenizer = TokenizerSource.of_checkpoint(meta["path"])
     parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words, tokenizer,
-                         fold_shapes=cfg.fold_shapes)
+                         fold_shapes=cfg.fold_shapes, openvino_check=cfg.openvino_check)
     parts["graphs"]["detector"]["shape_arithmetic"] = "folded" if cfg.fold_shapes else "computed"
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
@@ -654,6 +660,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-shapes", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the detector's shape arithmetic into constants (--no-fold-shapes: skip its "
                         "probe runs, the export's memory peak; FIBER-B at 800x1344 needs >19 GB with them)")
+    p.add_argument("--openvino-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="check that OpenVINO with static shapes reproduces the detector's reference outputs "
+                        "(a child process, seconds; minutes at FIBER-B size), so that OpenVINO may compile "
+                        "it for static shapes, ~1.2-1.3x faster (default: INT8 packages only)")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse to start when the memory available is below the export's estimated peak")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
@@ -670,7 +680,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
                         eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
                         calibrate=args.calibrate, calibration_data=args.calibration_data,
-                        canvas=args.canvas, memory_check=args.memory_check, fold_shapes=args.fold_shapes)
+                        canvas=args.canvas, memory_check=args.memory_check, fold_shapes=args.fold_shapes,
+                       openvino_check=args.openvino_check)
 
 
 def main(args: argparse.Namespace) -> int:

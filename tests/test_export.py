@@ -330,10 +330,11 @@ def test_reference_outputs_match_every_backend(work):
 
 def test_re_export_from_the_same_checkpoint_is_byte_identical(work, tmp_path):
     """Exporting the checkpoint again gives the same bytes in every graph, reference and tokenizer
-    file, and the same manifest apart from what the data adds (accuracy, calibration, timings)."""
+    file, and the same manifest apart from what the data adds (accuracy, calibration, timings) and
+    what --openvino-check adds (the FP32 detector checked on OpenVINO with static shapes)."""
     again = tmp_path / "again"
     result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(again),
-                     "--buckets", BUCKETS, "--threads", "1")
+                     "--buckets", BUCKETS, "--threads", "1", "--openvino-check")
     assert result.returncode == 0, result.stderr
     files = sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(work["package"])) for p in work["package"].rglob("*") if p.is_file())
@@ -341,8 +342,14 @@ def test_re_export_from_the_same_checkpoint_is_byte_identical(work, tmp_path):
         if name != pkg.MANIFEST:
             assert (again / name).read_bytes() == (work["package"] / name).read_bytes(), name
     a, b = (json.loads((p / pkg.MANIFEST).read_text()) for p in (again, work["package"]))
+    assert "openvino" not in b["graphs"]["detector"]                      # FP32: not checked by default
+    check = a["graphs"]["detector"].pop("openvino")
+    assert check["static_shapes"] is True and max(check["max_rel_diff"].values()) <= check["tolerance"], check
+    assert a["graphs"]["detector"]["cpu_backend"] == "onnxruntime"        # the check does not change the default
     for key in ("graphs", "parity", "files", "input", "text", "model", "producer"):
         assert a[key] == b[key], key
+    with engines.load(again, "openvino", cache_dir="") as e:
+        assert e.detector.opts.static_shapes is True                       # OpenVINO follows the check
 
 
 def test_existing_out_is_refused(work):

@@ -55,7 +55,7 @@ def golden(tmp_path_factory):
 def golden_int8(golden):
     out = golden["root"] / "pkg-int8"
     result = run_cli("compress.export", "--checkpoint", str(golden["ck"]), "--out", str(out),
-                     "--int8", str(golden["qdir"]), "--canvas", CANVAS, "--threads", "1")
+                     "--int8", str(golden["qdir"]), "--canvas", CANVAS, "--threads", "1", "--no-openvino-check")
     assert result.returncode == 0, result.stderr
     assert "agreement int8 vs FP32" in result.stdout
     return out
@@ -120,6 +120,8 @@ def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(gol
         assert least <= rec["agreement"] <= 1.0 and rec["images"] == 4 and rec["reference"] == "PyTorch FP32"
         assert "ONNX Runtime" in rec["other"] and rec["max_abs_logit_diff"] > 0
     assert manifest["quantization"]["guard"] == "agreement"
+    assert "openvino" not in manifest["graphs"]["detector"]             # --no-openvino-check: not checked,
+    assert manifest["graphs"]["detector"]["cpu_backend"] == "onnxruntime"  # so not OpenVINO's by default
     ref = np.load(golden_int8 / pkg.reference_file("detector"))
     with engines.load(golden_int8, "onnxruntime", cache_dir="", use_cpu_file=False) as e:
         out = e.detect(ref[pkg.IMAGE], ref[pkg.TEXT_HIDDEN], ref[pkg.ATTENTION_MASK])
