@@ -21,7 +21,7 @@ setting). ``--matrix`` times every CPU path of the two packages instead, plus wh
 runs by default (each package on the fastest of its paths, engines.autotune, remembered per machine),
 and ends with the ratio of the INT8 package's default path to the fastest FP32 path (``run_matrix``:
 the same measurement for benchmarks.report). A path that forces OpenVINO's static shapes on a package
-whose manifest did not validate them is first checked in a child process (compress.export.check_openvino;
+whose manifest did not validate them is first checked in a child process (compress.openvino_check;
 OpenVINO 2026.4 segfaults compiling some graphs that way) and left out, with the reason, when it fails.
 A benchmark, not a test: run it on a quiet machine.
 """
@@ -39,6 +39,7 @@ import numpy as np
 
 import engines
 from common import package as pkg
+from compress.openvino_check import check_openvino
 from engines.autotune import detector_inputs
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
@@ -159,8 +160,6 @@ def _static_ok(package: str) -> tuple[bool, str]:
     detector = pkg.read_manifest(package)["graphs"]["detector"]
     if (detector.get("openvino") or {}).get("static_shapes"):
         return True, "validated by compress.export"
-    from compress.export import check_openvino  # torch-heavy: only when a check is needed
-
     r = check_openvino(Path(package) / detector.get("file", pkg.DETECTOR_GRAPH),
                        Path(package) / pkg.reference_file("detector"))
     return bool(r["static_shapes"]), str(r["checked"])

@@ -33,7 +33,7 @@ the CPU file's DynamicQuantizeMatMuls run the weight GEMMs ~2.2x faster; static 
 --attention) were no faster (measured); int8 head/FPN convs (QLinearConv) would save ~8% but need
 calibrated conv output scales, which the Q/DQ file does not have. OpenVINO fuses more of the rest, so INT8 packages
 name it as ``graphs.detector.cpu_backend`` when it passed the export's static-shape check
-(compress.export.check_openvino); this file is what ONNX Runtime runs.
+(compress.openvino_check); this file is what ONNX Runtime runs.
 """
 from __future__ import annotations
 

@@ -38,11 +38,8 @@ manifest's ``calibration``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +58,7 @@ from common.progress import progress_line
 from engines.options import int8_pairs_saturate
 from compress import calibrate, cpu_int8, onnx_export, onnx_graph, word_table
 from compress.accuracy import EvalData, evaluate_engines, find_data
+from compress.openvino_check import apply_check, check_openvino, openvino_installed
 from fiber import checkpoint as checkpoint_io
 from fiber.checkpoint import CheckpointError
 from fiber.config import ModelConfig
@@ -69,17 +67,6 @@ from fiber.package import TOKENIZER_SRC, package_sections, resolve_buckets
 
 TEXT_WORDS = ("int8", "fp32")   # how text.onnx stores its word-embedding table
 FP32_TOL = 1e-3     # ONNX vs PyTorch, relative to 1 + max |torch|: FP32 graphs must agree this well
-# OpenVINO's int8 kernels vs the plain-ONNX reference of an INT8 detector, relative to 1 + max |ref|:
-# a float difference in front of any QuantizeLinear can flip a rounding by one quantisation step,
-# which propagates (fiber-nano: 2.2e-2 on centerness; ONNX Runtime's own Q/DQ fusions give 2.3e-2).
-OPENVINO_TOL = 5e-2
-# The same on an x86 CPU without VNNI (engines.options.int8_pairs_saturate: the int8 kernels add
-# uint8 x int8 product pairs in int16 with saturation, ONNX Runtime's as well): measured on an
-# AVX2-only EPYC, fiber-nano-int8 9.5e-2 (token_logits; ONNX Runtime 7.0e-2), the tiny test
-# package 6.8e-2. 0.2 leaves 2x margin, so that the export's verdict does not depend on the CPU
-# it ran on; a broken compile (a wrong output) is still far above it.
-OPENVINO_TOL_NO_VNNI = 0.2
-REPO = Path(__file__).resolve().parents[1]
 REFERENCE_PROMPT = "a red circle. two blue squares. the small green star left of the ring"
 
 
@@ -244,9 +231,7 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
         openvino_check = qmodel is not None
     if openvino_check:
         check = check_openvino(tmp / pkg.DETECTOR_GRAPH, tmp / pkg.reference_file("detector"))
-        graphs["detector"]["openvino"] = check
-        if qmodel is not None:  # FP32: the check lets OpenVINO compile static shapes; ONNX Runtime stays the default
-            graphs["detector"]["cpu_backend"] = "openvino" if check["static_shapes"] else "onnxruntime"
+        apply_check(graphs["detector"], check, int8=qmodel is not None)  # FP32: ONNX Runtime stays the default
     if qmodel is not None and cpu_method != "none":
         info = cpu_int8.make_cpu_variant(cpu_method, model, qmodel, x, hidden, tmp)
         graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH
@@ -269,32 +254,6 @@ def int8_word_embeddings(model: FiberForGrounding) -> tuple[FiberForGrounding, t
         text_model.backbone.text.embeddings.word_embeddings.weight.copy_(
             torch.from_numpy(word_table.dequantize_rows(q, scale)))
     return text_model, (q, scale)
-
-
-def check_openvino(graph: Path, reference: Path, tol: float | None = None) -> dict[str, Any]:
-    """graphs.detector.openvino: does OpenVINO with static shapes reproduce ``reference`` (within
-    ``tol``: by default OPENVINO_TOL, OPENVINO_TOL_NO_VNNI on an x86 CPU without VNNI)? Run in a
-    child process, since OpenVINO 2026.4 can crash compiling some graphs.
-    ``static_shapes`` is the verdict; engines use static shapes on this graph only when it is true."""
-    saturating = int8_pairs_saturate()
-    if tol is None:
-        tol = OPENVINO_TOL_NO_VNNI if saturating else OPENVINO_TOL
-    if not openvino_installed():
-        return {"static_shapes": False, "checked": "OpenVINO is not installed"}
-    code = ("import json, sys; from engines.openvino import check_against_reference as check; "
-            "print(json.dumps(check(sys.argv[1], sys.argv[2], cache_dir='', static_shapes=True)))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", code, str(graph), str(reference)], capture_output=True,
-                       text=True, timeout=900, env=env)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-        return {"static_shapes": False, "checked": f"OpenVINO failed on {reference.name} (exit status "
-                                                   f"{r.returncode}): {last[:200]}"}
-    diffs = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"static_shapes": max(diffs.values()) <= tol,
-            "max_rel_diff": {k: round(v, 6) for k, v in diffs.items()}, "tolerance": tol,
-            "checked": f"{reference.parent.name}/{reference.name}, static shapes"
-                       + (", x86 CPU without VNNI (int8 pair sums saturate)" if saturating else "")}
 
 
 def _parity(model, det_model, text_in, hidden, det_in, det_out, quantised: bool) -> dict[str, Any]:
@@ -358,10 +317,6 @@ def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: 
         opts["threads" if backend == "openvino" else "intra_op_threads"] = threads
     with engines.load(folder, backend, **opts) as e:
         return evaluate_engines(e, data, progress=progress_line())  # a stderr line on a terminal only
-
-
-def openvino_installed() -> bool:
-    return importlib.util.find_spec("openvino") is not None
 
 
 def guard(fp32: dict, int8: dict, max_drop: float, what: str, sensitivity: Path | None) -> None:

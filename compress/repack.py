@@ -35,7 +35,8 @@ from common import package as pkg
 from common.atomic import atomic_dir
 from compress import onnx_export, onnx_graph, word_table
 from compress.export import (AccuracyGuardError, ExportError, evaluate_package, file_table, max_rel_diff,
-                             openvino_installed, write_manifest)
+                             write_manifest)
+from compress.openvino_check import openvino_installed
 from compress.accuracy import find_data
 
 # accuracy entry -> how to run it: (use the CPU file, backend)

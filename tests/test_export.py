@@ -562,3 +562,30 @@ def test_default_text_buckets_reach_the_configs_max_text_len(config, want):
     assert resolve_buckets(cfg, None) == want and want[-1] == min(cfg.max_text_len, 256)
     with pytest.raises(ValueError, match="exceeds the"):
         resolve_buckets(cfg, (16, cfg.max_text_len + 1))
+
+
+def test_openvino_check_records_its_verdict_in_an_existing_package(work, tmp_path):
+    """compress.openvino_check adds graphs.detector.openvino to a package exported without it; the
+    FP32 default backend stays ONNX Runtime and the package still verifies."""
+    import shutil
+
+    from compress import openvino_check
+
+    package = tmp_path / "pkg"
+    shutil.copytree(work["package"], package)
+    before = json.loads((package / pkg.MANIFEST).read_text())
+    assert "openvino" not in before["graphs"]["detector"]
+    result = run_program("compress.openvino_check", "--package", str(package))
+    assert result.returncode == 0, result.stderr
+    assert "OpenVINO with static shapes passes" in result.stdout and "recorded in the manifest" in result.stdout
+    after = pkg.load_package_manifest(package)                       # files still match their sha256
+    check = after["graphs"]["detector"].pop("openvino")
+    assert check["static_shapes"] is True and check["checked"] == "reference/detector.npz, static shapes"
+    assert after == before                                           # nothing else changed
+    bad = tmp_path / "no-reference"
+    shutil.copytree(work["package"], bad)
+    (bad / pkg.reference_file("detector")).unlink()
+    for target, message in ((tmp_path / "missing", "does not exist"), (bad, "reference/detector.npz is listed in the manifest but missing")):
+        out = run_cli("compress.openvino_check", "--package", str(target))
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert "openvino" not in json.loads((bad / pkg.MANIFEST).read_text())["graphs"]["detector"]

@@ -20,7 +20,7 @@ import engines
 from engines import autotune
 from common import package as pkg
 from engines.options import int8_pairs_saturate
-from compress import export, quantize
+from compress import export, openvino_check, quantize
 from test_export import BUCKETS, CONFIG, make_checkpoint, make_data, rel_diff, run_cli, run_program
 
 INT8_VS_FAKEQUANT = 1e-3   # Q/DQ ONNX (ORT, optimisations off) vs modelopt fake-quant torch
@@ -191,7 +191,7 @@ def test_int8_graphs_are_explicit_qdq(work):
     assert manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] == len(qs)
     assert manifest["graphs"]["detector"]["cpu_backend"] == "openvino"     # checked below
     check = manifest["graphs"]["detector"]["openvino"]
-    want = export.OPENVINO_TOL_NO_VNNI if int8_pairs_saturate() else export.OPENVINO_TOL
+    want = openvino_check.OPENVINO_TOL_NO_VNNI if int8_pairs_saturate() else openvino_check.OPENVINO_TOL
     assert check["tolerance"] == want and check["static_shapes"] is True and max(check["max_rel_diff"].values()) <= want
     assert set(manifest["accuracy"]) >= {"fp32", "int8", "int8_cpu", "int8_openvino"}
     fp32 = json.loads((work["fp32"] / pkg.MANIFEST).read_text())
@@ -265,9 +265,9 @@ def test_openvino_check_refuses_wrong_outputs_and_failures(work, tmp_path):
     ref = dict(np.load(package / pkg.reference_file("detector")))
     ref[pkg.CENTERNESS] = ref[pkg.CENTERNESS] + 1.0 + np.abs(ref[pkg.CENTERNESS]).max()
     np.savez(tmp_path / "off.npz", **ref)
-    off = export.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz")
-    assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > export.OPENVINO_TOL_NO_VNNI
-    failed = export.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"))
+    off = openvino_check.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz")
+    assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > openvino_check.OPENVINO_TOL_NO_VNNI
+    failed = openvino_check.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"))
     assert failed["static_shapes"] is False and "OpenVINO failed" in failed["checked"]
 
 
