@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.atomic import atomic_write_text
+
 FORMAT = "fiber-edge-package"
 FORMAT_VERSION = 1
 
@@ -105,6 +107,11 @@ def read_manifest(package: str | Path) -> dict[str, Any]:
     return read_versioned_json(path, FORMAT, FORMAT_VERSION, ("files", "graphs", "input", "text"),
                                "package manifest", "upgrade fiber-edge or re-export the package",
                                PackageError)
+
+
+def write_manifest(package: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``package/manifest.json`` (atomically: temp file + rename)."""
+    atomic_write_text(Path(package) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def verify_files(package: str | Path, manifest: dict[str, Any]) -> None:

@@ -35,7 +35,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from common import package as pkg
-from common.atomic import atomic_write_text
 from common.progress import Progress, progress_line
 
 IOU = 0.5
@@ -216,7 +215,7 @@ def write_calibration(package: str | Path, record: dict[str, Any]) -> dict[str, 
     manifest = pkg.read_manifest(package)
     manifest.setdefault("postprocess", {})["threshold"] = record["threshold"]
     manifest["calibration"] = record
-    atomic_write_text(package / pkg.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    pkg.write_manifest(package, manifest)
     return manifest
 
 

@@ -303,10 +303,6 @@ def build_manifest(name: str, cfg: ModelConfig, buckets: Sequence[int], parts: d
     }
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / pkg.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- accuracy
 
 def evaluate_package(folder: Path, data: EvalData, use_cpu_file: bool, threads: int | None = None,
@@ -386,7 +382,7 @@ def export_package(cfg: ExportConfig) -> ExportResult:
             elif data is not None:
                 accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, Path(scratch)))
             manifest["accuracy"] = accuracy
-            write_manifest(tmp, manifest)
+            pkg.write_manifest(tmp, manifest)
             if cfg.calibrate and (cfg.calibration_data or cfg.data):
                 manifest = _calibrate(cfg, tmp)
     return ExportResult(out, manifest)
@@ -441,7 +437,7 @@ def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfi
     level_sizes = model.level_sizes(*mcfg.input_hw) if mcfg.input.style == "official" else ()
     manifest = build_manifest(name, mcfg, buckets, parts, file_table(tmp), precision, extra, level_sizes,
                               tokenizer.lowercase)
-    write_manifest(tmp, manifest)
+    pkg.write_manifest(tmp, manifest)
     return manifest
 
 
@@ -491,7 +487,7 @@ def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData,
     fp32_dir = scratch / "fp32"       # the same checkpoint as an FP32 package, for the baseline
     fp32_dir.mkdir()
     parts = write_graphs(fp32_dir, model, None, mcfg, buckets, "none", cfg.text_words)
-    write_manifest(fp32_dir, build_manifest("fp32-baseline", mcfg, buckets, parts, file_table(fp32_dir),
+    pkg.write_manifest(fp32_dir, build_manifest("fp32-baseline", mcfg, buckets, parts, file_table(fp32_dir),
                                             "fp32", {}))
     out = {"fp32": evaluate_package(fp32_dir, data, False, cfg.threads),
            "int8": evaluate_package(tmp, data, False, cfg.threads)}

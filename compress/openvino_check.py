@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from common import package as pkg
-from common.atomic import atomic_write_text
 from engines.options import int8_pairs_saturate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +90,7 @@ def check_package(package: str | Path, write: bool = True) -> dict[str, Any]:
     check = check_openvino(package / detector.get("file", pkg.DETECTOR_GRAPH), reference)
     if write:
         apply_check(detector, check, manifest.get("precision") == "int8")
-        atomic_write_text(package / pkg.MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        pkg.write_manifest(package, manifest)
     return check
 
 

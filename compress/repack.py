@@ -34,8 +34,7 @@ import engines
 from common import package as pkg
 from common.atomic import atomic_dir
 from compress import onnx_export, onnx_graph, word_table
-from compress.export import (AccuracyGuardError, ExportError, evaluate_package, file_table, max_rel_diff,
-                             write_manifest)
+from compress.export import AccuracyGuardError, ExportError, evaluate_package, file_table, max_rel_diff
 from compress.openvino_check import openvino_installed
 from compress.accuracy import find_data
 
@@ -90,10 +89,10 @@ def repack(package: Path, out: Path, data_dir: str | None, baseline: Path | None
                               "text_onnx_sha256_before": manifest["files"][pkg.TEXT_GRAPH]["sha256"],
                               "text_hidden_max_rel_diff_vs_before": round(max_rel_diff(hidden, ref[pkg.TEXT_HIDDEN]), 6)}
         manifest["files"] = file_table(tmp)
-        write_manifest(tmp, manifest)
+        pkg.write_manifest(tmp, manifest)
         if data is not None:
             manifest["accuracy"] = _remeasure(tmp, manifest["accuracy"], data, base_fp32, max_drop, threads)
-            write_manifest(tmp, manifest)
+            pkg.write_manifest(tmp, manifest)
     return manifest
 
 
