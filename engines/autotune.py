@@ -104,7 +104,7 @@ class PathChoice:
             return (f"quickest of {len(self.ms)} CPU paths here for {self._images()} (per image {times}; "
                     f"open + first image {starts}; {how})")
         if counted:
-            cost = lambda label: self.start_ms[label] + (self.runs - 1) * self.ms[label]  # noqa: E731
+            cost = lambda label: run_ms(self.ms, self.start_ms, self.runs, label)  # noqa: E731
             what = lambda label: f"{self.start_ms[label]:.0f} ms to start, {self.ms[label]:.1f} ms/image"  # noqa: E731
             head = f"quickest of {len(self.ms)} CPU paths here for {self._images()}"
         else:
@@ -124,7 +124,12 @@ def quickest(ms: Mapping[str, float], start_ms: Mapping[str, float], runs: int |
     None) or when a path's start is unknown, else the least ``start + (runs - 1) * ms``."""
     if runs is None or any(label not in start_ms for label in ms):
         return min(ms, key=ms.get)
-    return min(ms, key=lambda label: start_ms[label] + (max(runs, 1) - 1) * ms[label])
+    return min(ms, key=lambda label: run_ms(ms, start_ms, runs, label))
+
+
+def run_ms(ms: Mapping[str, float], start_ms: Mapping[str, float], runs: int, label: str) -> float:
+    """The expected time of ``runs`` images on path ``label``: open + first + (runs - 1) * steady."""
+    return start_ms[label] + (max(runs, 1) - 1) * ms[label]
 
 
 @functools.lru_cache(maxsize=1)
