@@ -6,6 +6,7 @@ optimisation profiles); prompts longer than the largest bucket are truncated wit
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,26 @@ from common.package import DEFAULT_BUCKETS
 from common.prompts import Span, parse_phrases, phrase_token_map
 
 _PAD_TOKENS = ("[PAD]", "<pad>")
+
+
+def _tokenizer(path: Path, truncate_at: int | None) -> Tokenizer:
+    """``path``'s tokenizer without padding, truncating at ``truncate_at`` tokens (None: never).
+    Parsing a tokenizer.json takes ~20 ms, and an evaluation or a test builds many tokenizers of
+    one file: loaded tokenizers are shared per (file, size, mtime, truncation). They are never
+    reconfigured after this, and ``encode`` does not change them."""
+    stat = path.stat()
+    return _load_tokenizer(str(path.resolve()), stat.st_size, stat.st_mtime_ns, truncate_at)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tokenizer(path: str, size: int, mtime_ns: int, truncate_at: int | None) -> Tokenizer:
+    tok = Tokenizer.from_file(path)
+    tok.no_padding()
+    if truncate_at is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(truncate_at)
+    return tok
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,18 +95,14 @@ class PromptTokenizer:
                  buckets: Sequence[int] = DEFAULT_BUCKETS, lowercase: bool = False,
                  pad_id: int | None = None):
         path = Path(tokenizer_json_path)
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-            self._tok_trunc = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception for bad files
-            raise ValueError(f"{path}: not a usable tokenizer.json ({e})") from None
         self.buckets = tuple(sorted(int(b) for b in buckets))
         if not self.buckets or self.buckets[0] < 3:
             raise ValueError(f"buckets must be non-empty and >= 3 tokens, got {buckets}")
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        self._tok_trunc.no_padding()
-        self._tok_trunc.enable_truncation(self.buckets[-1])
+        try:
+            self._tok = _tokenizer(path, None)
+            self._tok_trunc = _tokenizer(path, self.buckets[-1])
+        except Exception as e:  # tokenizers raises plain Exception for bad files
+            raise ValueError(f"{path}: not a usable tokenizer.json ({e})") from None
         self.lowercase = lowercase
         if pad_id is None:
             ids = [self._tok.token_to_id(t) for t in _PAD_TOKENS]

@@ -111,3 +111,25 @@ def test_bad_tokenizer_file(tmp_path):
         PromptTokenizer(bad)
     with pytest.raises(ValueError, match="buckets"):
         PromptTokenizer(TOKENIZER, buckets=())
+
+
+def test_tokenizers_of_one_file_are_loaded_once_and_reloaded_when_it_changes(tmp_path):
+    """PromptTokenizers of one file share its parsed tokenizer (per truncation length); a file
+    rewritten in place is read again, and the truncation of one never leaks into another."""
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(TOKENIZER.read_bytes())
+    a, b, c = (PromptTokenizer(path, buckets=(16,)), PromptTokenizer(path, buckets=(16,)),
+               PromptTokenizer(path, buckets=(8,)))
+    assert a._tok is b._tok and a._tok_trunc is b._tok_trunc
+    assert c._tok is a._tok and c._tok_trunc is not a._tok_trunc
+    long = " ".join(["red mug"] * 10)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert c.encode(long).input_ids.shape == (1, 8)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert int(a.encode(long).attention_mask.sum()) == 16
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["mug"], data["model"]["vocab"]["red"] = data["model"]["vocab"]["red"], data["model"]["vocab"]["mug"]
+    path.write_text(json.dumps(data))
+    swapped = PromptTokenizer(path, buckets=(16,))
+    assert swapped._tok is not a._tok
+    assert swapped.encode("red").input_ids[0, 1] == a.encode("mug").input_ids[0, 1]
