@@ -396,17 +396,6 @@ def test_qat_fine_tunes_and_reapplies(work, tmp_path):
     assert all(torch.equal(v, after[k]) for k, v in fp32.state_dict().items())
 
 
-@pytest.mark.trt
-@pytest.mark.slow
-def test_tensorrt_rtx_builds_the_int8_package(work, tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu12)")
-    result = run_cli("engines.build", "--package", str(work["int8"]), "--backend", "tensorrt-rtx",
-                     "--precision", "int8", "--out", str(tmp_path / "engine"))
-    assert result.returncode == 0, result.stderr
-    engine = json.loads((tmp_path / "engine" / "engine.json").read_text())
-    assert engine["graph_precision"] == {"text": "fp16", "detector": "int8"}
-
-
 def test_percentile_calibration_clips_below_max(work, tmp_path):
     """Same images: percentile amax <= max amax for every activation, weights (always max) equal."""
     qdir = tmp_path / "pct"
