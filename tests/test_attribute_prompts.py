@@ -331,3 +331,28 @@ def test_fine_cli_logs_the_token_contrast_loss(data_dir, tmp_path):
     assert rec[0]["loss_token_contrast"] > 0
     stage = json.loads((out / "final" / "config.json").read_text())["stage"]
     assert stage["token_contrast"] == 1.0
+
+
+def test_confusable_negatives_name_the_kinds_a_present_one_is_mistaken_for():
+    from train.data import CONFUSABLE_KINDS
+
+    assert set(CONFUSABLE_KINDS) == set(KINDS)
+    assert all(set(v) <= set(KINDS) and k not in v for k, v in CONFUSABLE_KINDS.items())
+    present = [("red", "arrow"), ("blue", "circle")]
+    near = {("red", k) for k in CONFUSABLE_KINDS["arrow"]} | {("blue", k) for k in CONFUSABLE_KINDS["circle"]}
+    same_colour_seen = 0
+    for seed in range(40):
+        negs = hard_negative_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS, 4, confusable=1.0)
+        assert len(negs) == len(set(negs)) == 4 and not set(negs) & set(present)
+        for c, k in negs:
+            if c in ("red", "blue") and k not in ("arrow", "circle"):   # a same-colour negative
+                assert (c, k) in near, (c, k)
+                same_colour_seen += 1
+    assert same_colour_seen >= 40
+    # off (the default): the draws of the function before the option existed (pinned from it), so
+    # the phases trained before it replay unchanged
+    before = {0: [("pink", "arrow"), ("blue", "hexagon"), ("green", "circle"), ("blue", "arrow")],
+              1: [("purple", "circle"), ("red", "star"), ("blue", "arrow"), ("blue", "diamond")],
+              2: [("blue", "cross"), ("green", "circle"), ("blue", "star"), ("red", "circle")]}
+    for seed, want in before.items():
+        assert hard_negative_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS, 4) == want

@@ -52,6 +52,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probability that an attribute item leaves a present \"colour kind\" pair "
                         "out of its prompt (its objects then negatives), so absent phrases that "
                         "share its colour or kind are met without the right phrase beside them")
+    p.add_argument("--confusable-negatives", type=float, default=0.0, metavar="P",
+                   help="probability that a same-colour hard negative names a kind the present one "
+                        "is mistaken for (train.data.CONFUSABLE_KINDS: 'red star' beside a red "
+                        "arrow) instead of any other kind")
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
@@ -96,7 +100,8 @@ def _run(args: argparse.Namespace) -> str:
                             max_negatives=args.max_negatives, relation_repeat=args.relation_repeat,
                             attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
                                                         args.max_hard_negatives, args.colour_prompts,
-                                                        args.caption_swap, args.omit_present))
+                                                        args.caption_swap, args.omit_present,
+                                                        args.confusable_negatives))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
