@@ -32,8 +32,9 @@ the worst layers from QDIR/sensitivity.json, and writes nothing.
 The default score threshold (``postprocess.threshold``) is chosen on held-out data when there is
 some with boxes (``--calibration-data DIR``, else ``--data``'s detection.json; ``--no-calibrate``
 keeps 0.05): compress.calibrate runs the package through the runtime with prompts naming the
-phrases present plus absent hard negatives, and records the F1-best threshold and its sweep in the
-manifest's ``calibration``.
+phrases present plus absent hard negatives, and records the threshold its rule picks
+(``--calibration-rule``: balanced precision and recall by default, or the F1 maximum) and the sweep
+in the manifest's ``calibration``.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class ExportConfig:
     canvas: tuple[int, int] | None = None  # official-input configs: the detector's [H, W] canvas (default: the config's)
     calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
+    calibration_rule: str = "balanced"     # compress.calibrate.RULES: balanced (max min(P, R)) or f1
     memory_check: bool = True              # refuse (one line, nothing written) when MemAvailable < the estimate
     fold_shapes: bool = True               # fold the detector's shape arithmetic (its probes: the export's peak memory)
     openvino_check: bool | None = None     # check OpenVINO with static shapes on the detector (None: INT8 only)
@@ -397,7 +399,7 @@ def _calibrate(cfg: ExportConfig, tmp: Path) -> dict[str, Any]:
         return pkg.read_manifest(tmp)  # grounding-only data: the threshold stays the default
     record = calibrate.calibrate_package(tmp, folder, limit=cfg.eval_limit, threads=cfg.threads,
                                          noise=calibrate.DEFAULT_NOISE,
-                                         progress=progress_line())
+                                         progress=progress_line(), rule=cfg.calibration_rule)
     return calibrate.write_calibration(tmp, record)
 
 
@@ -618,8 +620,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse to start when the memory available is below the export's estimated peak")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="choose the default score threshold on held-out data (compress.calibrate: best F1 "
-                        "of phrase-correct boxes, prompts with absent hard negatives)")
+                   help="choose the default score threshold on held-out data (compress.calibrate: "
+                        "phrase-correct boxes, prompts with absent hard negatives; see --calibration-rule)")
+    p.add_argument("--calibration-rule", choices=calibrate.RULES, default="balanced",
+                   help="balanced: the highest min(precision, recall), as many wrong boxes as missed "
+                        "objects; f1: the highest F1")
     p.add_argument("--calibration-data", default=None, metavar="DIR",
                    help="held-out folder with detection.json for --calibrate (default: --data)")
     return p
@@ -631,6 +636,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
                         config=args.config, name=args.name, cpu_int8=args.cpu_int8,
                         eval_limit=args.eval_limit, threads=args.threads, text_words=args.text_words,
                         calibrate=args.calibrate, calibration_data=args.calibration_data,
+                        calibration_rule=args.calibration_rule,
                         canvas=args.canvas, memory_check=args.memory_check, fold_shapes=args.fold_shapes,
                        openvino_check=args.openvino_check)
 

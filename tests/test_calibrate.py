@@ -51,6 +51,24 @@ def test_sweep_and_best_pick_the_f1_maximum():
     i = cal.best(curve)
     assert curve["thresholds"][i] == 0.0 and curve["f1"][i] == max(curve["f1"])
     assert cal.best({"f1": [0.5, 0.7, 0.7, 0.7, 0.6]}) == 2  # a plateau: its middle
+    assert cal.choose(curve, "f1") == i
+
+
+def test_balanced_rule_picks_the_highest_min_of_precision_and_recall():
+    # fiber-nano phase 7's held-out sweep, 0.23 ... 0.28: F1 peaks at 0.25 (precision 0.899),
+    # precision and recall balance at 0.26
+    curve = {"thresholds": [0.23, 0.24, 0.25, 0.26, 0.27, 0.28],
+             "precision": [0.8836, 0.8929, 0.8992, 0.9043, 0.9102, 0.9138],
+             "recall": [0.9301, 0.9237, 0.9172, 0.9075, 0.9007, 0.8932],
+             "f1": [0.9062, 0.908, 0.9081, 0.9059, 0.9054, 0.9034]}
+    assert curve["thresholds"][cal.choose(curve, "f1")] == 0.25
+    assert curve["thresholds"][cal.choose(curve)] == 0.26          # balanced is the default
+    # equal minimums: the higher F1, then the middle
+    tie = {"precision": [0.8, 0.9, 0.9, 0.9], "recall": [0.95, 0.95, 0.9, 0.9], "f1": [0.87, 0.92, 0.9, 0.9]}
+    assert cal.balanced(tie) == 1
+    assert cal.balanced({"precision": [0.9, 0.9, 0.9], "recall": [0.9, 0.9, 0.9], "f1": [0.9, 0.9, 0.9]}) == 1
+    with pytest.raises(ValueError, match="rule must be one of balanced, f1"):
+        cal.choose(curve, "recall")
 
 
 def test_items_name_present_pairs_and_absent_hard_negatives(data):
@@ -109,7 +127,8 @@ def test_calibrated_threshold_is_written_and_used_by_the_runtime(toys, data, tmp
     assert cal_rec["images"] == 4 and cal_rec["noise_images"] == 2 and cal_rec["iou"] == 0.5
     assert set(cal_rec["sweep"]) == {"thresholds", "precision", "recall", "f1"}
     i = cal_rec["sweep"]["thresholds"].index(cal_rec["threshold"])
-    assert cal_rec["sweep"]["f1"][i] == max(cal_rec["sweep"]["f1"]) == cal_rec["f1"]
+    low = [min(p, r) for p, r in zip(cal_rec["sweep"]["precision"], cal_rec["sweep"]["recall"])]
+    assert cal_rec["rule"] == "balanced" and low[i] == max(low) and cal_rec["f1"] == cal_rec["sweep"]["f1"][i]
     pkg.load_package_manifest(package, verify=True)  # files (and the package digest) unchanged
     assert pkg.package_digest(manifest) == pkg.package_digest(before)
     with Detector(package) as det:
