@@ -355,6 +355,8 @@ def export_package(cfg: ExportConfig) -> ExportResult:
         raise ExportError(f"--text-words {cfg.text_words!r} is not one of {list(TEXT_WORDS)}")
     if cfg.cpu_int8 not in cpu_int8.METHODS:
         raise ExportError(f"--cpu-int8 {cfg.cpu_int8!r} is not one of {list(cpu_int8.METHODS)}")
+    if cfg.calibration_rule not in calibrate.RULES:
+        raise ExportError(f"--calibration-rule {cfg.calibration_rule!r} is not one of {list(calibrate.RULES)}")
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")

@@ -398,6 +398,15 @@ def test_failed_export_leaves_nothing(work, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unknown_calibration_rule_is_refused_before_any_work(tmp_path):
+    """An API caller's bad rule fails at once, not after the graphs are written and measured."""
+    out = tmp_path / "pkg"
+    with pytest.raises(export.ExportError, match="--calibration-rule 'recall' is not one of"):
+        export.export_package(export.ExportConfig(checkpoint=str(tmp_path / "no-such-checkpoint"), out=str(out),
+                                                  calibration_rule="recall"))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- Q/DQ clean-up
 
 def _qdq_graph(w: np.ndarray, scale: np.ndarray, s_act: float) -> onnx.ModelProto:

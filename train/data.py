@@ -342,7 +342,8 @@ def hard_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, s
     have = set(present)
     same_kind = sorted({(c, k) for _, k in have for c in colours} - have)
     same_colour = sorted({(c, k) for c, _ in have for k in kinds} - have)
-    near = sorted({(c, n) for c, k in have for n in CONFUSABLE_KINDS.get(k, ()) if n in kinds} - have)
+    near = (sorted({(c, n) for c, k in have for n in CONFUSABLE_KINDS.get(k, ()) if n in kinds} - have)
+            if confusable > 0 else [])
     pools = [same_kind, same_colour]
     if rng.random() < 0.5:
         pools.reverse()
