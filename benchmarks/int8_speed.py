@@ -157,11 +157,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _static_ok(package: str) -> tuple[bool, str]:
     """Can OpenVINO run ``package``'s detector with static shapes here? The manifest's word when
     compress.export checked it, else a check against the package's reference outputs in a child."""
-    detector = pkg.read_manifest(package)["graphs"]["detector"]
+    manifest = pkg.read_manifest(package)
+    detector = manifest["graphs"]["detector"]
     if (detector.get("openvino") or {}).get("static_shapes"):
         return True, "validated by compress.export"
     r = check_openvino(Path(package) / detector.get("file", pkg.DETECTOR_GRAPH),
-                       Path(package) / pkg.reference_file("detector"))
+                       Path(package) / pkg.reference_file("detector"),
+                       int8=manifest.get("precision") == "int8")
     return bool(r["static_shapes"]), str(r["checked"])
 
 

@@ -44,12 +44,14 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def check_openvino(graph: Path, reference: Path, tol: float | None = None) -> dict[str, Any]:
+def check_openvino(graph: Path, reference: Path, tol: float | None = None,
+                   int8: bool = True) -> dict[str, Any]:
     """graphs.detector.openvino: does OpenVINO with static shapes reproduce ``reference`` (within
-    ``tol``: by default OPENVINO_TOL, OPENVINO_TOL_NO_VNNI on an x86 CPU without VNNI)? Run in a
-    child process, since OpenVINO 2026.4 can crash compiling some graphs.
+    ``tol``: by default OPENVINO_TOL, OPENVINO_TOL_NO_VNNI for an ``int8`` graph on an x86 CPU
+    without VNNI; an FP32 graph's float kernels do not saturate)? Run in a child process, since
+    OpenVINO 2026.4 can crash compiling some graphs.
     ``static_shapes`` is the verdict; engines use static shapes on this graph only when it is true."""
-    saturating = int8_pairs_saturate()
+    saturating = int8 and int8_pairs_saturate()
     if tol is None:
         tol = OPENVINO_TOL_NO_VNNI if saturating else OPENVINO_TOL
     if not openvino_installed():
@@ -87,9 +89,10 @@ def check_package(package: str | Path, write: bool = True) -> dict[str, Any]:
     reference = package / pkg.reference_file("detector")
     if not reference.is_file():
         raise pkg.PackageError(f"{package}: has no {pkg.reference_file('detector')} to check OpenVINO against")
-    check = check_openvino(package / detector.get("file", pkg.DETECTOR_GRAPH), reference)
+    int8 = manifest.get("precision") == "int8"
+    check = check_openvino(package / detector.get("file", pkg.DETECTOR_GRAPH), reference, int8=int8)
     if write:
-        apply_check(detector, check, manifest.get("precision") == "int8")
+        apply_check(detector, check, int8)
         pkg.write_manifest(package, manifest)
     return check
 
