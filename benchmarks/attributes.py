@@ -44,20 +44,26 @@ class PromptedScene:
     absent: tuple[int, ...]                  # indices of the phrases with no object
 
 
-def hard_negatives(present: Sequence[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """One absent pair of a present kind in another colour, one of a present colour as another kind."""
+def hard_negatives(present: Sequence[tuple[str, str]], rng: np.random.Generator,
+                   per_pool: int = 1) -> list[tuple[str, str]]:
+    """``per_pool`` absent pairs of a present kind in another colour, then as many of a present
+    colour as another kind."""
     have = set(present)
     same_kind = sorted({(c, k) for _, k in have for c in COLOURS} - have)
     same_colour = sorted({(c, k) for c, _ in have for k in KINDS} - have)
     out = []
     for pool in (same_kind, same_colour):
-        pool = [p for p in pool if p not in out]
-        if pool:
-            out.append(pool[int(rng.integers(len(pool)))])
+        for _ in range(per_pool):
+            pool = [p for p in pool if p not in out]
+            if pool:
+                out.append(pool[int(rng.integers(len(pool)))])
     return out
 
 
-def make_scenes(images: int, seed: int) -> list[PromptedScene]:
+def make_scenes(images: int, seed: int, absent_only: bool = False) -> list[PromptedScene]:
+    """The prompted scenes; ``absent_only``: each prompt names only absent look-alikes (two of a
+    present kind in another colour, two of a present colour as another kind: "red star" beside a
+    red arrow), where every detection is a false positive."""
     cfg = SynthConfig(images=images, seed=seed)
     out = []
     for i in range(images):
@@ -65,8 +71,8 @@ def make_scenes(images: int, seed: int) -> list[PromptedScene]:
         pairs = tuple((o.colour, o.kind) for o in scene.objects)
         present = list(dict.fromkeys(pairs))
         rng = np.random.default_rng([seed, i, 14])
-        negs = hard_negatives(present, rng)
-        phrases = present + negs
+        negs = hard_negatives(present, rng, per_pool=2 if absent_only else 1)
+        phrases = negs if absent_only else present + negs
         phrases = [phrases[j] for j in rng.permutation(len(phrases))]
         prompt = ". ".join(f"{c} {k}" for c, k in phrases)
         boxes = np.asarray([o.box for o in scene.objects], np.float32).reshape(-1, 4)
@@ -90,7 +96,8 @@ def match(scene: PromptedScene, boxes: np.ndarray, scores: np.ndarray, phrase_in
     keep = keep[np.argsort(-scores[keep], kind="stable")]
     used = np.zeros(len(scene.pairs), bool)
     c = {"tp": 0, "fp": 0, "fp_absent_phrase": 0, "fp_wrong_pair": 0, "fp_duplicate_or_loc": 0,
-         "objects": len(scene.pairs)}
+         "fp_absent_same_colour": 0, "fp_absent_same_kind": 0, "objects": len(scene.pairs),
+         "images_with_fp": 0}
     for d in keep:
         pair = scene.phrases[int(phrase_index[d])]
         ious = _iou(boxes[d], scene.boxes) if len(scene.boxes) else np.zeros(0)
@@ -102,11 +109,16 @@ def match(scene: PromptedScene, boxes: np.ndarray, scores: np.ndarray, phrase_in
         c["fp"] += 1
         if int(phrase_index[d]) in scene.absent:
             c["fp_absent_phrase"] += 1
+            if len(ious) and ious.max() >= IOU:      # on an object: which word of it the phrase shares
+                on = scene.pairs[int(np.argmax(ious))]
+                c["fp_absent_same_colour"] += on[0] == pair[0]
+                c["fp_absent_same_kind"] += on[1] == pair[1]
         elif len(ious) and ious.max() >= IOU and scene.pairs[int(np.argmax(ious))] != pair:
             c["fp_wrong_pair"] += 1
         else:
             c["fp_duplicate_or_loc"] += 1
     c["matched"] = int(used.sum())
+    c["images_with_fp"] = int(c["fp"] > 0)
     return c
 
 
@@ -116,7 +128,9 @@ def _summary(counts: list[dict[str, int]]) -> dict[str, float]:
     p = tot["tp"] / dets if dets else 0.0
     r = tot["matched"] / tot["objects"] if tot["objects"] else 0.0
     return {"precision": round(p, 4), "recall": round(r, 4),
-            "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "detections": dets, **tot}
+            "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "detections": dets,
+            "fp_per_image": round(tot["fp"] / len(counts), 4),
+            "share_images_with_fp": round(tot["images_with_fp"] / len(counts), 4), **tot}
 
 
 def measure(package: str | Path, scenes: Sequence[PromptedScene], backend: str = "auto",
@@ -155,6 +169,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="backend CPU threads")
     p.add_argument("--threshold", type=float, default=None,
                    help="score threshold (default: each package's manifest value)")
+    p.add_argument("--absent-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="prompt each scene with absent look-alikes only (two of a present kind in "
+                        "another colour, two of a present colour as another kind): every detection "
+                        "is a false positive; reports false positives per image and the share of "
+                        "images with any")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
 
@@ -170,12 +189,19 @@ def main(args: argparse.Namespace) -> int:
         if not p.is_dir():
             print(f"benchmarks.attributes: --package {p}: does not exist", file=sys.stderr)
             return 2
-    scenes = make_scenes(args.images, args.seed)
+    scenes = make_scenes(args.images, args.seed, args.absent_only)
     results = []
     try:
         for p in args.package:
             r = measure(p, scenes, args.backend, args.threads, args.threshold)
             a = r["at_threshold"]
+            if args.absent_only:
+                print(f"{p} ({r['backend']}) threshold {r['threshold']:g}, absent look-alikes only: "
+                      f"{a['fp_per_image']:.3f} false positives per image, {a['share_images_with_fp']:.3f} "
+                      f"of images with any ({a['fp_absent_same_colour']} on an object of the phrase's "
+                      f"colour, {a['fp_absent_same_kind']} of its kind)", flush=True)
+                results.append(r)
+                continue
             print(f"{p} ({r['backend']}) threshold {r['threshold']:g}: precision {a['precision']:.3f} "
                   f"recall {a['recall']:.3f} ({a['detections']} detections, {a['objects']} objects; "
                   f"false positives: {a['fp_absent_phrase']} absent phrase, {a['fp_wrong_pair']} "
@@ -189,7 +215,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         atomic_write_text(args.json, json.dumps({"images": args.images, "seed": args.seed,
-                                                 "iou": IOU, "results": results}, indent=1) + "\n")
+                                                 "absent_only": args.absent_only, "iou": IOU,
+                                                 "results": results}, indent=1) + "\n")
     return 0
 
 

@@ -187,6 +187,29 @@ def test_attribute_scenes_name_present_pairs_and_two_absent_hard_negatives():
         assert any(s.phrases[j][0] in colours for j in s.absent)
 
 
+def test_absent_only_scenes_name_only_look_alikes_and_every_detection_is_a_false_positive():
+    from benchmarks.attributes import PromptedScene, _summary, make_scenes, match
+
+    default = make_scenes(6, seed=3)
+    assert [s.prompt for s in default] == [s.prompt for s in make_scenes(6, seed=3, absent_only=False)]
+    for s in make_scenes(6, seed=3, absent_only=True):
+        assert s.absent == tuple(range(len(s.phrases))) and 2 <= len(s.phrases) <= 4
+        assert not set(s.phrases) & set(s.pairs)
+        assert any(c in {c for c, _ in s.pairs} for c, _ in s.phrases)   # a present colour ...
+        assert any(k in {k for _, k in s.pairs} for _, k in s.phrases)   # ... and a present kind
+    # a red arrow prompted "red star. blue arrow": both firing on it are false positives, one of
+    # its colour and one of its kind; the second image has none
+    scene = PromptedScene(np.zeros((64, 64, 3), np.uint8), "red star. blue arrow",
+                          (("red", "star"), ("blue", "arrow")), np.array([[0, 0, 10, 10]], np.float32),
+                          (("red", "arrow"),), (0, 1))
+    hit = match(scene, np.array([[0, 0, 10, 10], [1, 0, 10, 10]], np.float32),
+                np.array([0.6, 0.4], np.float32), np.array([0, 1]), 0.3)
+    assert (hit["fp"], hit["fp_absent_same_colour"], hit["fp_absent_same_kind"], hit["images_with_fp"]) == (2, 1, 1, 1)
+    miss = match(scene, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, int), 0.3)
+    total = _summary([hit, miss])
+    assert (total["fp_per_image"], total["share_images_with_fp"], total["precision"]) == (1.0, 0.5, 0.0)
+
+
 # ----------------------------------------------------------------------------- recover
 
 
