@@ -347,6 +347,70 @@ def test_token_contrast_loss_puts_each_positive_anchor_on_its_phrase():
     assert token_contrast_loss(logits, targets, torch.full((1, 3), -1), mask).item() == 0.0
 
 
+def test_kept_omitted_boxes_are_unnamed_objects_with_all_zero_rows(data_dir):
+    """keep_omitted (train.fine --no-match-logit): with every present pair omitted, each object
+    stays a box with an all-zero positive-map row; with none omitted the targets are as without
+    it; it needs omit-present > 0."""
+    det, pairs = _scene_pairs(data_dir)
+    opts = lambda omit, kept: Stage2Options(grounding=False, attributes=AttributeOptions(  # noqa: E731
+        attribute_prompts=1.0, omit_present=omit, keep_omitted=kept))
+    kept, plain = load_stage2(data_dir, CFG, opts(1.0, True)), load_stage2(data_dir, CFG, opts(1.0, False))
+    checked = 0
+    for i, im in enumerate(det["images"]):
+        if not pairs.get(im["id"]):
+            continue
+        np.random.seed(i)
+        item = kept[i]
+        np.random.seed(i)
+        assert item.prompt == plain[i].prompt and len(plain[i].boxes) == 0
+        assert len(item.boxes) > 0 and not item.positive_map.any()
+        assert len(item.boxes) == len({tuple(np.round(b, 3)) for b in item.boxes})   # merged, as named boxes are
+        checked += 1
+    assert checked > 0
+    with pytest.raises(ValueError, match="omit-present > 0"):
+        load_stage2(data_dir, CFG, opts(0.0, True))
+
+
+def test_no_match_slot_levels_the_soft_token_scores():
+    """token_contrast_loss(no_match_logit=C): an anchor of an unnamed object (all-zero row) puts its
+    mass on a constant slot C, so its token logits are pushed down (to -log of the slot's share);
+    a named anchor's phrase must beat C too; without the slot, unnamed anchors are left out."""
+    from train.tasks import token_contrast_loss
+
+    mask = torch.tensor([[1, 1, 1, 0]])
+    targets = torch.zeros(1, 2, 4)
+    targets[0, 0, :2] = 1                        # anchor 0: phrase tokens 0-1; anchor 1: unnamed object
+    matched = torch.tensor([[0, 1]])
+    logits = torch.zeros(1, 2, 4, requires_grad=True)
+    with_slot = token_contrast_loss(logits, targets, matched, mask, no_match_logit=-1.0)
+    e = np.exp(-1.0)
+    want = (-np.log(1 / (3 + e)) + -np.log(e / (3 + e))) / 2     # named: uniform on 2 of 3 + slot
+    assert with_slot.item() == pytest.approx(want, rel=1e-5)
+    with_slot.backward()
+    assert (logits.grad[0, 1, :3] > 0).all() and logits.grad[0, 1, 3] == 0   # unnamed: every token down
+    assert (logits.grad[0, 0, :2] < 0).all() and logits.grad[0, 0, 2] > 0
+    low = torch.zeros(1, 2, 4)
+    low[0, 1] = -5.0
+    assert token_contrast_loss(low, targets, matched, mask, no_match_logit=-1.0) < with_slot
+    named_only = token_contrast_loss(logits, targets, torch.tensor([[0, -1]]), mask)
+    assert token_contrast_loss(logits, targets, matched, mask).item() == pytest.approx(named_only.item())
+    assert token_contrast_loss(logits, torch.zeros(1, 2, 4), matched, mask).item() == 0.0
+
+
+def test_fine_cli_no_match_slot_trains_and_needs_its_companions(data_dir, tmp_path):
+    out = tmp_path / "run"
+    rec = _train_tiny(data_dir, out, 1, "--attribute-prompts", "0.8", "--omit-present", "0.5",
+                      "--token-contrast", "1.0", "--no-match-logit", "-1.0")
+    assert rec[0]["loss_token_contrast"] > 0
+    assert json.loads((out / "final" / "config.json").read_text())["stage"]["no_match_logit"] == -1.0
+    for missing in (["--omit-present", "0.5"], ["--token-contrast", "1.0"]):
+        args = fine.get_args_parser().parse_args(
+            ["--data", str(data_dir), "--out", str(tmp_path / "refused"), "--config", "fiber-tiny-test",
+             "--init", "none", "--max-steps", "1", "--no-progress", "--no-match-logit", "-1", *missing])
+        assert fine.main(args) == 2
+    assert not (tmp_path / "refused").exists()
+
+
 def test_fine_cli_logs_the_token_contrast_loss(data_dir, tmp_path):
     out = tmp_path / "run"
     rec = _train_tiny(data_dir, out, 1, "--attribute-prompts", "0.8", "--omit-present", "0.3",

@@ -250,13 +250,18 @@ def _network_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     return np.clip(out, 0, hi)
 
 
-def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int,
+             unnamed: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Merge identical boxes (OR of their token rows) and drop degenerate boxes or boxes whose
-    phrase lost all its tokens to truncation -> ``(boxes [G, 4], positive_map [G, n])``."""
+    phrase lost all its tokens to truncation -> ``(boxes [G, 4], positive_map [G, n])``;
+    ``unnamed`` boxes (objects no phrase names) follow with all-zero rows."""
     merged: dict[tuple, np.ndarray] = {}
-    for box, row in zip(boxes, rows):
-        if box[2] - box[0] < 1e-3 or box[3] - box[1] < 1e-3 or not row.any():
+    for box, row in [*zip(boxes, rows), *((b, None) for b in unnamed)]:
+        if row is None:                      # an unnamed object: kept unless a phrase names its box
+            row = np.zeros(num_tokens, np.float32)
+        elif not row.any():
+            continue
+        if box[2] - box[0] < 1e-3 or box[3] - box[1] < 1e-3:
             continue
         key = tuple(np.round(box, 3).tolist())
         merged[key] = np.maximum(merged[key], row) if key in merged else row.copy()
@@ -286,6 +291,10 @@ class AttributeOptions:
     prompt of only absent things does.
     confusable: probability that a same-colour hard negative names a kind the present one is
     mistaken for (``CONFUSABLE_KINDS``) rather than any other kind.
+    keep_omitted: the boxes of omitted pairs stay in the targets with an all-zero positive-map
+    row (an object that no phrase of the prompt names), so that a loss can ask their anchors for
+    "no match" (``train.tasks.token_contrast_loss``'s no-match slot); the focal loss reads such a
+    row as it reads background.
     """
     attribute_prompts: float = 0.0
     hard_negatives: float = 0.0
@@ -294,6 +303,7 @@ class AttributeOptions:
     caption_swap: float = 0.0
     omit_present: float = 0.0
     confusable: float = 0.0
+    keep_omitted: bool = False
 
     @property
     def active(self) -> bool:
@@ -307,6 +317,8 @@ class AttributeOptions:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
         if self.max_hard_negatives < 1:
             raise ValueError(f"max-hard-negatives must be >= 1, got {self.max_hard_negatives}")
+        if self.keep_omitted and self.omit_present <= 0:
+            raise ValueError("keeping omitted boxes needs omit-present > 0 (no pair is omitted otherwise)")
 
 
 # For each kind, the kinds it is mistaken for at the same colour, most often first: the phase-6
@@ -508,12 +520,14 @@ class GroundingTrainDataset:
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
         where = {name: p for p, name in enumerate(names)}
-        boxes, rows = [], []
+        boxes, rows, unnamed = [], [], []
         for box, (c, k) in zip(_network_boxes(im.boxes, self.cache.info(image)), pairs):
             if f"{c} {k}" in where:
                 boxes.append(box)
                 rows.append(pmap[where[f"{c} {k}"]])
-        b, pm = _targets(boxes, rows, n)
+            elif self.attributes.keep_omitted:
+                unnamed.append(box)
+        b, pm = _targets(boxes, rows, n, unnamed)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
 
     def _colour_item(self, i: int, rng: np.random.Generator) -> GroundingItem:

@@ -82,6 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "over the prompt's tokens must put its mass on the anchor's phrase, so a "
                         "phrase that shares a word with the right one (\"blue star\" on a blue "
                         "triangle) is pushed below it at full strength, not focal-damped")
+    p.add_argument("--no-match-logit", type=float, default=None, metavar="C",
+                   help="give the soft-token loss (--token-contrast) MDETR's no-object slot at logit "
+                        "C, and keep the objects of pairs --omit-present left out as boxes that no "
+                        "phrase names: their anchors put their mass on the slot, so a look-alike "
+                        "phrase alone (\"red star\" on a red arrow) is pushed below C and each "
+                        "object's own phrase above it (off by default)")
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
@@ -89,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.no_match_logit is not None and (args.token_contrast <= 0 or args.omit_present <= 0):
+        raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
+                         "--omit-present leaves out: it needs --token-contrast > 0 and --omit-present > 0")
     cfg = model_config(args.config, args.late_fusion)
     train_cfg = train_config_from_args(args)
     init_state = None
@@ -101,7 +110,8 @@ def _run(args: argparse.Namespace) -> str:
                             attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
                                                         args.max_hard_negatives, args.colour_prompts,
                                                         args.caption_swap, args.omit_present,
-                                                        args.confusable_negatives))
+                                                        args.confusable_negatives,
+                                                        keep_omitted=args.no_match_logit is not None))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
@@ -110,7 +120,8 @@ def _run(args: argparse.Namespace) -> str:
                                 position_lr_mult=args.position_lr_mult,
                                 position_from_relations=args.position_from_relations,
                                 position_aux=args.position_aux,
-                                token_contrast=args.token_contrast))
+                                token_contrast=args.token_contrast,
+                                no_match_logit=args.no_match_logit))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

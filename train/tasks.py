@@ -141,6 +141,7 @@ class FineOptions:
     position_from_relations: bool = False  # only samples that name a side train position_text
     position_aux: float = 0.0       # weight of the position-query loss (position_loss)
     token_contrast: float = 0.0     # weight of the soft-token loss (token_contrast_loss)
+    no_match_logit: float | None = None  # its no-object slot's logit (None: no slot)
 
 
 class FineTask(BaseTask):
@@ -211,7 +212,8 @@ class FineTask(BaseTask):
             losses["loss"] = losses["loss"] + self.options.position_aux * aux
         if self.options.token_contrast > 0:
             matched, token_targets = assignment
-            aux = token_contrast_loss(out.token_logits, token_targets, matched, batch["attention_mask"])
+            aux = token_contrast_loss(out.token_logits, token_targets, matched, batch["attention_mask"],
+                                      self.options.no_match_logit)
             losses["loss_token_contrast"] = aux
             losses["loss"] = losses["loss"] + self.options.token_contrast * aux
         if self.options.colour_aux > 0:
@@ -259,11 +261,12 @@ class FineTask(BaseTask):
                           "position_lr_mult": self.options.position_lr_mult,
                           "position_from_relations": self.options.position_from_relations,
                           "position_aux": self.options.position_aux,
-                          "token_contrast": self.options.token_contrast}}
+                          "token_contrast": self.options.token_contrast,
+                          "no_match_logit": self.options.no_match_logit}}
 
 
 def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor, matched: torch.Tensor,
-                        attention_mask: torch.Tensor) -> torch.Tensor:
+                        attention_mask: torch.Tensor, no_match_logit: float | None = None) -> torch.Tensor:
     """MDETR's soft-token prediction on the positive anchors: cross-entropy between the anchor's
     softmax over the prompt's real tokens (``attention_mask``) and the uniform distribution over
     its phrase's tokens (``token_targets`` ``[B, N, T]`` from ``GroundingLoss.assign``, positive
@@ -272,13 +275,27 @@ def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     The per-token focal loss scales a negative token of probability p by p**2, so a wrong phrase
     that shares a word with the right one keeps p ~ 0.2 almost for free; here every positive
     anchor spends its whole probability mass on its own phrase.
+
+    ``no_match_logit`` C: MDETR's no-object slot, a constant logit C appended to every anchor's
+    tokens. An anchor on an object that no phrase of the prompt names (an all-zero target row,
+    ``AttributeOptions.keep_omitted``) puts its mass there, so look-alike phrases alone ("red star"
+    on a red arrow) are pushed below C, and every named anchor's own phrase is pushed above it: a
+    level for the scores, where the plain loss only ranks the prompt's phrases against each other.
+    Without it, anchors whose row is all zero are left out.
     """
     pos = matched >= 0
+    if no_match_logit is None:
+        pos = pos & (token_targets > 0).any(-1)
     if not pos.any():
         return token_logits.sum() * 0.0
     real = (attention_mask > 0).unsqueeze(1).expand_as(token_logits)[pos]         # [P, T]
     logits = token_logits.float()[pos].masked_fill(~real, float("-inf"))
     target = token_targets.float()[pos] * real
+    if no_match_logit is not None:
+        slot = logits.new_full((len(logits), 1), float(no_match_logit))
+        logits = torch.cat([logits, slot], dim=-1)
+        target = torch.cat([target, (target.sum(-1, keepdim=True) == 0).float()], dim=-1)
+        real = torch.cat([real, real.new_ones(len(real), 1)], dim=-1)
     target = target / target.sum(-1, keepdim=True).clamp(min=1.0)
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~real, 0.0)
     return -(target * logp).sum(-1).mean()
