@@ -178,7 +178,7 @@ kd-compare: $(KD_RUN)/eval.json $(ALONE_RUN)/eval.json
 # training-only colour classifier on the head's region features (--colour-aux), without which the
 # head stays colour-blind (docs/results.md section 6). 1.5-3 s/step at 1 thread on this shared CPU:
 # ~25 + ~50 min, then phase 3 below. package-nano-attr exports both packages (calibrated default threshold, INT8 with no
-# FP32 groups) into ATTR_PKG; attributes-nano: the attribute metric of the shipped packages.
+# FP32 groups) into ATTR_PKG; attributes-nano: the attribute metric of the shipped packages (and the absent-look-alikes-only one).
 ATTR_RUN ?= runs/nano-attr
 ATTR_RUN2 ?= runs/nano-attr2
 ATTR_PKG ?= runs/pkg
@@ -257,6 +257,7 @@ package-nano-attr: $(ATTR_SHIP)/final/model.safetensors
 
 attributes-nano:
 	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 1000 --seed 1414 --threads 1
+	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 400 --seed 1414 --absent-only
 
 # ---- benchmark report: docs/report/ (report.md, report.json, PNG plots) for the shipped
 # INT8 package against its FP32 twin, the teacher and the PyTorch eager student when present, on
