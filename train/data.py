@@ -291,8 +291,9 @@ class AttributeOptions:
     prompt of only absent things does.
     confusable: probability that a same-colour hard negative names a kind the present one is
     mistaken for (``CONFUSABLE_KINDS``) rather than any other kind.
-    keep_omitted: the boxes of omitted pairs stay in the targets with an all-zero positive-map
-    row (an object that no phrase of the prompt names), so that a loss can ask their anchors for
+    keep_omitted: the boxes of objects that no phrase of an attribute item's prompt names (pairs
+    omitted, or cut by the text budget) stay in the targets with an all-zero positive-map row,
+    so that a loss can ask their anchors for
     "no match" (``train.tasks.token_contrast_loss``'s no-match slot); the focal loss reads such a
     row as it reads background.
     """
