@@ -232,9 +232,9 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     if openvino_check is None:
         openvino_check = qmodel is not None
     if openvino_check:
-        check = check_openvino(tmp / pkg.DETECTOR_GRAPH, tmp / pkg.reference_file("detector"),
-                               int8=qmodel is not None)
-        apply_check(graphs["detector"], check, int8=qmodel is not None)  # FP32: ONNX Runtime stays the default
+        int8 = qmodel is not None
+        check = check_openvino(tmp / pkg.DETECTOR_GRAPH, tmp / pkg.reference_file("detector"), int8=int8)
+        apply_check(graphs["detector"], check, int8=int8)  # FP32: ONNX Runtime stays the default
     if qmodel is not None and cpu_method != "none":
         info = cpu_int8.make_cpu_variant(cpu_method, model, qmodel, x, hidden, tmp)
         graphs["detector"]["cpu_file"] = pkg.DETECTOR_CPU_GRAPH

@@ -44,8 +44,8 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def check_openvino(graph: Path, reference: Path, tol: float | None = None,
-                   int8: bool = True) -> dict[str, Any]:
+def check_openvino(graph: Path, reference: Path, *, int8: bool,
+                   tol: float | None = None) -> dict[str, Any]:
     """graphs.detector.openvino: does OpenVINO with static shapes reproduce ``reference`` (within
     ``tol``: by default OPENVINO_TOL, OPENVINO_TOL_NO_VNNI for an ``int8`` graph on an x86 CPU
     without VNNI; an FP32 graph's float kernels do not saturate)? Run in a child process, since

@@ -265,9 +265,10 @@ def test_openvino_check_refuses_wrong_outputs_and_failures(work, tmp_path):
     ref = dict(np.load(package / pkg.reference_file("detector")))
     ref[pkg.CENTERNESS] = ref[pkg.CENTERNESS] + 1.0 + np.abs(ref[pkg.CENTERNESS]).max()
     np.savez(tmp_path / "off.npz", **ref)
-    off = openvino_check.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz")
+    off = openvino_check.check_openvino(package / pkg.DETECTOR_GRAPH, tmp_path / "off.npz", int8=True)
     assert off["static_shapes"] is False and off["max_rel_diff"][pkg.CENTERNESS] > openvino_check.OPENVINO_TOL_NO_VNNI
-    failed = openvino_check.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"))
+    failed = openvino_check.check_openvino(tmp_path / "missing.onnx", package / pkg.reference_file("detector"),
+                                           int8=True)
     assert failed["static_shapes"] is False and "OpenVINO failed" in failed["checked"]
 
 
