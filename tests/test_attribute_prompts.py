@@ -371,6 +371,52 @@ def test_kept_omitted_boxes_are_unnamed_objects_with_all_zero_rows(data_dir):
         load_stage2(data_dir, CFG, opts(0.0, True))
 
 
+def test_word_targets_mark_each_word_where_it_holds(data_dir):
+    """word_targets (train.fine --word-targets): the same prompt as phrase targets, but each object
+    is positive for the colour word of every phrase of its colour and the kind word of every phrase
+    of its kind, and for nothing else; its own pair's phrase is wholly positive."""
+    det, pairs = _scene_pairs(data_dir)
+    opts = lambda words: Stage2Options(grounding=False, attributes=AttributeOptions(  # noqa: E731
+        attribute_prompts=1.0, word_targets=words))
+    words, phrases = load_stage2(data_dir, CFG, opts(True)), load_stage2(data_dir, CFG, opts(False))
+    kinds = {c["id"]: c["name"] for c in det["categories"]}
+    shared = 0
+    for i, im in enumerate(det["images"]):
+        np.random.seed(i)
+        item = words[i]
+        np.random.seed(i)
+        assert item.prompt == phrases[i].prompt
+        names = item.prompt.split(". ")
+        scale = S / max(im["width"], im["height"])
+        for a in (a for a in det["annotations"] if a["image_id"] == im["id"]):
+            x, y, w, h = a["bbox"]
+            hits = np.abs(item.boxes - np.array([x, y, x + w, y + h], np.float32) * scale).max(1) < 1e-2
+            colour, kind = a["attributes"]["colour"], kinds[a["category_id"]]
+            want = [wd for n in names for wd in n.split() if wd in (colour, kind)]
+            if not want:                       # no word of the prompt names it: background
+                assert not hits.any()
+                continue
+            assert hits.sum() == 1
+            row = item.positive_map[hits][0]
+            assert sorted(_marked_words(item, row)) == sorted(want)
+            shared += len(want) > 2 or f"{colour} {kind}" not in names
+    assert shared > 0       # some object is named by a word of another phrase
+
+
+def _marked_words(item, row):
+    """The words (of the ". "-joined two-word names) that have a marked token."""
+    tok = raw_tokenizer()
+    enc = tok.encode(item.prompt.lower())
+    words, pos = [], 0
+    for name in item.prompt.split(". "):
+        for wd in name.split():
+            a = item.prompt.index(wd, pos)
+            if any(row[t] > 0 for t, (s, e) in enumerate(enc.offsets) if a <= s < a + len(wd)):
+                words.append(wd)
+            pos = a + len(wd)
+    return words
+
+
 def test_no_match_slot_levels_the_soft_token_scores():
     """token_contrast_loss(no_match_logit=C): an anchor of an unnamed object (all-zero row) puts its
     mass on a constant slot C, so its token logits are pushed down (to -log of the slot's share);

@@ -296,6 +296,11 @@ class AttributeOptions:
     so that a loss can ask their anchors for
     "no match" (``train.tasks.token_contrast_loss``'s no-match slot); the focal loss reads such a
     row as it reads background.
+    word_targets: an attribute item's tokens are positive for what their own word names, not for
+    their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
+    negative (with phrase targets both are negative, so the noun has to carry the colour: the
+    "star" of "red star" learns to fire on red things). A phrase then holds at an object when all
+    of its words do: score it by the minimum over its tokens, not the mean.
     """
     attribute_prompts: float = 0.0
     hard_negatives: float = 0.0
@@ -305,6 +310,7 @@ class AttributeOptions:
     omit_present: float = 0.0
     confusable: float = 0.0
     keep_omitted: bool = False
+    word_targets: bool = False
 
     @property
     def active(self) -> bool:
@@ -517,6 +523,8 @@ class GroundingTrainDataset:
             names = [f"{self.colours[rng.integers(len(self.colours))]} {k}" for k in self.kinds[:3]]
         names = [names[j] for j in rng.permutation(len(names))]
         prompt, spans = build_detection_prompt(names)
+        if self.attributes.word_targets:
+            return self._word_item(i, names, prompt, spans)
         enc = self.tok.encode(prompt, [[sp] for sp in spans])
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
@@ -530,6 +538,30 @@ class GroundingTrainDataset:
                 unnamed.append(box)
         b, pm = _targets(boxes, rows, n, unnamed)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
+
+    def _word_item(self, i: int, names: list[str], prompt: str, spans: list) -> GroundingItem:
+        """``_attribute_item``'s prompt with word targets (``AttributeOptions.word_targets``): each
+        box is positive for the colour word of every phrase of its colour and the kind word of
+        every phrase of its kind; a box that no word names is background (or an unnamed object,
+        ``keep_omitted``)."""
+        im, image = self.detection[i], self.d_images[i]
+        words = []  # (word, its span): colour then kind of each phrase
+        for name, (a, _) in zip(names, spans):
+            colour, kind = name.split(" ")
+            words += [(colour, (a, a + len(colour))), (kind, (a + len(colour) + 1, a + len(name)))]
+        enc = self.tok.encode(prompt, [[sp] for _, sp in words])
+        n = enc.num_tokens
+        wmap = enc.phrase_map[:, :n]
+        boxes, rows, unnamed = [], [], []
+        for box, (c, k) in zip(_network_boxes(im.boxes, self.cache.info(image)), self.scene_pairs[im.image]):
+            hit = [w for w, (word, _) in enumerate(words) if word in (c, k)]
+            if hit:
+                boxes.append(box)
+                rows.append(wmap[hit].max(0))
+            elif self.attributes.keep_omitted:
+                unnamed.append(box)
+        b, pm = _targets(boxes, rows, n, unnamed)
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for _, sp in words]))
 
     def _colour_item(self, i: int, rng: np.random.Generator) -> GroundingItem:
         """A detection image prompted with every colour name, shuffled; each box names its colour."""

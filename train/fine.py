@@ -88,6 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "phrase names: their anchors put their mass on the slot, so a look-alike "
                         "phrase alone (\"red star\" on a red arrow) is pushed below C and each "
                         "object's own phrase above it (off by default)")
+    p.add_argument("--word-targets", action="store_true",
+                   help="attribute samples train each token on its own word (the \"red\" of \"red "
+                        "star\" is positive at a red arrow, its \"star\" negative) instead of its "
+                        "phrase's referent, so the noun need not carry the colour; such a model "
+                        "scores a phrase by the minimum over its tokens")
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
@@ -111,7 +116,8 @@ def _run(args: argparse.Namespace) -> str:
                                                         args.max_hard_negatives, args.colour_prompts,
                                                         args.caption_swap, args.omit_present,
                                                         args.confusable_negatives,
-                                                        keep_omitted=args.no_match_logit is not None))
+                                                        keep_omitted=args.no_match_logit is not None,
+                                                        word_targets=args.word_targets))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
