@@ -169,14 +169,15 @@ def _read_config_json(file: Path) -> dict[str, Any]:
     return meta
 
 
-TRAINING_ONLY_PREFIXES = ("kd_proj.", "colour_aux.")
+TRAINING_ONLY_PREFIXES = ("kd_proj.", "colour_aux.", "kind_aux.")
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
     """Strict ``load_state_dict`` with one clear message for unknown keys, missing keys or shapes.
 
     Training-only tensors (``TRAINING_ONLY_PREFIXES``: the feature projections a distillation run
-    and the colour classifier of ``train.fine --colour-aux`` checkpoint for resume) are skipped
+    and the colour and kind classifiers of ``train.fine --colour-aux / --kind-aux`` checkpoint for
+    resume) are skipped
     when ``model`` has no such module, so a mid-run checkpoint evaluates and exports as the plain
     detector it holds."""
     own = model.state_dict()

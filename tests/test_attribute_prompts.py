@@ -277,27 +277,38 @@ def test_colour_prompts_and_caption_swaps(data_dir):
         assert data.cache.paths[item.image] == s.image
 
 
-def test_colour_aux_loss_is_logged_and_left_out_of_the_final_weights(data_dir, tmp_path):
-    """--colour-aux: batches carry each box's colour index, the loss has a 'loss_colour' part
-    (ln 8 ~ 2.08 at the start: 8 colours), checkpoints keep the classifier for resume and
-    RUN/final drops it; without attribute data it is refused."""
+def test_colour_and_kind_aux_losses_are_logged_and_left_out_of_the_final_weights(data_dir, tmp_path):
+    """--colour-aux / --kind-aux: batches carry each box's colour and kind index (those of its
+    detection annotation), the loss has 'loss_colour' / 'loss_kind' parts (ln 8 ~ 2.08 and
+    ln 12 ~ 2.48 at the start), checkpoints keep the classifiers for resume and RUN/final drops
+    them; without attribute data each is refused."""
     from safetensors.numpy import load_file
 
     data = load_stage2(data_dir, CFG, Stage2Options(attributes=AttributeOptions(attribute_prompts=1.0)))
+    det, pairs = _scene_pairs(data_dir)
     np.random.seed(0)
-    batch = data.collate([data[len(data.grounding) + i] for i in range(3)])
-    for ids, boxes in zip(batch["colour_ids"], batch["boxes"]):
-        assert len(ids) == len(boxes) and (ids >= 0).all() and (ids < len(data.colours)).all()
+    items = [data[len(data.grounding) + i] for i in range(3)]
+    batch = data.collate(items)
+    for ids, kinds, boxes, item in zip(batch["colour_ids"], batch["kind_ids"], batch["boxes"], items):
+        assert len(ids) == len(boxes) == len(kinds)
+        assert (ids >= 0).all() and (ids < len(data.colours)).all()
+        assert (kinds >= 0).all() and (kinds < len(data.kinds)).all()
+        present = {(data.colours[c], data.kinds[k]) for c, k in zip(ids.tolist(), kinds.tolist())}
+        image_id = det["images"][items.index(item)]["id"]
+        assert present <= set(pairs[image_id])                  # each box's own annotation
     out = tmp_path / "run"
-    rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "0.8", "--caption-swap", "0.5", "--colour-aux", "1.0")
-    assert 1.0 < rec[0]["loss_colour"] < 3.0
-    assert not [k for k in load_file(str(out / "final" / "model.safetensors")) if k.startswith("colour_aux")]
-    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert [k for k in load_file(str(ckpt / "model.safetensors")) if k.startswith("colour_aux")]
-    args = fine.get_args_parser().parse_args(
-        ["--data", str(data_dir), "--out", str(tmp_path / "bad"), "--config", "fiber-tiny-test",
-         "--init", "none", "--max-steps", "1", "--batch-size", "4", "--no-progress", "--colour-aux", "1"])
-    assert fine.main(args) == 2
+    rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "0.8", "--caption-swap", "0.5",
+                      "--colour-aux", "1.0", "--kind-aux", "0.5")
+    assert 1.0 < rec[0]["loss_colour"] < 3.0 and 1.5 < rec[0]["loss_kind"] < 3.5
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert not [k for k in final if k.startswith(("colour_aux", "kind_aux"))]
+    ckpt = load_file(str(sorted((out / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+    assert [k for k in ckpt if k.startswith("colour_aux")] and [k for k in ckpt if k.startswith("kind_aux")]
+    for flag in ("--colour-aux", "--kind-aux"):
+        args = fine.get_args_parser().parse_args(
+            ["--data", str(data_dir), "--out", str(tmp_path / "bad"), "--config", "fiber-tiny-test",
+             "--init", "none", "--max-steps", "1", "--batch-size", "4", "--no-progress", flag, "1"])
+        assert fine.main(args) == 2
 
 
 def test_omit_present_leaves_pairs_out_and_their_boxes_unmarked(data_dir):

@@ -593,22 +593,30 @@ class GroundingTrainDataset:
                  "side": torch.tensor([s.side for s in samples])}
         if self.attributes.active:
             batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
+            batch["kind_ids"] = [torch.from_numpy(self.box_kinds(s)) for s in samples]
         return batch
 
     def box_colours(self, item: GroundingItem) -> np.ndarray:
         """int64 [G]: index into ``self.colours`` of each of ``item``'s boxes (the detection
         annotation of its image with the same box), -1 where none matches (attributes off)."""
+        return self._box_labels(item, lambda c, k: self.colours.index(c))
+
+    def box_kinds(self, item: GroundingItem) -> np.ndarray:
+        """int64 [G]: index into ``self.kinds`` of each of ``item``'s boxes, as ``box_colours``."""
+        return self._box_labels(item, lambda c, k: self.kinds.index(k))
+
+    def _box_labels(self, item: GroundingItem, label) -> np.ndarray:
         out = np.full(len(item.boxes), -1, np.int64)
         j = self.det_index.get(self.cache.paths[item.image]) if self.attributes.active else None
         if j is None or not len(item.boxes):
             return out
         im = self.detection[j]
         det = _network_boxes(im.boxes, self.cache.info(item.image))
-        colour = [self.colours.index(c) for c, _ in self.scene_pairs[im.image]]
+        labels = [label(c, k) for c, k in self.scene_pairs[im.image]]
         for g, box in enumerate(item.boxes):
             diff = np.abs(det - box).max(1) if len(det) else np.zeros(0)
             if len(diff) and diff.min() < 1e-2:
-                out[g] = colour[int(np.argmin(diff))]
+                out[g] = labels[int(np.argmin(diff))]
         return out
 
 

@@ -96,6 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
+    p.add_argument("--kind-aux", type=float, default=0.0, metavar="W",
+                   help="the same for the object's kind (shape), so that look-alike outlines "
+                        "(circle / hexagon, cross / arrow) get apart in the features the phrase "
+                        "scores read (training only; needs the attribute data)")
     return p
 
 
@@ -121,7 +125,7 @@ def _run(args: argparse.Namespace) -> str:
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
-                                init=str(args.init), colour_aux=args.colour_aux,
+                                init=str(args.init), colour_aux=args.colour_aux, kind_aux=args.kind_aux,
                                 fusion_lr_mult=args.fusion_lr_mult,
                                 position_lr_mult=args.position_lr_mult,
                                 position_from_relations=args.position_from_relations,

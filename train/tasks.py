@@ -134,6 +134,7 @@ class FineOptions:
     text_init: str = "none"         # "none" | "minilm" (only without an init checkpoint)
     init: str = "none"              # where the weights came from (recorded in config.json)
     colour_aux: float = 0.0         # weight of the auxiliary colour loss on the region features
+    kind_aux: float = 0.0           # the same for the object's kind
     # lr multiplier of every fusion parameter (names with "i2t" / "t2i", both towers); None = the
     # official fine rule: each follows its tower (t2i at text_lr_mult). FIBER coarse uses 5.
     fusion_lr_mult: float | None = None
@@ -173,17 +174,21 @@ class FineTask(BaseTask):
             if unexpected or any(k.startswith("backbone.") for k in missing):
                 raise CheckpointError(f"init weights do not fit '{self.cfg.name}': "
                                       f"unexpected {unexpected[:3]}, missing {missing[:3]}")
-        if self.options.colour_aux > 0:
-            # training only: a linear colour classifier on the region features the
+        for name, weight in (("colour", self.options.colour_aux), ("kind", self.options.kind_aux)):
+            if weight <= 0:
+                continue
+            # training only: a linear colour (kind) classifier on the region features the
             # dot product reads, at the positive anchors; RUN/final drops it
-            colours = getattr(self.data, "colours", None)
-            if not colours:
-                raise ValueError("--colour-aux needs the attribute data (--attribute-prompts, "
+            active = getattr(getattr(self.data, "attributes", None), "active", False)
+            classes = getattr(self.data, f"{name}s", None) if active else None
+            if not classes:
+                raise ValueError(f"--{name}-aux needs the attribute data (--attribute-prompts, "
                                  "--hard-negatives or --caption-swap)")
             if not hasattr(model.head, "dot_product_projection_image"):
-                raise ValueError(f"--colour-aux reads the light head's region features; "
+                raise ValueError(f"--{name}-aux reads the light head's region features; "
                                  f"'{self.cfg.name}' has another head")
-            model.colour_aux = nn.Linear(self.cfg.head.proj_dim, len(colours))
+            setattr(model, f"{name}_aux", nn.Linear(self.cfg.head.proj_dim, len(classes)))
+        if self.options.colour_aux > 0 or self.options.kind_aux > 0:
             model.head.dot_product_projection_image.register_forward_hook(
                 lambda mod, args, out: self._regions.append(out))
         return model
@@ -216,20 +221,25 @@ class FineTask(BaseTask):
                                       self.options.no_match_logit)
             losses["loss_token_contrast"] = aux
             losses["loss"] = losses["loss"] + self.options.token_contrast * aux
-        if self.options.colour_aux > 0:
-            aux = self.colour_loss(model, assignment[0], batch["colour_ids"])
-            losses["loss_colour"] = aux
-            losses["loss"] = losses["loss"] + self.options.colour_aux * aux
+        if self._regions:
+            regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
+            self._regions.clear()
+            for name, weight in (("colour", self.options.colour_aux), ("kind", self.options.kind_aux)):
+                if weight > 0:
+                    aux = self.class_loss(getattr(model, f"{name}_aux"), regions, assignment[0],
+                                          batch[f"{name}_ids"])
+                    losses[f"loss_{name}"] = aux
+                    losses["loss"] = losses["loss"] + weight * aux
         return losses
 
-    def colour_loss(self, model, matched: torch.Tensor, colour_ids) -> torch.Tensor:
-        """Cross-entropy of ``model.colour_aux`` on the region features of the ATSS-positive
-        anchors (``matched`` [B, N]: gt index or -1) whose box has a known colour (mean; 0 when
-        there is none)."""
-        regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
-        self._regions.clear()
+    @staticmethod
+    def class_loss(classifier: nn.Module, regions: torch.Tensor, matched: torch.Tensor, class_ids) -> torch.Tensor:
+        """Cross-entropy of ``classifier`` (``colour_aux`` / ``kind_aux``) on the region features
+        ``regions`` [B, N, D] of the ATSS-positive anchors (``matched`` [B, N]: gt index or -1)
+        whose box has a known class (``class_ids``: per sample int64 [G], -1 unknown; mean, 0
+        when there is none)."""
         feats, labels = [], []
-        for b, ids in enumerate(colour_ids):
+        for b, ids in enumerate(class_ids):
             pos = matched[b] >= 0
             if not pos.any() or not len(ids):
                 continue
@@ -239,11 +249,11 @@ class FineTask(BaseTask):
             labels.append(lab[keep])
         if not feats or sum(len(x) for x in labels) == 0:
             return regions.sum() * 0.0
-        logits = model.colour_aux(torch.cat(feats).float())
+        logits = classifier(torch.cat(feats).float())
         return nn.functional.cross_entropy(logits, torch.cat(labels))
 
     def final_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in state.items() if not k.startswith("colour_aux.")}
+        return {k: v for k, v in state.items() if not k.startswith(("colour_aux.", "kind_aux."))}
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
         rules = (("backbone.text.", self.options.text_lr_mult),
@@ -256,7 +266,7 @@ class FineTask(BaseTask):
         return {"model": self.cfg.to_dict(), "task": "fine",
                 "stage": {"init": self.options.init, "text_init": self.options.text_init,
                           "text_lr_mult": self.options.text_lr_mult,
-                          "colour_aux": self.options.colour_aux,
+                          "colour_aux": self.options.colour_aux, "kind_aux": self.options.kind_aux,
                           "fusion_lr_mult": self.options.fusion_lr_mult,
                           "position_lr_mult": self.options.position_lr_mult,
                           "position_from_relations": self.options.position_from_relations,
