@@ -137,6 +137,44 @@ def test_captions_get_absent_hard_negatives_whose_tokens_are_all_negative(data_d
     assert changed > 0
 
 
+def test_word_targets_mark_the_appended_words_that_hold_for_a_caption_box(data_dir):
+    """word_targets on captions: the same caption and appended absent phrases as without; each
+    caption box keeps its phrase's tokens and is also positive for the appended colour and kind
+    words of its own object (its detection annotation), and for no other appended word."""
+    det, pairs = _scene_pairs(data_dir)
+    opts = lambda words: Stage2Options(attributes=AttributeOptions(  # noqa: E731
+        hard_negatives=1.0, max_hard_negatives=3, word_targets=words))
+    words, phrases = load_stage2(data_dir, CFG, opts(True)), load_stage2(data_dir, CFG, opts(False))
+    kinds = {c["id"]: c["name"] for c in det["categories"]}
+    marked = 0
+    for i in range(len(words.grounding)):
+        np.random.seed(i)
+        item = words[i]
+        np.random.seed(i)
+        base = phrases[i]
+        assert item.prompt == base.prompt
+        np.testing.assert_array_equal(item.boxes, base.boxes)
+        caption = words.grounding[i].caption
+        if item.prompt == caption:
+            np.testing.assert_array_equal(item.positive_map, base.positive_map)
+            continue
+        appended = item.prompt[len(caption) + 2:]
+        image = next(im for im in det["images"] if words.grounding[i].image.name == im["file_name"].split("/")[-1])
+        scale = S / max(image["width"], image["height"])
+        for g, box in enumerate(item.boxes):
+            assert ((item.positive_map[g] > 0) >= (base.positive_map[g] > 0)).all()   # the phrase kept
+            extra = (item.positive_map[g] > 0) & ~(base.positive_map[g] > 0)
+            got = _marked_words(item, extra)
+            ann = next(a for a in det["annotations"] if a["image_id"] == image["id"] and np.abs(
+                np.array([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+                         np.float32) * scale - box).max() < 1e-2)
+            own = (ann["attributes"]["colour"], kinds[ann["category_id"]])
+            want = [w for n in appended.split(". ") for w in n.split() if w in own]
+            assert sorted(got) == sorted(want), (item.prompt, own)
+            marked += len(want)
+    assert marked > 0
+
+
 def test_fine_cli_trains_with_attribute_prompts(data_dir, tmp_path):
     args = fine.get_args_parser().parse_args(
         ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--config", "fiber-tiny-test",

@@ -250,6 +250,17 @@ def _network_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     return np.clip(out, 0, hi)
 
 
+def _word_spans(names: Sequence[str], start: int) -> list[tuple[str, tuple[int, int]]]:
+    """The words of ". "-joined "colour kind" names that begin at character ``start``, each with
+    its [start, end) span: colour then kind of each name."""
+    words, pos = [], start
+    for name in names:
+        colour, kind = name.split(" ")
+        words += [(colour, (pos, pos + len(colour))), (kind, (pos + len(colour) + 1, pos + len(name)))]
+        pos += len(name) + len(SEPARATOR)
+    return words
+
+
 def _targets(boxes: list[np.ndarray], rows: list[np.ndarray], num_tokens: int,
              unnamed: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Merge identical boxes (OR of their token rows) and drop degenerate boxes or boxes whose
@@ -443,6 +454,7 @@ class GroundingTrainDataset:
         s, image = self.grounding[i], self.g_images[i]
         caption = s.caption
         opt = self.attributes
+        words: list = []
         if (opt.hard_negatives > 0 or opt.caption_swap > 0) and s.image in self.scene_pairs:
             rng = np.random.default_rng([int(np.random.randint(2**31)), i])
             if rng.random() < opt.caption_swap:
@@ -452,11 +464,14 @@ class GroundingTrainDataset:
                                            self.kinds, int(rng.integers(1, opt.max_hard_negatives + 1)),
                                            opt.confusable)
                 # absent phrases after the caption: every one of their tokens is a negative
+                # (word targets: except the words that hold for the box)
                 budget = self.max_text_len - 2 - self._token_len(caption)
                 kept = within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
                 if kept:
-                    caption = caption + SEPARATOR + SEPARATOR.join(kept)
-        enc = self.tok.encode(caption, [list(p.spans) for p in s.phrases])
+                    appended, caption = caption + SEPARATOR, caption + SEPARATOR + SEPARATOR.join(kept)
+                    if opt.word_targets:
+                        words = _word_spans(kept, len(appended))
+        enc = self.tok.encode(caption, [list(p.spans) for p in s.phrases] + [[sp] for _, sp in words])
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
         info = self.cache.info(image)
@@ -465,6 +480,12 @@ class GroundingTrainDataset:
             for box in _network_boxes(phrase.boxes, info):
                 boxes.append(box)
                 rows.append(pmap[p])
+        if words:   # each box: also the appended words of its own colour or kind
+            pairs = self._box_pairs(image, boxes)
+            for g, pair in enumerate(pairs):
+                hit = [len(s.phrases) + w for w, (word, _) in enumerate(words) if pair and word in pair]
+                if hit:
+                    rows[g] = np.maximum(rows[g], pmap[hit].max(0))
         b, pm = _targets(boxes, rows, n)
         return GroundingItem(image, _real_ids(enc), b, pm, caption, _span_tuple([p.spans for p in s.phrases]),
                              s.has_relation, side_named(s.caption) if s.has_relation else -1)
@@ -524,7 +545,7 @@ class GroundingTrainDataset:
         names = [names[j] for j in rng.permutation(len(names))]
         prompt, spans = build_detection_prompt(names)
         if self.attributes.word_targets:
-            return self._word_item(i, names, prompt, spans)
+            return self._word_item(i, names, prompt)
         enc = self.tok.encode(prompt, [[sp] for sp in spans])
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
@@ -539,16 +560,13 @@ class GroundingTrainDataset:
         b, pm = _targets(boxes, rows, n, unnamed)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
 
-    def _word_item(self, i: int, names: list[str], prompt: str, spans: list) -> GroundingItem:
+    def _word_item(self, i: int, names: list[str], prompt: str) -> GroundingItem:
         """``_attribute_item``'s prompt with word targets (``AttributeOptions.word_targets``): each
         box is positive for the colour word of every phrase of its colour and the kind word of
         every phrase of its kind; a box that no word names is background (or an unnamed object,
         ``keep_omitted``)."""
         im, image = self.detection[i], self.d_images[i]
-        words = []  # (word, its span): colour then kind of each phrase
-        for name, (a, _) in zip(names, spans):
-            colour, kind = name.split(" ")
-            words += [(colour, (a, a + len(colour))), (kind, (a + len(colour) + 1, a + len(name)))]
+        words = _word_spans(names, 0)
         enc = self.tok.encode(prompt, [[sp] for _, sp in words])
         n = enc.num_tokens
         wmap = enc.phrase_map[:, :n]
@@ -595,6 +613,21 @@ class GroundingTrainDataset:
             batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
             batch["kind_ids"] = [torch.from_numpy(self.box_kinds(s)) for s in samples]
         return batch
+
+    def _box_pairs(self, image: int, boxes: Sequence[np.ndarray]) -> list[tuple[str, str] | None]:
+        """The (colour, kind) of each network-pixel box of cached image ``image`` (its detection
+        annotation: the same box), None where none matches."""
+        j = self.det_index.get(self.cache.paths[image])
+        if j is None:
+            return [None] * len(boxes)
+        im = self.detection[j]
+        det = _network_boxes(im.boxes, self.cache.info(image))
+        pairs = self.scene_pairs[im.image]
+        out = []
+        for box in boxes:
+            diff = np.abs(det - box).max(1) if len(det) else np.zeros(0)
+            out.append(pairs[int(np.argmin(diff))] if len(diff) and diff.min() < 1e-2 else None)
+        return out
 
     def box_colours(self, item: GroundingItem) -> np.ndarray:
         """int64 [G]: index into ``self.colours`` of each of ``item``'s boxes (the detection
