@@ -164,6 +164,11 @@ INPUT_LETTERBOX = "letterbox"   # square S x S canvas, scale S / max(h, w), bili
 INPUT_OFFICIAL = "official"     # official FIBER/GLIP test resize on a fixed [H, W] canvas
 POST_LETTERBOX = "letterbox"    # per-phrase threshold / top-k / NMS (runtime.postprocess.postprocess)
 POST_OFFICIAL = "official"      # the official ATSSPostProcessor (runtime.postprocess.postprocess_official)
+# A phrase's score from its tokens' probabilities: FIBER/GLIP's mean, or the minimum (a model
+# trained with word targets, train.fine --word-targets: a phrase holds where all its words do).
+PHRASE_SCORE_MEAN = "mean"
+PHRASE_SCORE_MIN = "min"
+PHRASE_SCORES = (PHRASE_SCORE_MEAN, PHRASE_SCORE_MIN)
 
 # The official fine configs' values (GLIP/FIBER yaml: INPUT.PIXEL_MEAN / PIXEL_STD, TO_BGR255).
 OFFICIAL_BGR255_MEAN = (103.53, 116.28, 123.675)
@@ -342,6 +347,10 @@ class PostprocessSpec:
     official ATSSPostProcessor per level (``level_sizes`` anchors each, in the order of the
     detector's N outputs): threshold before centerness, pre_nms_top_k per level, sqrt score,
     clip, multi-label NMS with +1 IoU, the kthvalue cut to max_detections.
+
+    phrase_score: how a phrase's score is made from its tokens' probabilities (``PHRASE_SCORES``):
+    "mean" (FIBER/GLIP; the default, and the only rule of style "official") or "min". Written to
+    the manifest only when not the default.
     """
 
     style: str = POST_LETTERBOX
@@ -350,11 +359,17 @@ class PostprocessSpec:
     pre_nms_top_k: int = 1000          # letterbox: per phrase; official: per level (PRE_NMS_TOP_N)
     max_detections: int = 100          # MODEL.ATSS.DETECTIONS_PER_IMG
     level_sizes: tuple[int, ...] = ()  # official only: anchors per FPN level, sum = N
+    phrase_score: str = PHRASE_SCORE_MEAN
 
     def __post_init__(self) -> None:
         if self.style not in (POST_LETTERBOX, POST_OFFICIAL):
             raise PackageError(f"manifest postprocess.style {self.style!r} is not "
                                f"{POST_LETTERBOX!r} or {POST_OFFICIAL!r}")
+        if self.phrase_score not in PHRASE_SCORES:
+            raise PackageError(f"manifest postprocess.phrase_score {self.phrase_score!r} is not one of "
+                               f"{', '.join(PHRASE_SCORES)}")
+        if self.style == POST_OFFICIAL and self.phrase_score != PHRASE_SCORE_MEAN:
+            raise PackageError("manifest postprocess.phrase_score must be 'mean' for style 'official'")
         if self.style == POST_OFFICIAL and (not self.level_sizes
                                             or any(n < 1 for n in self.level_sizes)):
             raise PackageError("manifest postprocess.level_sizes must list the anchors per level "
@@ -388,7 +403,8 @@ class PostprocessSpec:
                    _field(sec, "nms_iou", float, d.nms_iou, "postprocess"),
                    _field(sec, "pre_nms_top_k", int, d.pre_nms_top_k, "postprocess"),
                    _field(sec, "max_detections", int, d.max_detections, "postprocess"),
-                   tuple(_field({"n": n}, "n", int, None, "postprocess.level_sizes") for n in levels))
+                   tuple(_field({"n": n}, "n", int, None, "postprocess.level_sizes") for n in levels),
+                   str(sec.get("phrase_score", d.phrase_score)))
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"threshold": self.threshold, "nms_iou": self.nms_iou,
@@ -396,4 +412,6 @@ class PostprocessSpec:
                              "max_detections": self.max_detections}
         if self.style != POST_LETTERBOX:
             d = {"style": self.style, **d, "level_sizes": list(self.level_sizes)}
+        if self.phrase_score != PHRASE_SCORE_MEAN:
+            d["phrase_score"] = self.phrase_score
         return d

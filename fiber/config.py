@@ -157,6 +157,9 @@ class HeadConfig:
     pre_nms_top_n: int = 1000                 # most candidates per level before NMS
     nms_th: float = 0.6                       # IoU of the multi-label NMS (same label only)
     detections_per_img: int = 100             # detections kept per image
+    # how the package scores a phrase from its tokens (common.package.PHRASE_SCORES): FIBER's mean,
+    # or the minimum for a light head trained with word targets (train.fine --word-targets)
+    phrase_score: str = "mean"
 
     def validate(self) -> None:
         _check(self.kind in HEAD_KINDS, f"head: kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
@@ -170,6 +173,10 @@ class HeadConfig:
                    f"must equal fpn_channels {self.fpn_channels}")
             _check(self.fpn_channels % 4 == 0, f"head: DyReLU needs fpn_channels divisible by 4, "
                    f"got {self.fpn_channels}")
+        _check(self.phrase_score in ("mean", "min"),
+               f"head: phrase_score must be 'mean' or 'min', got {self.phrase_score!r}")
+        _check(self.kind != "dyhead" or self.phrase_score == "mean",
+               "head: the DyHead's official post-processing scores phrases by the mean")
         _check(0.0 <= self.inference_th < 1.0 and self.pre_nms_top_n >= 1 and self.detections_per_img >= 1
                and 0.0 < self.nms_th <= 1.0, "head: post-processing limits out of range")
 

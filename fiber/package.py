@@ -39,7 +39,8 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
                 "text": text, "postprocess": post.to_json()}
     s = cfg.swin.img_size
     image = pkg.InputSpec((s, s), mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
-    return {"input": image.to_json(), "text": text, "postprocess": pkg.PostprocessSpec().to_json()}
+    post = pkg.PostprocessSpec(phrase_score=cfg.head.phrase_score)
+    return {"input": image.to_json(), "text": text, "postprocess": post.to_json()}
 
 
 def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """Detector output -> Detections: phrase scores, threshold, top-k, per-phrase NMS, box decode.
 
 Scoring follows FIBER/GLIP inference: a phrase's score at an anchor is the mean of
-sigmoid(token logit) over the phrase's tokens times sigmoid(centerness). Each step runs in the C
+sigmoid(token logit) over the phrase's tokens times sigmoid(centerness) (or the minimum, for a
+package whose manifest says ``postprocess.phrase_score: "min"``). Each step runs in the C
 extension ``runtime._native`` and has a numpy twin here (``*_ref``) that tests compare it with.
 Training and evaluation code (torch) call ``postprocess`` too, so it is a pure numpy function.
 Boxes are xyxy pixels: network-input pixels in, source-image pixels out. Torch-free.
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.package import PostprocessSpec
+from common.package import PHRASE_SCORE_MEAN, PHRASE_SCORE_MIN, PHRASE_SCORES, PostprocessSpec
 from runtime.preprocess import load_native
 from runtime.types import Detections, LetterboxInfo
 
@@ -29,17 +30,35 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def phrase_scores_ref(token_logits: np.ndarray, centerness: np.ndarray,
-                      phrase_map: np.ndarray) -> np.ndarray:
+                      phrase_map: np.ndarray, rule: str = PHRASE_SCORE_MEAN) -> np.ndarray:
     """[N, T] logits, [N] centerness logits, [P, T] token weights -> float32 [N, P].
 
     score[n, p] = sum_t w[p, t] sigmoid(l[n, t]) / sum_t w[p, t] * sigmoid(c[n]); a phrase whose
     weights do not sum to > 0 scores 0. With 0/1 weights this is the mean over its tokens.
+    ``rule`` "min" (common.package.PHRASE_SCORES): the lowest probability of the tokens with
+    w > 0 instead of the weighted mean.
     """
+    if rule == PHRASE_SCORE_MIN:
+        return _phrase_minima(token_logits, centerness, phrase_map)
+    if rule != PHRASE_SCORE_MEAN:
+        raise ValueError(f"phrase score rule {rule!r} is not one of {', '.join(PHRASE_SCORES)}")
     w = np.asarray(phrase_map).astype(np.float32)
     wsum = w.sum(axis=1)
     mean = (_sigmoid(token_logits) @ w.T) / np.where(wsum > 0, wsum, 1.0)
     scores = np.where(wsum > 0, mean, 0.0) * _sigmoid(centerness)[:, None]
     return scores.astype(np.float32).reshape(len(token_logits), len(w))
+
+
+def _phrase_minima(token_logits: np.ndarray, centerness: np.ndarray, phrase_map: np.ndarray) -> np.ndarray:
+    """phrase_scores_ref's "min" rule: sigmoid(min over the phrase's tokens of the logit) x
+    sigmoid(centerness) (the sigmoid is monotonic, so the minimum is taken on logits)."""
+    logits = np.asarray(token_logits, np.float32)
+    marks = np.asarray(phrase_map) > 0
+    scores = np.zeros((len(logits), len(marks)), np.float32)
+    for p, tokens in enumerate(marks):
+        if tokens.any():
+            scores[:, p] = _sigmoid(logits[:, tokens].min(axis=1))
+    return (scores * _sigmoid(np.asarray(centerness, np.float32))[:, None]).astype(np.float32)
 
 
 def _order_desc(scores: np.ndarray) -> np.ndarray:
@@ -145,11 +164,12 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def phrase_scores(token_logits: np.ndarray, centerness: np.ndarray, phrase_map: np.ndarray,
-                  use_native: bool = True) -> np.ndarray:
-    """See phrase_scores_ref; float32 [N, P]."""
-    native = load_native() if use_native else None
+                  use_native: bool = True, rule: str = PHRASE_SCORE_MEAN) -> np.ndarray:
+    """See phrase_scores_ref; float32 [N, P]. The C extension computes the mean rule; the minimum
+    is numpy's (a few columns per phrase)."""
+    native = load_native() if use_native and rule == PHRASE_SCORE_MEAN else None
     if native is None:
-        return phrase_scores_ref(token_logits, centerness, phrase_map)
+        return phrase_scores_ref(token_logits, centerness, phrase_map, rule)
     pm = np.asarray(phrase_map)
     pm = np.ascontiguousarray(pm if pm.dtype in (np.uint8, np.bool_) else pm.astype(np.float32))
     return native.phrase_scores(_f32(token_logits), _f32(centerness), pm)
@@ -216,7 +236,7 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
                 max_detections: int = _DEFAULT.max_detections,
                 use_native: bool = True, phrases: Sequence[str] | None = None,
                 min_per_phrase: int = 0, per_phrase: int = 0,
-                one_label_per_box: bool = False) -> Detections:
+                one_label_per_box: bool = False, phrase_score: str = _DEFAULT.phrase_score) -> Detections:
     """The detector outputs of ONE image (no batch dim) -> Detections in source pixels.
 
     boxes float32 [N, 4] xyxy network-input pixels; token_logits float32 [N, T]; centerness
@@ -232,6 +252,8 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     after its NMS, whatever ``max_detections`` says (P x K at most), best first.
     ``one_label_per_box`` (detection): NMS across phrases instead of per phrase, so overlapping
     boxes of different phrases keep only the highest-scoring (box, phrase).
+    ``phrase_score``: the rule of the phrase scores ("mean" or "min", the manifest's
+    ``postprocess.phrase_score``).
     """
     boxes = np.asarray(boxes).reshape(-1, 4)
     token_logits = np.asarray(token_logits)
@@ -249,7 +271,7 @@ def postprocess(boxes: np.ndarray, token_logits: np.ndarray, centerness: np.ndar
     if len(names) != num_phrases:
         raise ValueError(f"{len(names)} phrase names for a phrase_map of {num_phrases} rows")
 
-    scores = phrase_scores(token_logits, centerness, phrase_map, use_native)  # [N, P]
+    scores = phrase_scores(token_logits, centerness, phrase_map, use_native, phrase_score)  # [N, P]
     cand = _candidates(scores, threshold, pre_nms_top_k, use_native)
     anchor, phrase = (cand // num_phrases, cand % num_phrases) if num_phrases else (cand, cand)
     cand_boxes = decode_boxes(boxes[anchor], info, use_native)

@@ -111,6 +111,7 @@ class _PostParams:
     one_label_per_box: bool = False  # NMS across phrases instead of per phrase
     style: str = pkg.POST_LETTERBOX  # "letterbox" (postprocess) | "official" (postprocess_official)
     level_sizes: tuple[int, ...] = ()  # official: anchors per level
+    phrase_score: str = pkg.PHRASE_SCORE_MEAN  # letterbox: "mean" | "min" over a phrase's tokens
 
 
 def _engine_options(path: Path, backend: str, threads: int | None, verify: bool,
@@ -157,7 +158,8 @@ def _post_params(manifest: Mapping[str, Any], threshold, nms_iou, pre_nms_top_k,
     p = _PostParams(float(pick(threshold, spec.threshold)), float(pick(nms_iou, spec.nms_iou)),
                     int(pick(pre_nms_top_k, spec.pre_nms_top_k)),
                     int(pick(max_detections, spec.max_detections)), int(min_per_phrase),
-                    int(per_phrase), bool(one_label_per_box), spec.style, spec.level_sizes)
+                    int(per_phrase), bool(one_label_per_box), spec.style, spec.level_sizes,
+                    spec.phrase_score)
     if not 0.0 <= p.threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {p.threshold}")
     if not 0.0 <= p.nms_iou <= 1.0:
@@ -322,7 +324,7 @@ class Detector:
         if p.style == pkg.POST_OFFICIAL:
             dets = postprocess_official(*args, p.level_sizes, info, **opts)
         else:
-            dets = postprocess(*args, info, **opts)
+            dets = postprocess(*args, info, **opts, phrase_score=p.phrase_score)
         t4 = time.perf_counter()
         self.last_prompt = entry.encoded
         self.last_timing = StageTimes(pre=pre_ms, text=(t1 - t0) * 1e3,

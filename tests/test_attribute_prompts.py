@@ -3,6 +3,7 @@ absent hard negatives, hard negatives appended to captions), the attribute bench
 and compress.recover (a checkpoint read back from an FP32 package's ONNX graphs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -538,3 +539,23 @@ def test_confusable_negatives_name_the_kinds_a_present_one_is_mistaken_for():
               2: [("blue", "cross"), ("green", "circle"), ("blue", "star"), ("red", "circle")]}
     for seed, want in before.items():
         assert hard_negative_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS, 4) == want
+
+
+def test_fine_cli_word_targets_record_the_min_rule_for_the_package(data_dir, tmp_path):
+    """train.fine --word-targets: the run's config scores phrases by the minimum over their tokens
+    (head.phrase_score), which the package sections carry to the runtime; a run of the mean rule
+    is a valid --init for it (the rule has no weights); the DyHead keeps the official mean."""
+    from fiber.checkpoint import load_checkpoint
+    from fiber.package import package_sections
+
+    _train_tiny(data_dir, tmp_path / "plain", 1, "--attribute-prompts", "1.0")
+    _train_tiny(data_dir, tmp_path / "words", 1, "--attribute-prompts", "1.0", "--word-targets",
+                "--init", str(tmp_path / "plain"))
+    _, plain, _ = load_checkpoint(tmp_path / "plain" / "final")
+    _, words, _ = load_checkpoint(tmp_path / "words" / "final")
+    assert (plain.head.phrase_score, words.head.phrase_score) == ("mean", "min")
+    assert "phrase_score" not in package_sections(plain, (16,))["postprocess"]
+    assert package_sections(words, (16,))["postprocess"]["phrase_score"] == "min"
+    golden = get_config("fiber-golden-fine")
+    with pytest.raises(ValueError, match="scores phrases by the mean"):
+        golden.replace(head=dataclasses.replace(golden.head, phrase_score="min"))

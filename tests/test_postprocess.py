@@ -262,3 +262,37 @@ def test_min_per_phrase_keeps_the_best_of_every_phrase(use_native):
     assert np.all(np.diff(per.scores) <= 0)  # still best first
     for p in (0, 1):  # each phrase keeps its own best boxes, in order
         assert per.boxes[per.phrase_index == p][:, 0].tolist() == [0.0, 20.0, 40.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the phrase-score rule (manifest postprocess.phrase_score)
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_min_rule_scores_a_phrase_by_its_weakest_token(use_native):
+    """"red mug" = tokens 3 and 4 at anchor 2 with logits 1 and 0: the mean rule gives
+    (s(1) + s(0)) / 2 x s(0.5), the minimum s(0) x s(0.5); a one-token phrase is the same under both."""
+    info, boxes, logits, ctr, pmap = _hand_case()
+    det = postprocess(boxes, logits, ctr, pmap, info, use_native=use_native, phrase_score="min")
+    np.testing.assert_allclose(det.scores, [_sig(3.0) * _sig(2.0), _sig(0.0) * _sig(0.5)], rtol=1e-6)
+    np.testing.assert_array_equal(det.phrase_index, [0, 1])
+    # a threshold between the two rules' scores keeps the phrase under the mean and drops it under the minimum
+    between = (_sig(0.0) + (_sig(1.0) + _sig(0.0)) / 2) / 2 * _sig(0.5)
+    kept = {rule: postprocess(boxes, logits, ctr, pmap, info, threshold=between, use_native=use_native,
+                              phrase_score=rule).phrase_index.tolist() for rule in ("mean", "min")}
+    assert kept == {"mean": [0, 1], "min": [0]}
+    scores = post.phrase_scores_ref(logits, ctr, pmap, "min")
+    assert scores.dtype == np.float32 and scores.shape == (4, 2)
+    with pytest.raises(ValueError, match="phrase score rule 'max'"):
+        post.phrase_scores_ref(logits, ctr, pmap, "max")
+
+
+def test_phrase_score_rule_in_the_manifest():
+    from common.package import PackageError, PostprocessSpec
+    assert "phrase_score" not in PostprocessSpec().to_json()          # the default is not written
+    spec = PostprocessSpec(phrase_score="min")
+    assert spec.to_json()["phrase_score"] == "min"
+    assert PostprocessSpec.from_manifest({"postprocess": spec.to_json()}) == spec
+    with pytest.raises(PackageError, match="phrase_score 'max' is not one of mean, min"):
+        PostprocessSpec.from_manifest({"postprocess": {"phrase_score": "max"}})
+    with pytest.raises(PackageError, match="must be 'mean' for style 'official'"):
+        PostprocessSpec("official", level_sizes=(4,), phrase_score="min")

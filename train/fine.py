@@ -15,6 +15,7 @@ folder, ``RUN/final`` being what ``train.evaluate`` and ``compress`` read. Runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from train.data import AttributeOptions, Stage2Options, load_stage2
@@ -91,8 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--word-targets", action="store_true",
                    help="attribute samples train each token on its own word (the \"red\" of \"red "
                         "star\" is positive at a red arrow, its \"star\" negative) instead of its "
-                        "phrase's referent, so the noun need not carry the colour; such a model "
-                        "scores a phrase by the minimum over its tokens")
+                        "phrase's referent, so the noun need not carry the colour; the run's config "
+                        "then scores a phrase by the minimum over its tokens (head.phrase_score)")
     p.add_argument("--colour-aux", type=float, default=0.0, metavar="W",
                    help="weight of an auxiliary colour classifier on the head's region features "
                         "(training only; needs the attribute data)")
@@ -108,6 +109,8 @@ def _run(args: argparse.Namespace) -> str:
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
                          "--omit-present leaves out: it needs --token-contrast > 0 and --omit-present > 0")
     cfg = model_config(args.config, args.late_fusion)
+    if args.word_targets:  # a phrase holds where all its words do: its package scores by the minimum
+        cfg = cfg.replace(head=dataclasses.replace(cfg.head, phrase_score="min"))
     train_cfg = train_config_from_args(args)
     init_state = None
     if args.init.lower() != "none":

@@ -365,7 +365,11 @@ def _prefixes(keys: tuple[str, ...]) -> str:
 
 def _grows_into(old: ModelConfig, new: ModelConfig) -> bool:
     """True when ``new`` is ``old`` plus the light head's position features, whose parameter starts
-    at zero, so ``old``'s weights give the same outputs under ``new``."""
+    at zero, so ``old``'s weights give the same outputs under ``new``; the phrase-score rule
+    (``head.phrase_score``: post-processing, no weight) may differ too."""
+    old = old.replace(head=dataclasses.replace(old.head, phrase_score=new.head.phrase_score))
+    if old == new:
+        return True
     head = dataclasses.replace(old.head, position_features=True)
     return new.head.position_features and not old.head.position_features and old.replace(head=head) == new
 
