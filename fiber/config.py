@@ -283,8 +283,13 @@ class ModelConfig:
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
+        """Plain JSON-able dict (tuples become lists). ``head.phrase_score`` is left out when it is
+        the default "mean", so configs (checkpoints, QDIRs, manifests) written before it existed
+        compare equal to today's."""
+        d = _to_plain(dataclasses.asdict(self))
+        if d["head"]["phrase_score"] == "mean":
+            del d["head"]["phrase_score"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
