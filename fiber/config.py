@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import package as pkg
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WINDOW_RULES = ("coarse", "fixed-pad")
@@ -159,7 +161,7 @@ class HeadConfig:
     detections_per_img: int = 100             # detections kept per image
     # how the package scores a phrase from its tokens (common.package.PHRASE_SCORES): FIBER's mean,
     # or the minimum for a light head trained with word targets (train.fine --word-targets)
-    phrase_score: str = "mean"
+    phrase_score: str = pkg.PHRASE_SCORE_MEAN
 
     def validate(self) -> None:
         _check(self.kind in HEAD_KINDS, f"head: kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
@@ -173,9 +175,9 @@ class HeadConfig:
                    f"must equal fpn_channels {self.fpn_channels}")
             _check(self.fpn_channels % 4 == 0, f"head: DyReLU needs fpn_channels divisible by 4, "
                    f"got {self.fpn_channels}")
-        _check(self.phrase_score in ("mean", "min"),
-               f"head: phrase_score must be 'mean' or 'min', got {self.phrase_score!r}")
-        _check(self.kind != "dyhead" or self.phrase_score == "mean",
+        _check(self.phrase_score in pkg.PHRASE_SCORES,
+               f"head: phrase_score must be one of {', '.join(pkg.PHRASE_SCORES)}, got {self.phrase_score!r}")
+        _check(self.kind != "dyhead" or self.phrase_score == pkg.PHRASE_SCORE_MEAN,
                "head: the DyHead's official post-processing scores phrases by the mean")
         _check(0.0 <= self.inference_th < 1.0 and self.pre_nms_top_n >= 1 and self.detections_per_img >= 1
                and 0.0 < self.nms_th <= 1.0, "head: post-processing limits out of range")
@@ -287,7 +289,7 @@ class ModelConfig:
         the default "mean", so configs (checkpoints, QDIRs, manifests) written before it existed
         compare equal to today's."""
         d = _to_plain(dataclasses.asdict(self))
-        if d["head"]["phrase_score"] == "mean":
+        if d["head"]["phrase_score"] == pkg.PHRASE_SCORE_MEAN:
             del d["head"]["phrase_score"]
         return d
 

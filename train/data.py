@@ -468,9 +468,9 @@ class GroundingTrainDataset:
                 budget = self.max_text_len - 2 - self._token_len(caption)
                 kept = within_budget([f"{c} {k}" for c, k in negs], budget - 1, self._token_len)
                 if kept:
-                    appended, caption = caption + SEPARATOR, caption + SEPARATOR + SEPARATOR.join(kept)
                     if opt.word_targets:
-                        words = _word_spans(kept, len(appended))
+                        words = _word_spans(kept, len(caption) + len(SEPARATOR))
+                    caption = caption + SEPARATOR + SEPARATOR.join(kept)
         enc = self.tok.encode(caption, [list(p.spans) for p in s.phrases] + [[sp] for _, sp in words])
         n = enc.num_tokens
         pmap = enc.phrase_map[:, :n]
@@ -610,8 +610,9 @@ class GroundingTrainDataset:
                  "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples]),
                  "side": torch.tensor([s.side for s in samples])}
         if self.attributes.active:
-            batch["colour_ids"] = [torch.from_numpy(self.box_colours(s)) for s in samples]
-            batch["kind_ids"] = [torch.from_numpy(self.box_kinds(s)) for s in samples]
+            pairs = [self._box_pairs(s.image, s.boxes) for s in samples]
+            batch["colour_ids"] = [torch.from_numpy(self._labels(p, 0, self.colours)) for p in pairs]
+            batch["kind_ids"] = [torch.from_numpy(self._labels(p, 1, self.kinds)) for p in pairs]
         return batch
 
     def _box_pairs(self, image: int, boxes: Sequence[np.ndarray]) -> list[tuple[str, str] | None]:
@@ -632,25 +633,18 @@ class GroundingTrainDataset:
     def box_colours(self, item: GroundingItem) -> np.ndarray:
         """int64 [G]: index into ``self.colours`` of each of ``item``'s boxes (the detection
         annotation of its image with the same box), -1 where none matches (attributes off)."""
-        return self._box_labels(item, lambda c, k: self.colours.index(c))
+        pairs = self._box_pairs(item.image, item.boxes) if self.attributes.active else [None] * len(item.boxes)
+        return self._labels(pairs, 0, self.colours)
 
     def box_kinds(self, item: GroundingItem) -> np.ndarray:
         """int64 [G]: index into ``self.kinds`` of each of ``item``'s boxes, as ``box_colours``."""
-        return self._box_labels(item, lambda c, k: self.kinds.index(k))
+        pairs = self._box_pairs(item.image, item.boxes) if self.attributes.active else [None] * len(item.boxes)
+        return self._labels(pairs, 1, self.kinds)
 
-    def _box_labels(self, item: GroundingItem, label) -> np.ndarray:
-        out = np.full(len(item.boxes), -1, np.int64)
-        j = self.det_index.get(self.cache.paths[item.image]) if self.attributes.active else None
-        if j is None or not len(item.boxes):
-            return out
-        im = self.detection[j]
-        det = _network_boxes(im.boxes, self.cache.info(item.image))
-        labels = [label(c, k) for c, k in self.scene_pairs[im.image]]
-        for g, box in enumerate(item.boxes):
-            diff = np.abs(det - box).max(1) if len(det) else np.zeros(0)
-            if len(diff) and diff.min() < 1e-2:
-                out[g] = labels[int(np.argmin(diff))]
-        return out
+    @staticmethod
+    def _labels(pairs: Sequence[tuple[str, str] | None], part: int, names: Sequence[str]) -> np.ndarray:
+        """int64 [G]: index into ``names`` of part ``part`` (0 colour, 1 kind) of each pair, -1 for None."""
+        return np.array([-1 if pair is None else names.index(pair[part]) for pair in pairs], np.int64)
 
 
 # ----------------------------------------------------------------------------- loading

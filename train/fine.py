@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import sys
 
+from common.package import PHRASE_SCORE_MIN
 from train.data import AttributeOptions, Stage2Options, load_stage2
 from train.loop import fit, train_config_from_args
 from train.tasks import (FINE_DEFAULTS, FineOptions, FineTask, add_stage_args, is_main_process, load_init,
@@ -110,7 +111,7 @@ def _run(args: argparse.Namespace) -> str:
                          "--omit-present leaves out: it needs --token-contrast > 0 and --omit-present > 0")
     cfg = model_config(args.config, args.late_fusion)
     if args.word_targets:  # a phrase holds where all its words do: its package scores by the minimum
-        cfg = cfg.replace(head=dataclasses.replace(cfg.head, phrase_score="min"))
+        cfg = cfg.replace(head=dataclasses.replace(cfg.head, phrase_score=PHRASE_SCORE_MIN))
     train_cfg = train_config_from_args(args)
     init_state = None
     if args.init.lower() != "none":

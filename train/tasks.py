@@ -174,9 +174,7 @@ class FineTask(BaseTask):
             if unexpected or any(k.startswith("backbone.") for k in missing):
                 raise CheckpointError(f"init weights do not fit '{self.cfg.name}': "
                                       f"unexpected {unexpected[:3]}, missing {missing[:3]}")
-        for name, weight in (("colour", self.options.colour_aux), ("kind", self.options.kind_aux)):
-            if weight <= 0:
-                continue
+        for name in self._aux_weights():
             # training only: a linear colour (kind) classifier on the region features the
             # dot product reads, at the positive anchors; RUN/final drops it
             active = getattr(getattr(self.data, "attributes", None), "active", False)
@@ -188,7 +186,7 @@ class FineTask(BaseTask):
                 raise ValueError(f"--{name}-aux reads the light head's region features; "
                                  f"'{self.cfg.name}' has another head")
             setattr(model, f"{name}_aux", nn.Linear(self.cfg.head.proj_dim, len(classes)))
-        if self.options.colour_aux > 0 or self.options.kind_aux > 0:
+        if self._aux_weights():
             model.head.dot_product_projection_image.register_forward_hook(
                 lambda mod, args, out: self._regions.append(out))
         return model
@@ -224,13 +222,18 @@ class FineTask(BaseTask):
         if self._regions:
             regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
             self._regions.clear()
-            for name, weight in (("colour", self.options.colour_aux), ("kind", self.options.kind_aux)):
-                if weight > 0:
-                    aux = self.class_loss(getattr(model, f"{name}_aux"), regions, assignment[0],
-                                          batch[f"{name}_ids"])
-                    losses[f"loss_{name}"] = aux
-                    losses["loss"] = losses["loss"] + weight * aux
+            for name, weight in self._aux_weights().items():
+                aux = self.class_loss(getattr(model, f"{name}_aux"), regions, assignment[0],
+                                      batch[f"{name}_ids"])
+                losses[f"loss_{name}"] = aux
+                losses["loss"] = losses["loss"] + weight * aux
         return losses
+
+    def _aux_weights(self) -> dict[str, float]:
+        """The training-only classifiers on the region features that this run uses, by name
+        ("colour": --colour-aux, "kind": --kind-aux), with their loss weights."""
+        weights = {"colour": self.options.colour_aux, "kind": self.options.kind_aux}
+        return {name: w for name, w in weights.items() if w > 0}
 
     @staticmethod
     def class_loss(classifier: nn.Module, regions: torch.Tensor, matched: torch.Tensor, class_ids) -> torch.Tensor:
