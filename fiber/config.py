@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import package as pkg
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from common.package import IMAGENET_MEAN, IMAGENET_STD
 WINDOW_RULES = ("coarse", "fixed-pad")
 
 
