@@ -18,6 +18,7 @@ from typing import Any
 
 from common import package as pkg
 from common.package import IMAGENET_MEAN, IMAGENET_STD
+
 WINDOW_RULES = ("coarse", "fixed-pad")
 
 
