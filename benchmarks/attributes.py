@@ -1,10 +1,12 @@
 """Attribute-aware detection: does a package tell "red star" from "blue star"?
 
     python -m benchmarks.attributes --package models/fiber-nano [--package ...] [--images 200]
-        [--seed 1414] [--backend auto] [--threads N] [--threshold T] [--json OUT]
+        [--seed 1414] [--sizes WxH,...] [--backend auto] [--threads N] [--threshold T] [--json OUT]
 
 Freshly generated scenes (``fiber.data.synth.make_scene``, in memory; seed 1414 by default, apart
-from the training (0), validation (1) and example (7) seeds). Each image is prompted, detection
+from the training (0), validation (1) and example (7) seeds), of the generator's mix of sizes
+and aspects, or of ``--sizes`` (e.g. ``320x240,384x288``: what a 4:3 camera gives a package
+exported with ``--canvas 224x288``). Each image is prompted, detection
 style (". "-separated), with every (colour, kind) pair present plus two absent hard negatives: one
 of a present kind in another colour and one of a present colour as another kind
 ("red star. blue star. red bolt"), in a shuffled order. The package runs through the runtime
@@ -28,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from common.atomic import atomic_write_text
-from fiber.data.synth import COLOURS, KINDS, SynthConfig, make_scene
+from fiber.data.synth import COLOURS, DEFAULT_SIZES, KINDS, SynthConfig, make_scene
 
 SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
 IOU = 0.5
@@ -60,11 +62,12 @@ def hard_negatives(present: Sequence[tuple[str, str]], rng: np.random.Generator,
     return out
 
 
-def make_scenes(images: int, seed: int, absent_only: bool = False) -> list[PromptedScene]:
+def make_scenes(images: int, seed: int, absent_only: bool = False,
+                sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES) -> list[PromptedScene]:
     """The prompted scenes; ``absent_only``: each prompt names only absent look-alikes (two of a
     present kind in another colour, two of a present colour as another kind: "red star" beside a
-    red arrow), where every detection is a false positive."""
-    cfg = SynthConfig(images=images, seed=seed)
+    red arrow), where every detection is a false positive. ``sizes``: (width, height) choices."""
+    cfg = SynthConfig(images=images, seed=seed, sizes=tuple(sizes))
     out = []
     for i in range(images):
         image, scene = make_scene(cfg, i)
@@ -159,12 +162,29 @@ def measure(package: str | Path, scenes: Sequence[PromptedScene], backend: str =
             "seconds": round(seconds, 1)}
 
 
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """``320x240,384x288`` -> ((320, 240), (384, 288)); argparse error naming the bad part."""
+    out = []
+    for part in text.split(","):
+        wh = part.strip().lower().split("x")
+        if len(wh) != 2 or not all(v.strip().isdigit() for v in wh):
+            raise argparse.ArgumentTypeError(f"sizes must be WxH[,WxH...], got {part.strip()!r}")
+        w, h = int(wh[0]), int(wh[1])
+        if not (128 <= w <= 1024 and 128 <= h <= 1024):
+            raise argparse.ArgumentTypeError(f"size {w}x{h} is outside 128..1024 per side")
+        out.append((w, h))
+    return tuple(out)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("benchmarks.attributes", description=__doc__.split("\n\n")[0])
     p.add_argument("--package", action="append", required=True, type=Path,
                    help="model package folder (repeat to compare)")
     p.add_argument("--images", type=int, default=200, help="fresh scenes to generate")
     p.add_argument("--seed", type=int, default=1414, help="scene seed (training uses 0, validation 1)")
+    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, metavar="WxH,...",
+                   help="scene sizes to draw from, width x height (default: the generator's mix of "
+                        "aspects; e.g. 320x240,384x288 for a 4:3 camera)")
     p.add_argument("--backend", default="auto", help="runtime backend (auto: the package's default)")
     p.add_argument("--threads", type=int, default=None, help="backend CPU threads")
     p.add_argument("--threshold", type=float, default=None,
@@ -189,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
         if not p.is_dir():
             print(f"benchmarks.attributes: --package {p}: does not exist", file=sys.stderr)
             return 2
-    scenes = make_scenes(args.images, args.seed, args.absent_only)
+    scenes = make_scenes(args.images, args.seed, args.absent_only, args.sizes)
     results = []
     try:
         for p in args.package:
@@ -215,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         atomic_write_text(args.json, json.dumps({"images": args.images, "seed": args.seed,
+                                                 "sizes": [list(wh) for wh in args.sizes],
                                                  "absent_only": args.absent_only, "iou": IOU,
                                                  "results": results}, indent=1) + "\n")
     return 0

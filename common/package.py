@@ -27,7 +27,7 @@ INPUT_IDS = "input_ids"            # int64 [B, T]
 ATTENTION_MASK = "attention_mask"  # int64 [B, T], 1 = real token
 TEXT_HIDDEN = "text_hidden"        # float32 [B, T, D]
 # detector.onnx (inputs: IMAGE, TEXT_HIDDEN, ATTENTION_MASK)
-IMAGE = "image"                    # float32 [B, 3, H, W] canvas (S x S letterbox), normalised
+IMAGE = "image"                    # float32 [B, 3, H, W] canvas (letterbox or official), normalised
 BOXES = "boxes"                    # float32 [B, N, 4], xyxy in network-input pixels
 TOKEN_LOGITS = "token_logits"      # float32 [B, N, T]
 CENTERNESS = "centerness"          # float32 [B, N], logits
@@ -158,9 +158,9 @@ def reference_file(graph: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Typed views of the manifest's "input" and "postprocess" sections (docs/architecture.md).
 # A manifest without these keys (a package exported before the official fine model) reads as the
-# letterbox style: square letterbox, RGB, x/255, per-phrase post-processing.
+# letterbox style: letterbox (square, or a fixed [H, W] canvas), RGB, x/255, per-phrase post-processing.
 
-INPUT_LETTERBOX = "letterbox"   # square S x S canvas, scale S / max(h, w), bilinear half-pixel
+INPUT_LETTERBOX = "letterbox"   # [H, W] canvas, scale min(H / h, W / w), bilinear half-pixel
 INPUT_OFFICIAL = "official"     # official FIBER/GLIP test resize on a fixed [H, W] canvas
 POST_LETTERBOX = "letterbox"    # per-phrase threshold / top-k / NMS (runtime.postprocess.postprocess)
 POST_OFFICIAL = "official"      # the official ATSSPostProcessor (runtime.postprocess.postprocess_official)
@@ -220,8 +220,8 @@ class InputSpec:
 
     x = pixel / 255 * pixel_scale in ``channel_order``, then (x - mean) / std per channel; the
     resized image sits top-left on the [H, W] canvas, the rest is ``pad_value`` (0 = the mean
-    colour, padding after normalisation). ``resize`` None: square letterbox (scale S / max(h, w),
-    bilinear with half-pixel centres). ``resize`` set: the official rule, and an image whose
+    colour, padding after normalisation). ``resize`` None: the letterbox (scale min(H / h, W / w),
+    S / max(h, w) on a square canvas; bilinear with half-pixel centres). ``resize`` set: the official rule, and an image whose
     resized size does not fit the canvas is scaled down to fit it (aspect kept).
     """
 
@@ -230,7 +230,7 @@ class InputSpec:
     pixel_scale: float = 1.0                       # 1: x/255 (ImageNet style); 255: 0-255 (official)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel, in channel_order
     std: tuple[float, float, float] = IMAGENET_STD
-    resize: ResizeRule | None = None               # None: square letterbox
+    resize: ResizeRule | None = None               # None: the letterbox
     letterbox: str = "top-left"                    # where the image sits (the only placement)
     pad_value: float = 0.0                         # after normalisation
 
@@ -245,8 +245,6 @@ class InputSpec:
             problems.append("pixel_scale must be > 0 and std non-zero")
         if self.letterbox != "top-left" or self.pad_value != 0.0:
             problems.append("only a top-left placement with pad_value 0 is supported")
-        if self.resize is None and h != w:
-            problems.append(f"a letterbox input must be square, got {list(self.size)}")
         if self.resize is not None:
             r = self.resize
             if not 1 <= r.min_size <= r.max_size or r.size_divisibility < 1:

@@ -94,7 +94,7 @@ class ExportConfig:
     eval_limit: int | None = None          # evaluate only the first N entries / images
     threads: int | None = None             # ONNX Runtime threads of the accuracy runs
     text_words: str = "int8"               # text.onnx word-embedding table: "int8" (per row) or "fp32"
-    canvas: tuple[int, int] | None = None  # official-input configs: the detector's [H, W] canvas (default: the config's)
+    canvas: tuple[int, int] | None = None  # the detector's [H, W] canvas, official or letterbox (default: the config's)
     calibrate: bool = True                 # choose postprocess.threshold on held-out data (compress.calibrate)
     calibration_data: str | None = None    # its held-out folder (detection.json); None = data
     calibration_rule: str = "balanced"     # compress.calibrate.RULES: balanced (max min(P, R)) or f1
@@ -600,9 +600,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy guard: allowed INT8 R@1 drop (points)")
     p.add_argument("--buckets", type=_buckets, default=None, help="text buckets, e.g. 16,32,64")
     p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
-                   help="official-input configs: the fixed canvas the detector runs at, e.g. 512x672 for an "
-                        "edge deployment (multiples of 32; default the config's, FIBER-B 800x1344); images "
-                        "are resized by the official rule and scaled down to fit it")
+                   help="the fixed canvas the detector runs at (multiples of 32). Official-input configs: e.g. "
+                        "512x672 for an edge deployment (default the config's, FIBER-B 800x1344); images are "
+                        "resized by the official rule and scaled down to fit it. Letterbox configs: e.g. "
+                        "224x288 for a 4:3 camera (default the square img_size); images are scaled to fit it")
     p.add_argument("--cpu-int8", default=cpu_int8.DEFAULT, choices=cpu_int8.METHODS,
                    help="CPU variant of an INT8 package's detector (detector.cpu.onnx)")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")

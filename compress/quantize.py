@@ -149,7 +149,7 @@ class QuantizeConfig:
     agreement_images: int = 8        # held-out images of the agreement guard (the tail of DATA)
     agreement_top_k: int = 5         # boxes per phrase compared
     max_logit_diff: float = 0.05     # agreement guard: also passes when every logit is this close (near-ties)
-    canvas: tuple[int, int] | None = None  # official-input configs: the canvas to calibrate at (default the config's)
+    canvas: tuple[int, int] | None = None  # the canvas to calibrate at (official or letterbox; default the config's)
 
     def __post_init__(self):
         if self.groups not in GROUPINGS:
@@ -411,8 +411,8 @@ def data_items(data: EvalData, exclude: set | frozenset = frozenset()) -> list[C
 
 def model_input(cfg: ModelConfig, buckets: Sequence[int], tokenizer: Path | None = None):
     """(runtime Preprocessor, PromptTokenizer) of the package ``cfg`` exports to: the official input
-    on the canvas or the square letterbox; the checkpoint's own tokenizer (case-sensitive) or the
-    default WordPiece asset (lowercased)."""
+    on the canvas or the letterbox (square, or on the letterbox canvas); the checkpoint's own
+    tokenizer (case-sensitive) or the default WordPiece asset (lowercased)."""
     from common.package import InputSpec
     from runtime.preprocess import Preprocessor
     from runtime.tokenize import PromptTokenizer
@@ -421,7 +421,7 @@ def model_input(cfg: ModelConfig, buckets: Sequence[int], tokenizer: Path | None
         pre = Preprocessor.from_spec(InputSpec.official(tuple(cfg.input.canvas), cfg.input.min_size,
                                                         cfg.input.max_size))
     else:
-        pre = Preprocessor(cfg.swin.img_size, cfg.image_mean, cfg.image_std)
+        pre = Preprocessor(cfg.input_hw, cfg.image_mean, cfg.image_std)
     tok = PromptTokenizer(tokenizer or TOKENIZER_SRC, buckets=buckets, lowercase=tokenizer is None,
                           pad_id=cfg.text.pad_token_id)
     return pre, tok
@@ -917,7 +917,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "FP32 top-K of near-tied scores, e.g. random weights, is not INT8's to keep)")
     p.add_argument("--agreement-top-k", type=int, default=5, help="boxes per phrase the agreement compares")
     p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
-                   help="official-input configs: calibrate at this canvas (export the package with the same)")
+                   help="calibrate at this canvas (export the package with the same): an official-input "
+                        "config's, or a letterbox config's fixed canvas (e.g. 224x288 for a 4:3 camera)")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,

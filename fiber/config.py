@@ -190,7 +190,9 @@ class InputConfig:
     """How a camera image becomes the detector's input (the package's ``input`` section).
 
     "letterbox" (the small edge configs): a square ``swin.img_size`` canvas, scale = S / max(h, w),
-    RGB, ``(pixel / 255 - image_mean) / image_std``. "official" (the official fine models): the
+    RGB, ``(pixel / 255 - image_mean) / image_std``; or, with ``letterbox_canvas`` [H, W] set
+    (``compress.export --canvas``: e.g. 224 x 288 for a 4:3 camera), that canvas with scale
+    min(H / h, W / w), the Swin keeping the windows and shifts of its square input. "official" (the official fine models): the
     official test resize (shorter side ``min_size``, longer side at most ``max_size``), BGR 0-255
     with the official pixel mean/std, placed top-left on a fixed ``canvas`` [H, W] (a multiple of
     32; an image that does not fit is scaled down to fit), zero padding after normalisation.
@@ -199,6 +201,7 @@ class InputConfig:
     min_size: int = 800                       # official: INPUT.MIN_SIZE_TEST
     max_size: int = 1333                      # official: INPUT.MAX_SIZE_TEST
     canvas: tuple[int, int] = (800, 1344)     # official: [H, W] the exported detector graph runs at
+    letterbox_canvas: tuple[int, int] | None = None  # letterbox: a fixed [H, W] canvas (None: square)
 
     def validate(self) -> None:
         _check(self.style in INPUT_STYLES, f"input: style must be one of {', '.join(INPUT_STYLES)}, "
@@ -207,6 +210,10 @@ class InputConfig:
             _check(1 <= self.min_size <= self.max_size,
                    f"input: need 1 <= min_size <= max_size, got {self.min_size} / {self.max_size}")
             check_canvas(self.canvas)
+        if self.letterbox_canvas is not None:
+            _check(self.style == "letterbox", "input: letterbox_canvas is for the letterbox style; "
+                   "an official-input config takes canvas")
+            check_canvas(tuple(self.letterbox_canvas))
 
 
 def check_canvas(canvas: tuple[int, ...], stride: int = 32, smallest: int = 64) -> tuple[int, int]:
@@ -251,18 +258,26 @@ class ModelConfig:
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        """[H, W] of the detector's image input: the official canvas, or the square letterbox."""
+        """[H, W] of the detector's image input: the official canvas, the letterbox canvas, or the
+        square letterbox."""
         if self.input.style == "official":
             return tuple(self.input.canvas)
+        if self.input.letterbox_canvas is not None:
+            return tuple(self.input.letterbox_canvas)
         return self.swin.img_size, self.swin.img_size
 
     def with_canvas(self, canvas: tuple[int, int]) -> "ModelConfig":
-        """This config with another official canvas (``compress.export --canvas``); ValueError for
-        a letterbox config or a canvas that is not a multiple of 32 or too small."""
-        if self.input.style != "official":
-            raise ValueError(f"config '{self.name}' uses the square {self.swin.img_size} px letterbox; "
-                             f"only official-input configs take a canvas")
-        return self.replace(input=dataclasses.replace(self.input, canvas=check_canvas(tuple(canvas))))
+        """This config on another canvas (``compress.export --canvas``): the official canvas, or
+        the letterbox's fixed [H, W] canvas (the square ``img_size`` one when the canvas is
+        square at that size). ValueError for a canvas that is not a multiple of 32 or too small,
+        or a letterbox config whose Swin pads to the window (it has no square input to keep)."""
+        hw = check_canvas(tuple(canvas))
+        if self.input.style == "official":
+            return self.replace(input=dataclasses.replace(self.input, canvas=hw))
+        if self.swin.pads_to_window:
+            raise ValueError(f"config '{self.name}': a letterbox canvas needs the coarse window rule")
+        square = hw == (self.swin.img_size, self.swin.img_size)
+        return self.replace(input=dataclasses.replace(self.input, letterbox_canvas=None if square else hw))
 
     # -- fused-layer layout -------------------------------------------------------------
     @property
@@ -285,11 +300,13 @@ class ModelConfig:
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists). ``head.phrase_score`` is left out when it is
-        the default "mean", so configs (checkpoints, QDIRs, manifests) written before it existed
-        compare equal to today's."""
+        the default "mean" and ``input.letterbox_canvas`` when it is None, so configs (checkpoints,
+        QDIRs, manifests) written before they existed compare equal to today's."""
         d = _to_plain(dataclasses.asdict(self))
         if d["head"]["phrase_score"] == pkg.PHRASE_SCORE_MEAN:
             del d["head"]["phrase_score"]
+        if d["input"]["letterbox_canvas"] is None:
+            del d["input"]["letterbox_canvas"]
         return d
 
     @classmethod

@@ -29,16 +29,17 @@ def torch_flops(fn: Callable[..., Any], *args: Any) -> int:
 
 def model_flops(model: Any, tokens: int = pkg.DEFAULT_BUCKETS[0]) -> dict[str, int]:
     """``{"text": FLOPs, "detector": FLOPs}`` of a grounding model (``encode_text`` / ``detect``) at
-    batch 1 and ``tokens`` text tokens; the weights do not matter, only the config."""
+    batch 1, the config's input canvas (``input_hw``) and ``tokens`` text tokens; the weights do not
+    matter, only the config."""
     import torch
 
-    s = model.cfg.swin.img_size
+    h, w = model.cfg.input_hw
     ids = torch.ones(1, tokens, dtype=torch.int64)
     mask = torch.ones(1, tokens, dtype=torch.int64)
     with torch.inference_mode():
         hidden = model.encode_text(ids, mask)
     return {"text": torch_flops(model.encode_text, ids, mask),
-            "detector": torch_flops(model.detect, torch.zeros(1, 3, s, s), hidden, mask)}
+            "detector": torch_flops(model.detect, torch.zeros(1, 3, h, w), hidden, mask)}
 
 
 def checkpoint_flops(checkpoint: str | Path, tokens: int = pkg.DEFAULT_BUCKETS[0]) -> dict[str, Any]:

@@ -37,8 +37,7 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
                                    level_sizes=tuple(int(n) for n in level_sizes))
         return {"input": pkg.InputSpec.official(cfg.input.canvas, cfg.input.min_size, cfg.input.max_size).to_json(),
                 "text": text, "postprocess": post.to_json()}
-    s = cfg.swin.img_size
-    image = pkg.InputSpec((s, s), mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
+    image = pkg.InputSpec(cfg.input_hw, mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
     post = pkg.PostprocessSpec(phrase_score=cfg.head.phrase_score)
     return {"input": image.to_json(), "text": text, "postprocess": post.to_json()}
 

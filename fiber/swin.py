@@ -11,7 +11,11 @@ row-major, as in the official code.
 Two window rules (``SwinConfig.window_rule``):
 
 - "coarse" (official coarse code): a square ``img_size`` input; a stage whose grid fits one window
-  uses the grid as its window and does not shift; the shift masks are buffers built once.
+  uses the grid as its window and does not shift; the shift masks are buffers built once. Any
+  other H x W input (a letterbox package on a fixed [H, W] canvas, ``compress.export --canvas``)
+  runs each block as "fixed-pad" below does, but with its stage's window and shift at
+  ``img_size``: at ``img_size`` the two paths are the same computation (tested), elsewhere the
+  model sees the windows and shifts it was trained with.
 - "fixed-pad" (official fine code): any H x W input; every block pads its LayerNorm'd grid with
   zeros at the bottom/right to a multiple of the fixed window, odd blocks shift by window // 2
   whatever the grid, and the shift mask (0 / -100) is built on the padded grid. Padded tokens are not
@@ -230,7 +234,7 @@ class SwinBlock(nn.Module):
         """x: [B, H*W, C]; text: [B, T, D_text] and text_mask [B, 1, 1, T] (additive) for i2t, or
         None for the unimodal path; hw: the (H, W) grid ("fixed-pad" blocks; the square
         ``resolution`` otherwise). Returns [B, H*W, C]."""
-        if self.pad_to_window:
+        if self.pad_to_window or hw is not None:
             h = self._attend_padded(self.norm1(x), hw)
         else:
             r, c = self.resolution, x.shape[-1]
@@ -315,30 +319,34 @@ class SwinTransformer(nn.Module):
         return (self.norm1, self.norm2, self.norm3)[stage - 1](x) if stage else x
 
     def to_map(self, x: torch.Tensor, stage: int, hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tokens [B, H*W, C] of ``stage`` -> map [B, C, H, W] (``hw`` = (H, W) for "fixed-pad"
-        grids, the square stage resolution otherwise)."""
+        """Tokens [B, H*W, C] of ``stage`` -> map [B, C, H, W] (``hw`` = (H, W) for padded grids,
+        the square stage resolution otherwise)."""
         if hw is not None:
             return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], hw[0], hw[1])
         r = self.cfg.stage_resolutions[stage]
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], r, r)
 
     def check_image(self, image: torch.Tensor) -> None:
-        s, c = self.cfg.img_size, self.cfg.in_chans
+        c, p = self.cfg.in_chans, self.cfg.patch_size
         if torch.jit.is_tracing():  # shapes are fixed by the example input; keep the trace clean
             return
-        if self.cfg.pads_to_window:
-            if image.ndim != 4 or image.shape[1] != c or min(image.shape[2:]) < 1:
-                raise ValueError(f"image must be [B, {c}, H, W], got {list(image.shape)}")
-            return
-        if image.ndim != 4 or tuple(image.shape[1:]) != (c, s, s):
-            raise ValueError(f"image must be [B, {c}, {s}, {s}], got {list(image.shape)}")
+        if image.ndim != 4 or image.shape[1] != c or min(image.shape[2:]) < 1:
+            raise ValueError(f"image must be [B, {c}, H, W], got {list(image.shape)}")
+        if not self.cfg.pads_to_window and (image.shape[2] % p or image.shape[3] % p):
+            raise ValueError(f"image sides must be multiples of the patch size {p} "
+                             f"(the square input is {self.cfg.img_size}), got {list(image.shape)}")
+
+    def square_input(self, image: torch.Tensor) -> bool:
+        """True when ``image`` is the "coarse" rule's square ``img_size`` input (fixed grids)."""
+        s = self.cfg.img_size
+        return not self.cfg.pads_to_window and tuple(int(v) for v in image.shape[-2:]) == (s, s)
 
     def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """Patch embedding -> (tokens [B, H*W, C], hw). ``hw`` is the (H, W) token grid that
-        "fixed-pad" blocks, merges and ``to_map`` take, and None under the coarse rule (square
-        grids fixed by the config)."""
+        padded blocks, merges and ``to_map`` take, and None for the coarse rule's square
+        ``img_size`` input (grids fixed by the config)."""
         x = self.patch_embed(image)
-        return x, (self.patch_embed.grid(image) if self.cfg.pads_to_window else None)
+        return x, (None if self.square_input(image) else self.patch_embed.grid(image))
 
     def merge(self, stage: int, x: torch.Tensor, hw: tuple[int, int] | None
                    ) -> tuple[torch.Tensor, tuple[int, int] | None]:

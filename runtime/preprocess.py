@@ -1,10 +1,11 @@
 """Image pre-processing: any image -> RGB uint8 -> letterboxed, normalised float32 CHW.
 
-Two input specs (common.package.InputSpec, the manifest's ``input``): the square letterbox
-below, and the official FIBER/GLIP fine test input (``official_input``: min/max-side resize with
+Two input specs (common.package.InputSpec, the manifest's ``input``): the letterbox below (a
+square S x S canvas, or a fixed [H, W] one: ``compress.export --canvas``), and the official FIBER/GLIP fine test input (``official_input``: min/max-side resize with
 PIL bilinear, BGR 0-255 normalisation, top-left on a fixed [H, W] canvas).
 
-The conventions are docs/architecture.md's "Image side": scale ``s = S / max(h, w)``, resized
+The conventions are docs/architecture.md's "Image side": scale ``s = S / max(h, w)`` (on an
+[H, W] canvas ``min(H / h, W / w)``), resized
 size ``(round(w*s), round(h*s))`` rounded half up (at least 1), bilinear with half-pixel centres
 (OpenCV ``INTER_LINEAR``), placed top-left, ``(x/255 - mean)/std``, RGB, CHW, the rest 0.
 
@@ -48,14 +49,16 @@ def load_native() -> ModuleType | None:
     return native
 
 
-def letterbox_info(src_w: int, src_h: int, size: int) -> LetterboxInfo:
-    """Where a ``src_w x src_h`` image lands in a ``size x size`` letterbox."""
-    scale = size / max(src_w, src_h)
+def letterbox_info(src_w: int, src_h: int, size: int | tuple[int, int]) -> LetterboxInfo:
+    """Where a ``src_w x src_h`` image lands in a ``size x size`` letterbox, or on an [H, W]
+    canvas (``size`` a pair): scale ``min(H / src_h, W / src_w)`` (= S / max(h, w) when square)."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+    scale = min(ch / src_h, cw / src_w)
 
-    def resized(n: int) -> int:
-        return min(size, max(1, math.floor(n * scale + 0.5)))
+    def resized(n: int, side: int) -> int:
+        return min(side, max(1, math.floor(n * scale + 0.5)))
 
-    return LetterboxInfo(scale, resized(src_w), resized(src_h), src_w, src_h)
+    return LetterboxInfo(scale, resized(src_w, cw), resized(src_h, ch), src_w, src_h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,15 +156,16 @@ def _check_src(src: Any) -> np.ndarray:
 
 def _check_out(out: Any) -> np.ndarray:
     if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 3
-            or out.shape[0] != 3 or out.shape[1] != out.shape[2] or out.shape[1] < 1
+            or out.shape[0] != 3 or out.shape[1] < 1 or out.shape[2] < 1
             or not out.flags.c_contiguous or not out.flags.writeable):
-        raise ValueError("out must be a writable C-contiguous float32 array of shape (3, S, S)")
+        raise ValueError("out must be a writable C-contiguous float32 array of shape (3, H, W)")
     return out
 
 
 def letterbox_ref(src: np.ndarray, out: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
                   std: Sequence[float] = IMAGENET_STD, bgr_input: bool = False) -> LetterboxInfo:
-    """numpy twin of ``runtime._native.letterbox``: fill ``out`` float32 [3, S, S] from ``src``.
+    """numpy twin of ``runtime._native.letterbox``: fill ``out`` float32 [3, H, W] from ``src``
+    (scale min(H / h, W / w): S / max(h, w) on a square S x S canvas).
 
     src: uint8 [H, W], [H, W, 1], [H, W, 3] (RGB, or BGR with ``bgr_input``) or [H, W, 4]
     (alpha ignored). Gray is replicated to RGB. Returns where the image landed.
@@ -173,7 +177,7 @@ def letterbox_ref(src: np.ndarray, out: np.ndarray, mean: Sequence[float] = IMAG
         a = np.repeat(a, 3, axis=2)
     else:
         a = a[:, :, 2::-1] if bgr_input else a[:, :, :3]
-    info = letterbox_info(a.shape[1], a.shape[0], out.shape[1])
+    info = letterbox_info(a.shape[1], a.shape[0], (out.shape[1], out.shape[2]))
     x0, x1, ax = _linear_taps(info.src_w, info.new_w)
     y0, y1, ay = _linear_taps(info.src_h, info.new_h)
     ax = ax[None, :, None]
@@ -194,7 +198,7 @@ def letterbox_ref(src: np.ndarray, out: np.ndarray, mean: Sequence[float] = IMAG
 def letterbox(src: np.ndarray, out: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD, bgr_input: bool = False,
               use_native: bool = True) -> LetterboxInfo:
-    """Letterbox ``src`` into ``out`` float32 [3, S, S] with the C extension (see letterbox_ref)."""
+    """Letterbox ``src`` into ``out`` float32 [3, H, W] with the C extension (see letterbox_ref)."""
     native = load_native() if use_native else None
     if native is None:
         return letterbox_ref(src, out, mean, std, bgr_input)
@@ -272,25 +276,27 @@ def official_input(rgb: np.ndarray, out: np.ndarray, spec: InputSpec) -> Letterb
 class Preprocessor:
     """Prepares frames into one preallocated network input ``buffer`` float32 [1, 3, H, W].
 
-    ``Preprocessor(S, mean, std)``: the square letterbox (C extension). ``from_spec`` /
+    ``Preprocessor(S, mean, std)``: the square letterbox (C extension); ``Preprocessor((H, W), ...)``
+    the letterbox on a fixed [H, W] canvas (scale min(H / h, W / w)). ``from_spec`` /
     ``from_manifest`` also take the official input spec (``common.package.InputSpec`` with a
     ``resize`` rule: official_input on the [H, W] canvas). The returned array *is* ``buffer``:
     the next call overwrites it (copy it to keep it, or use ``run`` with your own array).
     """
 
-    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+    def __init__(self, size: int | tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, use_native: bool = True):
-        if int(size) < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+        hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+        if len(hw) != 2 or min(int(v) for v in hw) < 1:
+            raise ValueError(f"size must be S >= 1 or (H, W) >= 1, got {size}")
         if len(mean) != 3 or len(std) != 3 or not all(s != 0 for s in std):
             raise ValueError(f"mean and std need 3 values each, std non-zero (got {mean}, {std})")
-        self._setup(InputSpec((int(size), int(size)), "RGB", 1.0, tuple(float(m) for m in mean),
+        self._setup(InputSpec((int(hw[0]), int(hw[1])), "RGB", 1.0, tuple(float(m) for m in mean),
                               tuple(float(s) for s in std)), use_native)
 
     def _setup(self, spec: InputSpec, use_native: bool) -> None:
         self.spec = spec
         self.canvas_hw = spec.size                 # (H, W)
-        self.size = max(spec.size)                 # S of a square canvas
+        self.size = max(spec.size)                 # S of a square canvas (else the longer side)
         self.mean = spec.mean
         self.std = spec.std
         self.use_native = use_native
@@ -298,9 +304,9 @@ class Preprocessor:
 
     @classmethod
     def from_spec(cls, spec: InputSpec, use_native: bool = True) -> Preprocessor:
-        """From a typed input spec (square letterbox or official)."""
+        """From a typed input spec (letterbox or official)."""
         if spec.style == INPUT_LETTERBOX and spec.channel_order == "RGB" and spec.pixel_scale == 1.0:
-            return cls(spec.size[0], spec.mean, spec.std, use_native)
+            return cls(spec.size, spec.mean, spec.std, use_native)
         if spec.style == INPUT_LETTERBOX:
             raise ValueError(f"unsupported package input spec {spec.to_json()} (a letterbox input "
                              "must be RGB with pixel_scale 1)")

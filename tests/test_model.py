@@ -89,8 +89,10 @@ def test_swin_and_text_shapes(tiny):
     assert [tuple(m.shape) for m in maps] == expected
     assert [tuple(m.shape) for m in fused.image_stages] == expected
     assert tuple(text.shape) == tuple(fused.text.shape) == (2, 7, 16)
-    with pytest.raises(ValueError, match=r"image must be \[B, 3, 64, 64\]"):
-        tiny.forward_image(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"image must be \[B, 3, H, W\]"):
+        tiny.forward_image(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        tiny.forward_image(torch.zeros(1, 3, 30, 30))
 
 
 def test_window_rule_and_buffers_not_persistent(tiny):

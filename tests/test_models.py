@@ -104,6 +104,45 @@ def test_detect_exports_to_onnx_with_dynamic_tokens():
             np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-4, err_msg=f"{name} (B={b}, T={t})")
 
 
+def test_letterbox_canvas_keeps_the_square_computation_and_runs_on_hw(monkeypatch):
+    """A letterbox config on a fixed [H, W] canvas (``compress.export --canvas``): the coarse Swin
+    pads each grid to its stage's window and keeps the stage's shift. At the square img_size that
+    path is the same computation as the fixed-grid one; on 64 x 96 the model runs and its ONNX
+    export matches it."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = FiberForGrounding(CFG).eval()
+    model.backbone.set_gates(0.5)
+    image, ids, mask = _batch(1, 8)
+    with torch.no_grad():
+        hidden = model.encode_text(ids, mask)
+        square = model.detect(image, hidden, mask)
+        monkeypatch.setattr(type(model.backbone.image), "square_input", lambda self, image: False)
+        padded = model.detect(image, hidden, mask)
+        monkeypatch.undo()
+    for a, b in zip(square, padded):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    cfg = CFG.with_canvas((64, 96))
+    assert cfg.input_hw == (64, 96) and CFG.with_canvas((S, S)) == CFG
+    assert type(CFG).from_dict(cfg.to_dict()) == cfg and "letterbox_canvas" not in CFG.to_dict()["input"]
+    model.cfg = cfg
+    wide = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.detect(wide, hidden, mask)
+    assert ref[0].shape[1] == sum((64 // st) * (96 // st) for st in (8, 16, 32))
+    f = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(model.detector_graph(), (wide, hidden, mask), f, dynamo=False, opset_version=17,
+                          input_names=["image", "text_hidden", "attention_mask"])
+    got = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": wide.numpy(), "text_hidden": hidden.numpy(), "attention_mask": mask.numpy()})
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="not divisible by 32"):
+        CFG.with_canvas((64, 100))
+
+
 def _head_params(model):
     return {n: p for n, p in model.named_parameters() if n.startswith(("fpn.", "head."))}
 

@@ -42,10 +42,12 @@ def images(draw):
 
 
 @FEW
-@given(img=images(), size=st.integers(1, 48), bgr=st.booleans())
-def test_letterbox_matches_numpy_reference(img, size, bgr):
-    out_c = np.full((3, size, size), np.nan, np.float32)  # padding must be written, not assumed
-    out_ref = np.full((3, size, size), np.nan, np.float32)
+@given(img=images(), hw=st.integers(1, 48).map(lambda s: (s, s)) | st.tuples(st.integers(1, 48), st.integers(1, 48)),
+       bgr=st.booleans())
+def test_letterbox_matches_numpy_reference(img, hw, bgr):
+    """Square S x S canvases and fixed [H, W] ones (a letterbox package's --canvas)."""
+    out_c = np.full((3,) + hw, np.nan, np.float32)  # padding must be written, not assumed
+    out_ref = np.full((3,) + hw, np.nan, np.float32)
     scale, new_w, new_h = _native.letterbox(img, out_c, IMAGENET_MEAN, IMAGENET_STD, bgr)
     info = letterbox_ref(img, out_ref, IMAGENET_MEAN, IMAGENET_STD, bgr)
     assert (scale, new_w, new_h) == (info.scale, info.new_w, info.new_h)
@@ -54,15 +56,19 @@ def test_letterbox_matches_numpy_reference(img, size, bgr):
 
 
 @pytest.mark.parametrize("h,w,size", [(480, 640, 256), (7, 5, 32), (100, 37, 256), (1, 1, 16),
-                                      (3, 1000, 64), (512, 512, 256), (20, 10, 40)])
+                                      (3, 1000, 64), (512, 512, 256), (20, 10, 40),
+                                      (480, 640, (224, 288)), (384, 256, (224, 288)), (240, 320, (64, 32))])
 def test_letterbox_matches_opencv_inter_linear(h, w, size):
     import cv2  # here, not at module level: without OpenCV only this comparison fails, not the whole file
 
+    ch, cw = (size, size) if isinstance(size, int) else size
     img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    out = np.zeros((3, size, size), np.float32)
+    out = np.zeros((3, ch, cw), np.float32)
     scale, new_w, new_h = _native.letterbox(img, out, IMAGENET_MEAN, IMAGENET_STD, False)
-    # The contract: s = S / max(h, w), sizes rounded half up (independent arithmetic here).
-    assert scale == size / max(h, w)
+    # The contract: s = S / max(h, w) on a square canvas, min(H / h, W / w) on an H x W one, sizes
+    # rounded half up (independent arithmetic here).
+    assert scale == (size / max(h, w) if isinstance(size, int) else min(ch / h, cw / w))
+    assert new_w <= cw and new_h <= ch and (new_w == cw or new_h == ch)
     assert (new_w, new_h) == (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5)))
     expected = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     pixels = (out[:, :new_h, :new_w].transpose(1, 2, 0) * STD + MEAN) * 255.0
@@ -297,8 +303,10 @@ F = np.float32
                                IMAGENET_MEAN, IMAGENET_STD), TypeError, "src must be uint8"),
     (lambda: _native.letterbox(np.zeros((4, 4, 2), np.uint8), np.zeros((3, 8, 8), F),
                                IMAGENET_MEAN, IMAGENET_STD), ValueError, "HxWx3"),
-    (lambda: _native.letterbox(np.zeros((4, 4, 3), np.uint8), np.zeros((3, 8, 9), F),
-                               IMAGENET_MEAN, IMAGENET_STD), ValueError, r"\(3, S, S\)"),
+    (lambda: _native.letterbox(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 8, 9), F),
+                               IMAGENET_MEAN, IMAGENET_STD), ValueError, r"\(3, H, W\)"),
+    (lambda: _native.letterbox(np.zeros((4, 4, 3), np.uint8), np.zeros((3, 0, 9), F),
+                               IMAGENET_MEAN, IMAGENET_STD), ValueError, r"\(3, H, W\)"),
     (lambda: _native.letterbox(np.zeros((4, 4, 3), np.uint8), np.zeros((3, 8, 8), F),
                                (0.5, 0.5), IMAGENET_STD), ValueError, "mean must be"),
     (lambda: _native.letterbox(np.zeros((4, 4, 3), np.uint8), np.zeros((3, 8, 8), F),

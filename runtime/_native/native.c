@@ -8,7 +8,8 @@
  * tests/test_native.py compares the two.
  *
  * Conventions (docs/architecture.md): boxes are xyxy float32 pixels; the letterbox scale is
- * s = S / max(h, w), resized size (round(w*s), round(h*s)) with round-half-up, placed top-left.
+ * s = min(H / h, W / w) on an H x W canvas (S / max(h, w) on a square one), resized size
+ * (round(w*s), round(h*s)) with round-half-up, placed top-left.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -227,8 +228,9 @@ typedef struct {
     const uint8_t *src;
     Py_ssize_t h, w, s0, s1;    /* rows, columns, byte strides of a row and a pixel */
     Py_ssize_t coff[3];         /* byte offset of the R, G, B source channel in a pixel */
-    float *out;                 /* [3, S, S] */
-    Py_ssize_t size, nw, nh;    /* S, resized width, resized height */
+    float *out;                 /* [3, OH, OW] */
+    Py_ssize_t oh, ow, nw, nh;  /* canvas height and width, resized width and height */
+    double scale;               /* min(OH / h, OW / w) */
     float mul[3], add[3];       /* out = v * mul + add == (v / 255 - mean) / std */
 } Letterbox;
 
@@ -264,7 +266,7 @@ static void resample_row(const Letterbox *L, Py_ssize_t y, const Py_ssize_t *x0,
 
 static int run_letterbox(const Letterbox *L)
 {
-    Py_ssize_t nw = L->nw, nh = L->nh, S = L->size;
+    Py_ssize_t nw = L->nw, nh = L->nh, OW = L->ow, OH = L->oh;
     Py_ssize_t *xi = (Py_ssize_t *)malloc((size_t)(2 * nw + 2 * nh) * sizeof(Py_ssize_t));
     float *wts = (float *)malloc((size_t)(nw + nh + 6 * nw) * sizeof(float));
     if (xi == NULL || wts == NULL) {
@@ -298,21 +300,21 @@ static int run_letterbox(const Letterbox *L)
         float b = ay[y];
         for (int c = 0; c < 3; c++) {
             const float *r0 = rows[i0] + c * nw, *r1 = rows[i1] + c * nw;
-            float *o = L->out + (c * S + y) * S;
+            float *o = L->out + (c * OH + y) * OW;
             float mul = L->mul[c], add = L->add[c];
             for (Py_ssize_t x = 0; x < nw; x++)
                 o[x] = (r0[x] + b * (r1[x] - r0[x])) * mul + add;
-            memset(o + nw, 0, (size_t)(S - nw) * sizeof(float));
+            memset(o + nw, 0, (size_t)(OW - nw) * sizeof(float));
         }
     }
     for (int c = 0; c < 3; c++)
-        memset(L->out + (c * S + nh) * S, 0, (size_t)((S - nh) * S) * sizeof(float));
+        memset(L->out + (c * OH + nh) * OW, 0, (size_t)((OH - nh) * OW) * sizeof(float));
     free(xi);
     free(wts);
     return 0;
 }
 
-/* Round half up and clamp to [1, S]: the resized length of a side. */
+/* Round half up and clamp to [1, S]: the resized length of a side on a canvas side of S. */
 static Py_ssize_t resized_len(Py_ssize_t len, double scale, Py_ssize_t S)
 {
     double v = floor((double)len * scale + 0.5);
@@ -339,10 +341,9 @@ static int letterbox_setup(Letterbox *L, Py_buffer *src, Py_buffer *out, int bgr
         return -1;
     }
     if (dtype_of(out) != DT_F32 || out->ndim != 3 || out->shape[0] != 3 ||
-        out->shape[1] != out->shape[2] || out->shape[1] < 1 ||
-        !PyBuffer_IsContiguous(out, 'C')) {
+        out->shape[1] < 1 || out->shape[2] < 1 || !PyBuffer_IsContiguous(out, 'C')) {
         PyErr_SetString(PyExc_ValueError,
-                        "out must be a writable C-contiguous float32 array of shape (3, S, S)");
+                        "out must be a writable C-contiguous float32 array of shape (3, H, W)");
         return -1;
     }
     L->src = (const uint8_t *)src->buf;
@@ -354,19 +355,21 @@ static int letterbox_setup(Letterbox *L, Py_buffer *src, Py_buffer *out, int bgr
     for (int c = 0; c < 3; c++)
         L->coff[c] = ch == 1 ? 0 : (bgr ? 2 - c : c) * s2;
     L->out = (float *)out->buf;
-    L->size = out->shape[1];
-    double scale = (double)L->size / (double)(L->h > L->w ? L->h : L->w);
-    L->nw = resized_len(L->w, scale, L->size);
-    L->nh = resized_len(L->h, scale, L->size);
+    L->oh = out->shape[1];
+    L->ow = out->shape[2];
+    double sh = (double)L->oh / (double)L->h, sw = (double)L->ow / (double)L->w;
+    L->scale = sh < sw ? sh : sw;
+    L->nw = resized_len(L->w, L->scale, L->ow);
+    L->nh = resized_len(L->h, L->scale, L->oh);
     return 0;
 }
 
 PyDoc_STRVAR(letterbox_doc,
 "letterbox(src, out, mean, std, bgr_input=False) -> (scale, new_w, new_h)\n\n"
 "Resize uint8 src (HxW, HxWx1, HxWx3 RGB/BGR or HxWx4 RGBA/BGRA, any strides) into float32\n"
-"out [3, S, S] (C-contiguous, overwritten): scale = S / max(H, W), resized size\n"
-"(round(W*scale), round(H*scale)) rounded half up, bilinear with half-pixel centres (OpenCV\n"
-"INTER_LINEAR), placed top-left, normalised (x/255 - mean)/std, CHW, channel order RGB, the\n"
+"out [3, OH, OW] (C-contiguous, overwritten): scale = min(OH / H, OW / W) (S / max(H, W) on a\n"
+"square S x S canvas), resized size (round(W*scale), round(H*scale)) rounded half up, bilinear\n"
+"with half-pixel centres (OpenCV INTER_LINEAR), placed top-left, normalised (x/255 - mean)/std, CHW, channel order RGB, the\n"
 "rest 0. Grayscale is replicated to RGB, alpha is ignored.");
 
 static PyObject *py_letterbox(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -405,8 +408,7 @@ static PyObject *py_letterbox(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_BuildValue("(dnn)", (double)L.size / (double)(L.h > L.w ? L.h : L.w), L.nw,
-                           L.nh);
+    result = Py_BuildValue("(dnn)", L.scale, L.nw, L.nh);
 done:
     PyBuffer_Release(&src);
     PyBuffer_Release(&out);
