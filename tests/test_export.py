@@ -150,6 +150,38 @@ def test_split_pair_equals_unsplit_model(work):
     assert rel_diff(other, out[1]) > 1e-3
 
 
+def test_letterbox_package_on_a_fixed_canvas_matches_pytorch_through_the_runtime(work, tmp_path):
+    """``--canvas 64x96`` on a letterbox config: the manifest's input is the [64, 96] canvas, and the
+    runtime over the package gives the detections of the runtime over the PyTorch model on it."""
+    from fiber.torch_engines import torch_detector
+    from runtime.predictor import Detector
+
+    out = tmp_path / "wide"
+    result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(out),
+                     "--buckets", BUCKETS, "--canvas", "64x96", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = pkg.read_manifest(out)
+    assert manifest["input"]["size"] == [64, 96]
+    assert manifest["model"]["config"]["input"]["letterbox_canvas"] == [64, 96]
+    model = work["model"]
+    model.cfg = model.cfg.with_canvas((64, 96))
+    image = np.random.default_rng(5).integers(0, 256, (120, 160, 3), dtype=np.uint8)  # 4:3
+    try:
+        with Detector(out, backend="onnxruntime", threshold=0.0) as det, \
+                torch_detector(model, [16, 32], threshold=0.0) as ref:
+            assert det.input_hw == ref.input_hw == (64, 96)
+            got, want = det.detect(image, "red star. blue bolt"), ref.detect(image, "red star. blue bolt")
+    finally:
+        model.cfg = get_config(CONFIG)
+    assert len(got.boxes) == len(want.boxes) > 0
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+    np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-2)
+    bad = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(tmp_path / "bad"),
+                  "--canvas", "64x90")
+    assert bad.returncode == 2 and "--canvas: canvas 64x90 is not divisible by 32" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------- int8 word table
 
 def test_int8_gather_table_equals_the_dequantised_rows():
