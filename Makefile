@@ -255,6 +255,19 @@ package-nano-attr: $(ATTR_SHIP)/final/model.safetensors
 	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint $(ATTR_SHIP) --config fiber-nano --data $(NANO_CALIB_DATA) --out $(ATTR_SHIP)-quant --overwrite
 	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano-int8 --int8 $(ATTR_SHIP)-quant --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
 
+# The shipped model on a camera's canvas (docs/results.md section 16): a fixed [H, W] letterbox
+# canvas in the camera's aspect with about the square's pixels (224x288 for 4:3, 192x352 for 16:9),
+# from the shipped FP32 package's weights (read back by compress.recover); FP32 and INT8 packages
+# into CAMERA_PKG, ~15 min at 1 thread. Then: python -m runtime.detect --camera 0 --package
+# $(CAMERA_PKG)/fiber-nano-int8 --prompt "...".
+CAMERA_CANVAS ?= 224x288
+CAMERA_PKG ?= runs/pkg-$(CAMERA_CANVAS)
+.PHONY: package-nano-camera
+package-nano-camera: runs/shipped-nano/final/model.safetensors | data
+	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint runs/shipped-nano --config fiber-nano --canvas $(CAMERA_CANVAS) --out $(CAMERA_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint runs/shipped-nano --config fiber-nano --canvas $(CAMERA_CANVAS) --data $(NANO_CALIB_DATA) --out runs/shipped-nano-quant-$(CAMERA_CANVAS) --overwrite
+	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint runs/shipped-nano --config fiber-nano --canvas $(CAMERA_CANVAS) --out $(CAMERA_PKG)/fiber-nano-int8 --int8 runs/shipped-nano-quant-$(CAMERA_CANVAS) --data $(NANO_EVAL_DATA) --calibrate --threads 1 --overwrite
+
 attributes-nano:
 	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 1000 --seed 1414 --threads 1
 	$(PY) -m benchmarks.attributes --package models/fiber-nano --package models/fiber-nano-int8 --images 400 --seed 1414 --absent-only

@@ -562,3 +562,31 @@ def test_fine_cli_word_targets_record_the_min_rule_for_the_package(data_dir, tmp
     golden = get_config("fiber-golden-fine")
     with pytest.raises(ValueError, match="scores phrases by the mean"):
         golden.replace(head=dataclasses.replace(golden.head, phrase_score="min"))
+
+
+def test_attribute_scenes_of_chosen_sizes_and_the_sizes_option():
+    import argparse
+
+    from benchmarks.attributes import _sizes, make_scenes
+
+    scenes = make_scenes(4, seed=3, sizes=[(320, 240), (384, 288)])
+    assert {s.image.shape[:2] for s in scenes} <= {(240, 320), (288, 384)}
+    assert _sizes("320x240, 384X288") == ((320, 240), (384, 288))
+    for bad, why in (("320x", "WxH"), ("64x64", "outside 128..1024"), ("320x240,foo", "'foo'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            _sizes(bad)
+
+
+def test_canvas_probe_rules():
+    """benchmarks.canvas_probe: the square letterbox, the image's aspect at about A x A pixels, the
+    image's own size; canvases are multiples of 32 that hold the resized image."""
+    from benchmarks.canvas_probe import CanvasRule, canvas_for
+
+    assert canvas_for(384, 256, "square", 256) == (256 / 384, 171, 256, 256, 256)
+    s, nw, nh, ch, cw = canvas_for(384, 256, "area", 256)      # portrait 2:3 -> 209 x 314 -> 224 x 320
+    assert (nw, nh, ch, cw) == (209, 314, 320, 224) and abs(s - 256 / (384 * 256) ** 0.5) < 1e-12
+    assert canvas_for(240, 320, "native", 256) == (1.0, 320, 240, 256, 320)
+    rule = CanvasRule("area", 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    buf, info = rule(np.full((384, 256, 3), 200, np.uint8))
+    assert buf.shape == (1, 3, 320, 224) and (info.new_w, info.new_h) == (209, 314)
+    assert np.all(buf[0, :, :314, :209] != 0) and not buf[0, :, 314:].any() and not buf[0, :, :, 209:].any()
