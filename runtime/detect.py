@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 
+from common.package import INPUT_LETTERBOX
 from engines import EngineError, openvino_int8_saturates
 from runtime.draw import backend as draw_backend
 from runtime.draw import draw_detections
@@ -212,12 +213,15 @@ def _check_prompt(detector: Detector, prompt: str | None) -> None:
 
 
 def backend_line(detector: Detector, threads: int | None, path_timings: bool = False) -> str:
-    """``fiber-detect: <model> on <backend>[, N threads][, deformable convs: PATH][: hint]``: the
+    """``fiber-detect: <model>[ (HxW canvas)] on <backend>[, N threads][, deformable convs: PATH][: hint]``:
+    the canvas of a letterbox package exported on a non-square one (``compress.export --canvas``), the
     backend chosen, for a DyHead how its DeformConv nodes run (native / plugin / gridsample), and how to
     get the faster one when a package made for OpenVINO runs on ONNX Runtime for want of it."""
     choice = getattr(detector.engines, "path_choice", None)  # engines.autotune.PathChoice
     where = choice.label if choice is not None else detector.backend
-    line = f"{PROG}: {detector.name} on {where}" + (f", {threads} threads" if threads else "")
+    (h, w), spec = detector.input_hw, detector.preprocessor.spec
+    canvas = f" ({h}x{w} canvas)" if spec.style == INPUT_LETTERBOX and h != w else ""
+    line = f"{PROG}: {detector.name}{canvas} on {where}" + (f", {threads} threads" if threads else "")
     if choice is not None and (choice.ms or choice.note):
         line += f", {choice.summary(full=path_timings)}"
     deform = getattr(detector.engines, "deform_conv", None)  # a DyHead's DeformConv path (engines.deform)

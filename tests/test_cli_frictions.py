@@ -17,6 +17,7 @@ from PIL import Image
 from runtime import detect
 from runtime.detect import get_args_parser, main
 from runtime.postprocess import postprocess
+from runtime.preprocess import Preprocessor
 from runtime.types import LetterboxInfo
 from toy_package import REPO, make_toy_packages
 
@@ -117,6 +118,7 @@ def test_backend_line_suggests_openvino_when_the_package_wants_it(toy, monkeypat
         name, backend = "fiber-nano-int8", "onnxruntime"
         manifest = {"graphs": {"detector": {"cpu_backend": "openvino"}}}
         engines = None  # a light-head package: no DeformConv path to name
+        input_hw, preprocessor = (256, 256), Preprocessor(256)
 
     monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name: None)
     line = detect.backend_line(Fake(), None)
@@ -131,6 +133,9 @@ def test_backend_line_suggests_openvino_when_the_package_wants_it(toy, monkeypat
     assert "pip install 'fiber-edge[openvino]'" in detect.backend_line(Fake(), None)
     Fake.backend = "openvino"
     assert detect.backend_line(Fake(), 2) == "fiber-detect: fiber-nano-int8 on openvino, 2 threads"
+    # a letterbox package exported on a camera's canvas (compress.export --canvas 224x288) says so
+    Fake.input_hw, Fake.preprocessor = (224, 288), Preprocessor((224, 288))
+    assert detect.backend_line(Fake(), 2) == "fiber-detect: fiber-nano-int8 (224x288 canvas) on openvino, 2 threads"
 
 
 # ----------------------------------------------------------------------------- modes
