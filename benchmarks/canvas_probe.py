@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     r = probe(args.checkpoint, args.rule, args.area, args.images, args.seed)
     a, b = r["standard"]["at_balanced"], r["absent_only_at_balanced"]
-    print(f"{args.rule} (area {args.area}, {r['pixels_vs_square']:.3f}x the square's pixels): best F1 "
+    print(f"{args.rule} (area {args.area}: {r['pixels_vs_square']:.3f}x the pixels of {args.area} x {args.area}): best F1 "
           f"{r['standard']['best_f1']:.4f}; balanced threshold {r['standard']['balanced_threshold']:g}: "
           f"precision {a['precision']:.3f} recall {a['recall']:.3f}; absent look-alikes only there: "
           f"{b['fp_per_image']:.3f} false positives per image, {b['share_images_with_fp']:.3f} of images")
