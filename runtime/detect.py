@@ -50,6 +50,7 @@ from runtime.draw import draw_detections
 from runtime.outputs import ImageSink, JsonlWriter, StageStats, UsageError, VideoSink, make_sink
 from runtime.packages import DEFAULT_PACKAGES, REPO, default_package
 from runtime.predictor import Detector, DetectorConfig, build_detector
+from runtime.preprocess import aspect_canvas, canvas_fill, letterbox_info
 from runtime.sources import (
     VIDEO_EXTENSIONS, Frame, ImageReadError, Prefetcher, SourceError, SourceSpec, open_source,
     parse_inputs, read_image,
@@ -212,6 +213,27 @@ def _check_prompt(detector: Detector, prompt: str | None) -> None:
         raise UsageError(f"--prompt {prompt!r}: {e}") from None
 
 
+CANVAS_HINT_FILL = 0.85  # below this share of the canvas, a live source's first frame gets the hint
+
+
+def canvas_hint(frame_hw: tuple[int, int], detector: Detector) -> str | None:
+    """One line for a camera or video whose frames fill less than CANVAS_HINT_FILL of a letterbox
+    package's canvas: the canvas of the frames' aspect to export the model on instead (about
+    as many pixels, docs/results.md section 16). None when the canvas fits."""
+    h, w = frame_hw
+    canvas = tuple(detector.input_hw)
+    if detector.preprocessor.spec.style != INPUT_LETTERBOX or min(h, w) < 1:
+        return None
+    fill, better = canvas_fill(h, w, canvas), aspect_canvas(h, w, canvas)
+    if fill >= CANVAS_HINT_FILL or better == canvas or canvas_fill(h, w, better) <= fill:
+        return None
+    gain = letterbox_info(w, h, better).scale / letterbox_info(w, h, canvas).scale
+    return (f"{PROG}: {w}x{h} frames fill {fill:.0%} of this package's {canvas[0]}x{canvas[1]} canvas; "
+            f"exported on {better[0]}x{better[1]} (compress.export --canvas {better[0]}x{better[1]}, or make "
+            f"package-nano-camera CAMERA_CANVAS={better[0]}x{better[1]}) the model sees them {gain:.2f}x larger "
+            f"for about the same time (docs/results.md section 16)")
+
+
 def backend_line(detector: Detector, threads: int | None, path_timings: bool = False) -> str:
     """``fiber-detect: <model>[ (HxW canvas)] on <backend>[, N threads][, deformable convs: PATH][: hint]``:
     the canvas of a letterbox package exported on a non-square one (``compress.export --canvas``), the
@@ -355,6 +377,7 @@ class Runner:
         self.show = False
         self.stop = False
         self.announced = False
+        self.canvas_checked = False  # a camera's or video's first frame checked against the canvas
         if args.save or args.show:
             draw_backend()  # import OpenCV before the clock starts
 
@@ -374,6 +397,11 @@ class Runner:
         prompt = self.prompt if item.prompt is None else item.prompt
         dets, error = None, frame.error
         if error is None:
+            if with_frame and not self.canvas_checked and frame.image is not None:
+                self.canvas_checked = True
+                hint = None if self.args.quiet else canvas_hint(frame.image.shape[:2], self.detector)
+                if hint:
+                    self.say(hint)
             image = frame.image if frame.prepared is None else frame.prepared
             try:
                 dets = self.detector.detect(image, prompt, item.phrases, bgr=frame.bgr)

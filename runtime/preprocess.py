@@ -61,6 +61,21 @@ def letterbox_info(src_w: int, src_h: int, size: int | tuple[int, int]) -> Lette
     return LetterboxInfo(scale, resized(src_w, cw), resized(src_h, ch), src_w, src_h)
 
 
+def aspect_canvas(src_h: int, src_w: int, canvas_hw: tuple[int, int], stride: int = 32) -> tuple[int, int]:
+    """The [H, W] canvas of about ``canvas_hw``'s pixels in a ``src_h x src_w`` frame's aspect, sides
+    rounded to multiples of ``stride`` (what ``compress.export --canvas`` takes): 640 x 480 on 256 x
+    256 -> 224 x 288, 1280 x 720 -> 192 x 352."""
+    area = canvas_hw[0] * canvas_hw[1]
+    side = lambda v: max(stride, int(v / stride + 0.5) * stride)  # noqa: E731
+    return side(math.sqrt(area * src_h / src_w)), side(math.sqrt(area * src_w / src_h))
+
+
+def canvas_fill(src_h: int, src_w: int, canvas_hw: tuple[int, int]) -> float:
+    """The share of an [H, W] letterbox canvas that a ``src_h x src_w`` frame covers."""
+    info = letterbox_info(src_w, src_h, canvas_hw)
+    return info.new_w * info.new_h / (canvas_hw[0] * canvas_hw[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Input normalisation
 

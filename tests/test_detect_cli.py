@@ -248,6 +248,36 @@ def test_video_frame_by_frame_with_max_frames_and_save(toy, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed away
 
 
+def test_a_video_of_another_aspect_gets_one_canvas_hint(toy, tmp_path, capsys):
+    """8:3 frames on the toy's square 32 x 32 canvas fill 38% of it: one line names the canvas to
+    export on (32 x 64, where they would be twice as large)."""
+    video = _write_video(tmp_path / "clip.avi", size=(128, 48))
+    rc, out, err = run_cli(["--package", toy, "--video", video, "--prompt", PROMPT, "--max-frames", 3,
+                            "--json", tmp_path / "v.jsonl", "--headless"], capsys)
+    assert rc == 0, err
+    hints = [line for line in (out + err).splitlines() if "frames fill" in line]
+    assert len(hints) == 1, out + err
+    assert hints[0].startswith("fiber-detect: 128x48 frames fill 38% of this package's 32x32 canvas; "), hints
+    assert "--canvas 32x64" in hints[0] and "2.00x larger" in hints[0]
+
+
+def test_canvas_hint_rules():
+    from runtime.detect import canvas_hint
+    from runtime.preprocess import Preprocessor
+
+    class Fake:
+        def __init__(self, hw):
+            self.input_hw, self.preprocessor = hw, Preprocessor(hw)
+
+    line = canvas_hint((480, 640), Fake((256, 256)))
+    assert "640x480 frames fill 75% of this package's 256x256 canvas" in line
+    assert "--canvas 224x288" in line and "1.12x larger" in line
+    assert "--canvas 192x352" in canvas_hint((720, 1280), Fake((256, 256)))
+    assert canvas_hint((480, 640), Fake((224, 288))) is None        # the camera's own canvas
+    assert canvas_hint((300, 300), Fake((256, 256))) is None        # square on square
+    assert "--canvas 256x256" in canvas_hint((300, 300), Fake((224, 288)))
+
+
 def test_prompt_typed_while_running_takes_effect(toy, tmp_path, capsys, monkeypatch):
     typed = iter([None, ". .", "cat", None, None, None])
 
