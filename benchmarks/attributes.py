@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from common.atomic import atomic_write_text
-from fiber.data.synth import COLOURS, DEFAULT_SIZES, KINDS, SynthConfig, make_scene
+from fiber.data.synth import COLOURS, DEFAULT_SIZES, KINDS, SynthConfig, make_scene, parse_size
 
 SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
 IOU = 0.5
@@ -163,17 +163,14 @@ def measure(package: str | Path, scenes: Sequence[PromptedScene], backend: str =
 
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
-    """``320x240,384x288`` -> ((320, 240), (384, 288)); argparse error naming the bad part."""
-    out = []
-    for part in text.split(","):
-        wh = part.strip().lower().split("x")
-        if len(wh) != 2 or not all(v.strip().isdigit() for v in wh):
-            raise argparse.ArgumentTypeError(f"sizes must be WxH[,WxH...], got {part.strip()!r}")
-        w, h = int(wh[0]), int(wh[1])
-        if not (128 <= w <= 1024 and 128 <= h <= 1024):
-            raise argparse.ArgumentTypeError(f"size {w}x{h} is outside 128..1024 per side")
-        out.append((w, h))
-    return tuple(out)
+    """``320x240,384x288`` -> ((320, 240), (384, 288)): the generator's WxH parser and size bound;
+    argparse error naming the bad part."""
+    sizes = tuple(parse_size(part) for part in text.split(","))
+    try:
+        SynthConfig(sizes=sizes)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return sizes
 
 
 def get_args_parser() -> argparse.ArgumentParser:

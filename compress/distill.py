@@ -69,7 +69,7 @@ from torch import nn
 from fiber.backbone import FusedOutput
 from fiber.box_ops import paired_generalized_box_iou
 from fiber.checkpoint import load_fine_model
-from fiber.config import ModelConfig
+from fiber.config import ModelConfig, parse_canvas
 from fiber.heads.grounding import GroundingOutput
 from fiber.losses import GroundingTarget
 from fiber.models import FiberForGrounding
@@ -523,13 +523,6 @@ def kd_mode(requested: str, student: ModelConfig, teacher: ModelConfig) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _canvas_arg(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def _weights_arg(text: str) -> KDWeights:
     try:
         return parse_kd_weights(text)
@@ -553,7 +546,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="token: KD on token columns and anchors (same tokenizer, input and anchors); phrase: on "
                         "phrase scores and the teacher's top boxes (any tokenizer / head); auto: token when possible")
     p.add_argument("--kd-top-k", type=int, default=3, help="phrase KD: teacher boxes per phrase used as soft targets")
-    p.add_argument("--teacher-canvas", type=_canvas_arg, default=None, metavar="HxW",
+    p.add_argument("--teacher-canvas", type=parse_canvas, default=None, metavar="HxW",
                    help="run an official-input teacher on this canvas (multiples of 32; default its config's)")
     p.add_argument("--kd-weights", type=_weights_arg, default=KDWeights(),
                    help="KD term weights, e.g. logits=1,box=1,ctr=1,feat=1 (unnamed terms keep 1)")

@@ -62,7 +62,7 @@ from compress.accuracy import EvalData, evaluate_engines, find_data
 from compress.openvino_check import apply_check, check_openvino, openvino_installed
 from fiber import checkpoint as checkpoint_io
 from fiber.checkpoint import CheckpointError
-from fiber.config import ModelConfig
+from fiber.config import ModelConfig, parse_canvas
 from fiber.models import FiberForGrounding
 from fiber.package import TOKENIZER_SRC, package_sections, resolve_buckets
 
@@ -583,13 +583,6 @@ def _buckets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--buckets must be comma-separated integers, got {text!r}") from None
 
 
-def _canvas(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
@@ -599,7 +592,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="held-out data folder (grounding.json / detection.json)")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy guard: allowed INT8 R@1 drop (points)")
     p.add_argument("--buckets", type=_buckets, default=None, help="text buckets, e.g. 16,32,64")
-    p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
+    p.add_argument("--canvas", type=parse_canvas, default=None, metavar="HxW",
                    help="the fixed canvas the detector runs at (multiples of 32). Official-input configs: e.g. "
                         "512x672 for an edge deployment (default the config's, FIBER-B 800x1344); images are "
                         "resized by the official rule and scaled down to fit it. Letterbox configs: e.g. "

@@ -73,7 +73,7 @@ from common.progress import progress_line
 from compress.accuracy import EvalData, evaluate_engines, find_data
 from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, load_fine_model, load_model_state,
                               resolve_checkpoint_dir, save_checkpoint, tokenizer_file)
-from fiber.config import ModelConfig
+from fiber.config import ModelConfig, parse_canvas
 from fiber.models import FiberForGrounding
 from fiber.package import TOKENIZER_SRC, resolve_buckets
 from fiber.torch_engines import torch_engines
@@ -879,13 +879,6 @@ def load_quantized(qdir: str | Path, checkpoint: str | Path, mcfg: ModelConfig
 
 # ----------------------------------------------------------------------------- CLI
 
-def _canvas(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compress.quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
@@ -916,7 +909,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="agreement guard: also passes when INT8 reproduces every token logit this closely (the "
                         "FP32 top-K of near-tied scores, e.g. random weights, is not INT8's to keep)")
     p.add_argument("--agreement-top-k", type=int, default=5, help="boxes per phrase the agreement compares")
-    p.add_argument("--canvas", type=_canvas, default=None, metavar="HxW",
+    p.add_argument("--canvas", type=parse_canvas, default=None, metavar="HxW",
                    help="calibrate at this canvas (export the package with the same): an official-input "
                         "config's, or a letterbox config's fixed canvas (e.g. 224x288 for a 4:3 camera)")
     p.add_argument("--config", default=None, help="refuse a checkpoint whose config has another name")

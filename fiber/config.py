@@ -12,6 +12,7 @@ image block with text layer ``L - K + k``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,15 @@ class InputConfig:
             _check(self.style == "letterbox", "input: letterbox_canvas is for the letterbox style; "
                    "an official-input config takes canvas")
             check_canvas(tuple(self.letterbox_canvas))
+
+
+def parse_canvas(text: str) -> tuple[int, int]:
+    """A ``--canvas HxW`` argument -> (H, W); argparse error naming the text (``check_canvas``
+    judges the values)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"canvas must be HxW in pixels, e.g. 512x672, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def check_canvas(canvas: tuple[int, ...], stride: int = 32, smallest: int = 64) -> tuple[int, int]:

@@ -645,11 +645,12 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False, progres
 # ----------------------------------------------------------------------------------- CLI
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """``"320x256"`` -> (320, 256); argparse error naming the text (the bound is SynthConfig's)."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in text.strip().lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WxH, e.g. 320x256") from None
+        raise argparse.ArgumentTypeError(f"size {text.strip()!r}: expected WxH, e.g. 320x256") from None
     return w, h
 
 
@@ -658,7 +659,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--images", type=int, default=1000, help="number of images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=_size, nargs="+", default=None,
+    p.add_argument("--size", type=parse_size, nargs="+", default=None,
                    help="image sizes WxH to choose from (default: 12 sizes, longer side 256-384)")
     p.add_argument("--supersample", type=int, default=2)
     p.add_argument("--refexps-per-image", type=int, default=2)
