@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks.attributes import SWEEP, _summary, make_scenes, match
 from common.atomic import atomic_write_text
+from runtime.preprocess import letterbox, letterbox_info
 
 RULES = ("square", "area", "native")
 STRIDE = 32
@@ -32,15 +33,11 @@ STRIDE = 32
 
 def canvas_for(h: int, w: int, rule: str, area: int) -> tuple[float, int, int, int, int]:
     """(scale, new_w, new_h, canvas_h, canvas_w) of an ``h x w`` image under ``rule``."""
-    if rule == "square":
-        s = area / max(h, w)
-    elif rule == "native":
-        s = 1.0
-    else:
-        s = area / math.sqrt(h * w)
+    if rule == "square":  # the runtime's own letterbox geometry
+        info = letterbox_info(w, h, area)
+        return info.scale, info.new_w, info.new_h, area, area
+    s = 1.0 if rule == "native" else area / math.sqrt(h * w)
     nw, nh = max(1, math.floor(w * s + 0.5)), max(1, math.floor(h * s + 0.5))
-    if rule == "square":
-        return s, min(nw, area), min(nh, area), area, area
     return s, nw, nh, -(-nh // STRIDE) * STRIDE, -(-nw // STRIDE) * STRIDE
 
 
@@ -52,8 +49,6 @@ class CanvasRule:
         self.pixels: list[int] = []
 
     def __call__(self, image: np.ndarray, bgr: bool = False):
-        from runtime.preprocess import letterbox
-
         h, w = image.shape[:2]
         _, nw, nh, ch, cw = canvas_for(h, w, self.rule, self.area)
         # the runtime's letterbox into the resized region exactly, then the canvas's padding
@@ -66,14 +61,11 @@ class CanvasRule:
 
 
 def probe(checkpoint: str, rule: str, area: int, images: int, seed: int) -> dict:
-    import torch
-
     from fiber.checkpoint import load_fine_model, tokenizer_file
     from fiber.data.evaluation import EVAL_POSTPROCESS
     from fiber.torch_engines import torch_detector
 
     model, meta = load_fine_model(checkpoint, "canvas probe")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sweep = sorted({round(float(t), 2) for t in np.arange(0.18, 0.45, 0.01)} | set(SWEEP))
     out: dict = {"checkpoint": checkpoint, "rule": rule, "area": area, "images": images, "seed": seed}
     with torch_detector(model, tokenizer=tokenizer_file(meta["path"]),
