@@ -32,7 +32,7 @@ BACKEND_TOL = {"onnxruntime": 1e-2, "openvino": 5e-2}
 if int8_pairs_saturate():   # x86 without VNNI: the int8 kernels' int16 pair sums saturate (vpmaddubsw);
     # measured on an AVX2-only EPYC: ONNX Runtime 3.9e-2, OpenVINO 6.8e-2 (token_logits); 2x margin
     BACKEND_TOL = {"onnxruntime": 8e-2, "openvino": 0.15}
-SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--eval-entries", "6", "--batch-size", "4",
+SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--eval-entries", "4", "--batch-size", "4",
          "--threads", "1"]
 
 
@@ -50,7 +50,7 @@ def work(tmp_path_factory):
                    "--buckets", BUCKETS, "--threads", "1").returncode == 0
     int8 = root / "int8"
     result = run_cli("compress.export", "--checkpoint", str(ckpt), "--out", str(int8), "--int8", str(qdir),
-                     "--data", str(data), "--buckets", BUCKETS, "--eval-limit", "6", "--threads", "1")
+                     "--data", str(data), "--buckets", BUCKETS, "--eval-limit", "4", "--threads", "1")
     assert result.returncode == 0, result.stderr
     return {"root": root, "ckpt": ckpt, "data": data, "qdir": qdir, "fp32": fp32, "int8": int8}
 
@@ -61,8 +61,8 @@ def test_quant_dir_contents(work):
     meta = json.loads((work["qdir"] / quantize.QUANT_JSON).read_text())
     assert meta["format"] == quantize.QUANT_FORMAT and meta["model"] == CONFIG
     entries = json.loads((work["data"] / "grounding.json").read_text())["images"]
-    held = {e["file_name"] for e in entries[-6:]}
-    assert meta["held_out"]["grounding_entries"] == 6
+    held = {e["file_name"] for e in entries[-4:]}
+    assert meta["held_out"]["grounding_entries"] == 4
     assert meta["calibration"]["images"] == 8 - len(held)          # held-out images are not calibrated on
     from safetensors.torch import load_file
     amax = load_file(str(work["qdir"] / quantize.AMAX_FILE))
@@ -339,7 +339,7 @@ def test_accuracy_guard_refuses_and_names_layers(work, tmp_path):
     out = tmp_path / "refused"
     result = run_cli("compress.export", "--checkpoint", str(work["ckpt"]), "--out", str(out),
                      "--int8", str(work["qdir"]), "--data", str(work["data"]), "--buckets", BUCKETS,
-                     "--eval-limit", "6", "--max-drop", "-1", "--threads", "1")
+                     "--eval-limit", "4", "--max-drop", "-1", "--threads", "1")
     assert result.returncode == 2
     assert "accuracy guard" in result.stderr and "Nothing was written" in result.stderr
     worst = json.loads((work["qdir"] / quantize.SENSITIVITY_JSON).read_text())["groups"][0]["group"]
