@@ -75,7 +75,7 @@ from fiber.checkpoint import (WEIGHTS_FILE, CheckpointError, load_checkpoint, lo
                               resolve_checkpoint_dir, save_checkpoint, tokenizer_file)
 from fiber.config import ModelConfig, parse_canvas
 from fiber.models import FiberForGrounding
-from fiber.package import TOKENIZER_SRC, resolve_buckets
+from fiber.package import TOKENIZER_SRC, input_spec, resolve_buckets
 from fiber.torch_engines import torch_engines
 
 QUANT_FORMAT, QUANT_VERSION = "fiber-edge-quant", 1
@@ -410,18 +410,13 @@ def data_items(data: EvalData, exclude: set | frozenset = frozenset()) -> list[C
 
 
 def model_input(cfg: ModelConfig, buckets: Sequence[int], tokenizer: Path | None = None):
-    """(runtime Preprocessor, PromptTokenizer) of the package ``cfg`` exports to: the official input
-    on the canvas or the letterbox (square, or on the letterbox canvas); the checkpoint's own
+    """(runtime Preprocessor, PromptTokenizer) of the package ``cfg`` exports to: its input
+    (``fiber.package.input_spec``, the rule the manifest is written by); the checkpoint's own
     tokenizer (case-sensitive) or the default WordPiece asset (lowercased)."""
-    from common.package import InputSpec
     from runtime.preprocess import Preprocessor
     from runtime.tokenize import PromptTokenizer
 
-    if cfg.input.style == "official":
-        pre = Preprocessor.from_spec(InputSpec.official(tuple(cfg.input.canvas), cfg.input.min_size,
-                                                        cfg.input.max_size))
-    else:
-        pre = Preprocessor(cfg.input_hw, cfg.image_mean, cfg.image_std)
+    pre = Preprocessor.from_spec(input_spec(cfg))
     tok = PromptTokenizer(tokenizer or TOKENIZER_SRC, buckets=buckets, lowercase=tokenizer is None,
                           pad_id=cfg.text.pad_token_id)
     return pre, tok

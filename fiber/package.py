@@ -1,6 +1,8 @@
 """What a model config decides of its package (docs/architecture.md): manifest sections, text buckets.
 
 - ``package_sections(cfg, buckets)``: the ``input`` / ``text`` / ``postprocess`` manifest sections.
+- ``input_spec(cfg)``: the ``input`` section as a typed ``InputSpec`` (what the runtime's
+  Preprocessor.from_spec prepares), for the code that pre-processes like the package without one.
 - ``resolve_buckets(cfg, buckets)``: the text buckets of a package (given, or the defaults that fit).
 - ``TOKENIZER_SRC``: the default WordPiece tokenizer asset a package of a small config ships.
 
@@ -35,11 +37,17 @@ def package_sections(cfg: ModelConfig, buckets: Sequence[int], level_sizes: Sequ
         post = pkg.PostprocessSpec(style=pkg.POST_OFFICIAL, threshold=head.inference_th, nms_iou=head.nms_th,
                                    pre_nms_top_k=head.pre_nms_top_n, max_detections=head.detections_per_img,
                                    level_sizes=tuple(int(n) for n in level_sizes))
-        return {"input": pkg.InputSpec.official(cfg.input.canvas, cfg.input.min_size, cfg.input.max_size).to_json(),
-                "text": text, "postprocess": post.to_json()}
-    image = pkg.InputSpec(cfg.input_hw, mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
+        return {"input": input_spec(cfg).to_json(), "text": text, "postprocess": post.to_json()}
     post = pkg.PostprocessSpec(phrase_score=cfg.head.phrase_score)
-    return {"input": image.to_json(), "text": text, "postprocess": post.to_json()}
+    return {"input": input_spec(cfg).to_json(), "text": text, "postprocess": post.to_json()}
+
+
+def input_spec(cfg: ModelConfig) -> pkg.InputSpec:
+    """The package input of ``cfg``: the official input on its canvas (``cfg.input.style ==
+    "official"``), else the letterbox on ``cfg.input_hw`` with the config's mean and std."""
+    if cfg.input.style == "official":
+        return pkg.InputSpec.official(cfg.input.canvas, cfg.input.min_size, cfg.input.max_size)
+    return pkg.InputSpec(cfg.input_hw, mean=tuple(cfg.image_mean), std=tuple(cfg.image_std))
 
 
 def resolve_buckets(cfg: ModelConfig, buckets: Sequence[int] | None) -> tuple[int, ...]:
