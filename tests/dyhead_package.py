@@ -2,8 +2,8 @@
 
 ``fiber-tiny-dyhead-test``: fiber-tiny-test's towers (64 px Swin, 16-d text) with the official
 DyHead (one DyConv block: 13 ``DeformConv`` nodes, 4 of them reading flat offsets through
-Reshape/Slice), P3-P7 and the official input on a 64 x 96 canvas. `make_dyhead_package(root)`
-writes a checkpoint and exports it with compress.export (about 10 s here).
+Reshape/Slice), P3-P7 and the official input on a 64 x 96 canvas. `make_dyhead_checkpoint(root)`
+writes a random checkpoint, `make_dyhead_package(root)` also exports it with compress.export (about 10 s here).
 """
 from __future__ import annotations
 
@@ -27,12 +27,10 @@ def dyhead_config():
         input=InputConfig(style="official", min_size=64, max_size=96, canvas=CANVAS))
 
 
-def make_dyhead_package(root: Path, seed: int = 0) -> Path:
-    """Checkpoint (random init, fusion gates opened, offsets of several pixels) -> compress.export
-    -> ``root/pkg``."""
+def make_dyhead_checkpoint(root: Path, seed: int = 0) -> Path:
+    """A random checkpoint of the config (gates opened, offsets of several pixels) -> ``root/ckpt``."""
     import torch
 
-    from compress.export import ExportConfig, export_package
     from fiber.checkpoint import save_checkpoint
     from fiber.models import FiberForGrounding
 
@@ -44,5 +42,12 @@ def make_dyhead_package(root: Path, seed: int = 0) -> Path:
         for name, module in model.named_modules():
             if name.endswith(".offset"):
                 module.weight.mul_(OFFSET_GAIN)
-    ckpt = save_checkpoint(root / "ckpt", model.state_dict(), cfg, {"task": "fine"})
+    return save_checkpoint(root / "ckpt", model.state_dict(), cfg, {"task": "fine"})
+
+
+def make_dyhead_package(root: Path, seed: int = 0) -> Path:
+    """``make_dyhead_checkpoint`` -> compress.export -> ``root/pkg``."""
+    from compress.export import ExportConfig, export_package
+
+    ckpt = make_dyhead_checkpoint(root, seed)
     return export_package(ExportConfig(checkpoint=str(ckpt), out=str(root / "pkg"), buckets=(16,))).path

@@ -33,46 +33,34 @@ SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--agreement-images",
 
 
 @pytest.fixture(scope="module")
-def golden(tmp_path_factory):
+def tiny(tmp_path_factory):
     """A random tiny DyHead checkpoint (dyhead_package: gates opened, offsets of several pixels),
     synthetic data and its QDIR (agreement guard)."""
-    import torch
-
-    from dyhead_package import OFFSET_GAIN, dyhead_config
-    from fiber.checkpoint import save_checkpoint
-    from fiber.models import FiberForGrounding
+    from dyhead_package import dyhead_config, make_dyhead_checkpoint
 
     root = tmp_path_factory.mktemp("int8-dyhead")
-    torch.manual_seed(0)
-    cfg = dyhead_config()
-    model = FiberForGrounding(cfg)
-    model.backbone.set_gates(0.5)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(".offset"):
-                module.weight.mul_(OFFSET_GAIN)
-    ck = save_checkpoint(root / "ck", model.state_dict(), cfg, {"task": "fine"})
+    ck = make_dyhead_checkpoint(root)
     data = make_data(root / "data", images=12)
     result = run_cli("compress.quantize", "--checkpoint", str(ck), "--data", str(data),
                      "--out", str(root / "qdir"), *SMALL)
     assert result.returncode == 0, result.stderr
-    return {"root": root, "ck": ck, "data": data, "qdir": root / "qdir", "cfg": cfg}
+    return {"root": root, "ck": ck, "data": data, "qdir": root / "qdir", "cfg": dyhead_config()}
 
 
 @pytest.fixture(scope="module")
-def golden_int8(golden):
-    out = golden["root"] / "pkg-int8"
-    result = run_cli("compress.export", "--checkpoint", str(golden["ck"]), "--out", str(out),
-                     "--int8", str(golden["qdir"]), "--canvas", CANVAS, "--threads", "1", "--no-openvino-check")
+def tiny_int8(tiny):
+    out = tiny["root"] / "pkg-int8"
+    result = run_cli("compress.export", "--checkpoint", str(tiny["ck"]), "--out", str(out),
+                     "--int8", str(tiny["qdir"]), "--canvas", CANVAS, "--threads", "1", "--no-openvino-check")
     assert result.returncode == 0, result.stderr
     assert "agreement int8 vs FP32" in result.stdout
     return out
 
 
-def test_backbones_int8_dyhead_fp32_by_rule(golden):
+def test_backbones_int8_dyhead_fp32_by_rule(tiny):
     from safetensors.torch import load_file
 
-    meta = json.loads((golden["qdir"] / quantize.QUANT_JSON).read_text())
+    meta = json.loads((tiny["qdir"] / quantize.QUANT_JSON).read_text())
     assert meta["guard"] == "agreement" and meta["calibration"]["canvas"] == [64, 96]
     assert meta["calibration"]["images"] == 8 and len(meta["agreement_items"]) == 4
     calibrated = {it["image"] for it in meta["agreement_items"]}
@@ -82,20 +70,20 @@ def test_backbones_int8_dyhead_fp32_by_rule(golden):
     assert 0.0 <= final["agreement"] <= 1.0 and final["reference_detections"] > 0 and final["top_k"] == 5
     assert final["max_abs_logit_diff"] > 0                    # INT8 is not FP32
     assert "head.*" in meta["fp32_by_rule"]
-    amax = load_file(str(golden["qdir"] / quantize.AMAX_FILE))
+    amax = load_file(str(tiny["qdir"] / quantize.AMAX_FILE))
     assert not any(k.startswith("head.") for k in amax)       # DyHead: deform, offset, GN, DyReLU, predictors
     assert any(k.startswith("backbone.image.layers.2.blocks.") and ".mlp.fc1." in k for k in amax)
     assert any(".attn.qkv_i2t." in k for k in amax)           # image <- text cross-attention
     assert any("crossattention_t2i" in k for k in amax)        # text <- image cross-attention
-    first = golden["cfg"].first_fused_text_layer                   # the fused text layers, and only they
+    first = tiny["cfg"].first_fused_text_layer                   # the fused text layers, and only they
     assert any(k.startswith(f"backbone.text.encoder.layer.{first}.intermediate") for k in amax)
     assert not any(k.startswith((f"backbone.text.encoder.layer.{first - 1}.", "backbone.text.embeddings"))
                    for k in amax)
     assert any(k.startswith("fpn.") for k in amax)
 
 
-def test_int8_package_has_qdq_on_the_backbone_and_none_at_deformconv(golden_int8):
-    graph = onnx.load(str(golden_int8 / pkg.DETECTOR_GRAPH)).graph
+def test_int8_package_has_qdq_on_the_backbone_and_none_at_deformconv(tiny_int8):
+    graph = onnx.load(str(tiny_int8 / pkg.DETECTOR_GRAPH)).graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
@@ -112,14 +100,14 @@ def test_int8_package_has_qdq_on_the_backbone_and_none_at_deformconv(golden_int8
     assert sum(name.startswith("/blocks.") for name in fed) > 50
     assert any(name.startswith("/layer.") and "crossattention_t2i" in name for name in fed)
     assert any(name.startswith("/fpn/") for name in fed)
-    manifest = pkg.read_manifest(golden_int8)
+    manifest = pkg.read_manifest(tiny_int8)
     assert manifest["precision"] == "int8" and manifest["graphs"]["detector"]["qdq"]["QuantizeLinear"] > 0
 
 
-def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(golden_int8, golden):
+def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(tiny_int8, tiny):
     from runtime.predictor import Detector
 
-    manifest = pkg.read_manifest(golden_int8)
+    manifest = pkg.read_manifest(tiny_int8)
     acc = manifest["accuracy"]
     assert acc["guard"] == "agreement"
     least = acc["agreement"]["min_agreement"]
@@ -130,15 +118,15 @@ def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(gol
     assert manifest["quantization"]["guard"] == "agreement"
     assert "openvino" not in manifest["graphs"]["detector"]             # --no-openvino-check: not checked,
     assert manifest["graphs"]["detector"]["cpu_backend"] == "onnxruntime"  # so not OpenVINO's by default
-    ref = np.load(golden_int8 / pkg.reference_file("detector"))
-    with engines.load(golden_int8, "onnxruntime", cache_dir="", use_cpu_file=False) as e:
+    ref = np.load(tiny_int8 / pkg.reference_file("detector"))
+    with engines.load(tiny_int8, "onnxruntime", cache_dir="", use_cpu_file=False) as e:
         out = e.detect(ref[pkg.IMAGE], ref[pkg.TEXT_HIDDEN], ref[pkg.ATTENTION_MASK])
     for name in pkg.DETECTOR_OUTPUTS:   # ORT's fused int8 kernels vs plain Q/DQ semantics: a rounding that
         # flips by one step propagates through the Swin blocks and the fused layers (4.2e-2 on the
         # logits of the golden-fine model's 24 blocks and 6 fused layers)
         assert np.abs(out[name] - ref[name]).max() <= ORT_VS_PLAIN_QDQ * (1 + np.abs(ref[name]).max()), name
-    image = sorted((golden["data"] / "images").iterdir())[0]
-    with Detector(golden_int8, backend="onnxruntime", threshold=0.0, per_phrase=3) as det:
+    image = sorted((tiny["data"] / "images").iterdir())[0]
+    with Detector(tiny_int8, backend="onnxruntime", threshold=0.0, per_phrase=3) as det:
         dets = det.detect(image, "a red circle")
         h, w = det.preprocess(image).info.src_h, det.preprocess(image).info.src_w
     assert len(dets.scores) > 0
@@ -146,19 +134,19 @@ def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(gol
     assert (dets.boxes[:, [1, 3]] <= h + 1e-3).all()
 
 
-def test_agreement_guard_refuses_below_the_margin(golden_int8, golden, tmp_path, monkeypatch):
+def test_agreement_guard_refuses_below_the_margin(tiny_int8, tiny, tmp_path, monkeypatch):
     """_measure_agreement on the written package with the comparison forced low: the guard's error."""
-    model, mcfg, meta = export.load_fine_model(golden["ck"])
+    model, mcfg, meta = export.load_fine_model(tiny["ck"])
     mcfg = mcfg.with_canvas(tuple(int(v) for v in CANVAS.split("x")))
     model.cfg = mcfg
     copy = tmp_path / "pkg"
-    shutil.copytree(golden_int8, copy)
+    shutil.copytree(tiny_int8, copy)
     real = agreement.compare
     monkeypatch.setattr(agreement, "compare", lambda a, b, iou=0.5: {**real(a, b, iou), "agreement": 0.1})
-    cfg = export.ExportConfig(checkpoint=str(golden["ck"]), out=str(tmp_path / "unused"), threads=1)
+    cfg = export.ExportConfig(checkpoint=str(tiny["ck"]), out=str(tmp_path / "unused"), threads=1)
     buckets = tuple(pkg.read_manifest(copy)["text"]["buckets"])
     with pytest.raises(export.AccuracyGuardError, match="keeps 0.100 of FP32's top-5 boxes"):
-        export._measure_agreement(cfg, copy, model, mcfg, buckets, {"dir": golden["qdir"], "info": {}}, meta)
+        export._measure_agreement(cfg, copy, model, mcfg, buckets, {"dir": tiny["qdir"], "info": {}}, meta)
 
 
 # ----------------------------------------------------------------------------- the measure itself
