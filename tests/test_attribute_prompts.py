@@ -493,17 +493,41 @@ def test_no_match_slot_levels_the_soft_token_scores():
     assert token_contrast_loss(logits, torch.zeros(1, 2, 4), matched, mask).item() == 0.0
 
 
+def test_no_match_slot_only_at_unnamed_anchors():
+    """unnamed_only: the unnamed anchor's term is the slot's as before; the named anchor's is the
+    plain softmax over the prompt's tokens (no slot to beat), so its gradient ignores C."""
+    from train.tasks import token_contrast_loss
+
+    mask = torch.tensor([[1, 1, 1, 0]])
+    targets = torch.zeros(1, 2, 4)
+    targets[0, 0, :2] = 1                        # anchor 0: phrase tokens 0-1; anchor 1: unnamed object
+    matched = torch.tensor([[0, 1]])
+    logits = torch.zeros(1, 2, 4)
+    e = np.exp(-1.0)
+    got = token_contrast_loss(logits, targets, matched, mask, no_match_logit=-1.0, unnamed_only=True)
+    want = (-np.log(1 / 3) + -np.log(e / (3 + e))) / 2          # named: uniform on 2 of 3, no slot
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    named = torch.tensor([[0, -1]])                              # the named anchor alone: as without a slot
+    for c in (-3.0, 0.0, 2.0):
+        assert token_contrast_loss(logits, targets, named, mask, no_match_logit=c, unnamed_only=True).item() \
+            == pytest.approx(token_contrast_loss(logits, targets, named, mask).item())
+    full = token_contrast_loss(logits, targets, matched, mask, no_match_logit=-1.0, unnamed_only=False)
+    assert full.item() == pytest.approx((-np.log(1 / (3 + e)) + -np.log(e / (3 + e))) / 2, rel=1e-5)
+
+
 def test_fine_cli_no_match_slot_trains_and_needs_its_companions(data_dir, tmp_path):
     out = tmp_path / "run"
     rec = _train_tiny(data_dir, out, 1, "--attribute-prompts", "0.8", "--omit-present", "0.5",
                       "--token-contrast", "1.0", "--no-match-logit", "-1.0")
     assert rec[0]["loss_token_contrast"] > 0
-    assert json.loads((out / "final" / "config.json").read_text())["stage"]["no_match_logit"] == -1.0
-    for missing in (["--omit-present", "0.5"], ["--token-contrast", "1.0"]):
-        args = fine.get_args_parser().parse_args(
-            ["--data", str(data_dir), "--out", str(tmp_path / "refused"), "--config", "fiber-tiny-test",
-             "--init", "none", "--max-steps", "1", "--no-progress", "--no-match-logit", "-1", *missing])
-        assert fine.main(args) == 2
+    stage = json.loads((out / "final" / "config.json").read_text())["stage"]
+    assert stage["no_match_logit"] == -1.0 and "no_match_unnamed_only" not in stage   # the default: not written
+    base = ["--data", str(data_dir), "--out", str(tmp_path / "refused"), "--config", "fiber-tiny-test",
+            "--init", "none", "--max-steps", "1", "--no-progress"]
+    for argv in (["--no-match-logit", "-1", "--omit-present", "0.5"],
+                 ["--no-match-logit", "-1", "--token-contrast", "1.0"],
+                 ["--omit-present", "0.5", "--token-contrast", "1.0", "--no-match-unnamed-only"]):  # no slot
+        assert fine.main(fine.get_args_parser().parse_args(base + argv)) == 2
     assert not (tmp_path / "refused").exists()
 
 

@@ -90,6 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "phrase names: their anchors put their mass on the slot, so a look-alike "
                         "phrase alone (\"red star\" on a red arrow) is pushed below C and each "
                         "object's own phrase above it (off by default)")
+    p.add_argument("--no-match-unnamed-only", action="store_true",
+                   help="with --no-match-logit: the slot only at the anchors of objects that no "
+                        "phrase names, so named objects (small ones with weak scores) are ranked "
+                        "among the prompt's phrases as without the slot and not pushed above C")
     p.add_argument("--word-targets", action="store_true",
                    help="attribute samples train each token on its own word (the \"red\" of \"red "
                         "star\" is positive at a red arrow, its \"star\" negative) instead of its "
@@ -109,6 +113,8 @@ def _run(args: argparse.Namespace) -> str:
     if args.no_match_logit is not None and (args.token_contrast <= 0 or args.omit_present <= 0):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
                          "--omit-present leaves out: it needs --token-contrast > 0 and --omit-present > 0")
+    if args.no_match_unnamed_only and args.no_match_logit is None:
+        raise ValueError("--no-match-unnamed-only places the slot of --no-match-logit: give --no-match-logit C")
     cfg = model_config(args.config, args.late_fusion)
     if args.word_targets:  # a phrase holds where all its words do: its package scores by the minimum
         cfg = cfg.replace(head=dataclasses.replace(cfg.head, phrase_score=PHRASE_SCORE_MIN))
@@ -135,7 +141,8 @@ def _run(args: argparse.Namespace) -> str:
                                 position_from_relations=args.position_from_relations,
                                 position_aux=args.position_aux,
                                 token_contrast=args.token_contrast,
-                                no_match_logit=args.no_match_logit))
+                                no_match_logit=args.no_match_logit,
+                                no_match_unnamed_only=args.no_match_unnamed_only))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

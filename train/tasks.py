@@ -143,6 +143,7 @@ class FineOptions:
     position_aux: float = 0.0       # weight of the position-query loss (position_loss)
     token_contrast: float = 0.0     # weight of the soft-token loss (token_contrast_loss)
     no_match_logit: float | None = None  # its no-object slot's logit (None: no slot)
+    no_match_unnamed_only: bool = False  # the slot only at anchors of objects no phrase names
 
 
 class FineTask(BaseTask):
@@ -216,7 +217,7 @@ class FineTask(BaseTask):
         if self.options.token_contrast > 0:
             matched, token_targets = assignment
             aux = token_contrast_loss(out.token_logits, token_targets, matched, batch["attention_mask"],
-                                      self.options.no_match_logit)
+                                      self.options.no_match_logit, self.options.no_match_unnamed_only)
             losses["loss_token_contrast"] = aux
             losses["loss"] = losses["loss"] + self.options.token_contrast * aux
         if self._regions:
@@ -275,11 +276,13 @@ class FineTask(BaseTask):
                           "position_from_relations": self.options.position_from_relations,
                           "position_aux": self.options.position_aux,
                           "token_contrast": self.options.token_contrast,
-                          "no_match_logit": self.options.no_match_logit}}
+                          "no_match_logit": self.options.no_match_logit,
+                          **({"no_match_unnamed_only": True} if self.options.no_match_unnamed_only else {})}}
 
 
 def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor, matched: torch.Tensor,
-                        attention_mask: torch.Tensor, no_match_logit: float | None = None) -> torch.Tensor:
+                        attention_mask: torch.Tensor, no_match_logit: float | None = None,
+                        unnamed_only: bool = False) -> torch.Tensor:
     """MDETR's soft-token prediction on the positive anchors: cross-entropy between the anchor's
     softmax over the prompt's real tokens (``attention_mask``) and the uniform distribution over
     its phrase's tokens (``token_targets`` ``[B, N, T]`` from ``GroundingLoss.assign``, positive
@@ -294,7 +297,8 @@ def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     ``AttributeOptions.keep_omitted``) puts its mass there, so look-alike phrases alone ("red star"
     on a red arrow) are pushed below C, and every named anchor's own phrase is pushed above it: a
     level for the scores, where the plain loss only ranks the prompt's phrases against each other.
-    Without it, anchors whose row is all zero are left out.
+    Without it, anchors whose row is all zero are left out. ``unnamed_only``: the slot only at
+    those anchors; a named anchor's softmax is over the prompt's tokens alone, as without the slot.
     """
     pos = matched >= 0
     if no_match_logit is None:
@@ -306,9 +310,11 @@ def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     target = token_targets.float()[pos] * real
     if no_match_logit is not None:
         slot = logits.new_full((len(logits), 1), float(no_match_logit))
-        logits = torch.cat([logits, slot], dim=-1)
-        target = torch.cat([target, (target.sum(-1, keepdim=True) == 0).float()], dim=-1)
-        real = torch.cat([real, real.new_ones(len(real), 1)], dim=-1)
+        unnamed = target.sum(-1, keepdim=True) == 0
+        has_slot = unnamed if unnamed_only else torch.ones_like(unnamed)
+        logits = torch.cat([logits, slot.masked_fill(~has_slot, float("-inf"))], dim=-1)
+        target = torch.cat([target, unnamed.float()], dim=-1)
+        real = torch.cat([real, has_slot], dim=-1)
     target = target / target.sum(-1, keepdim=True).clamp(min=1.0)
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~real, 0.0)
     return -(target * logp).sum(-1).mean()
