@@ -23,10 +23,12 @@ import pytest
 import engines
 from common import package as pkg
 from compress import agreement, export, quantize
+from dyhead_package import CANVAS as CANVAS_HW
+from dyhead_package import dyhead_config, make_dyhead_checkpoint
 from runtime.types import Detections
 from test_export import make_data, run_cli
 
-CANVAS = "64x96"          # dyhead_package.CANVAS: the official input's fixed canvas, H x W
+CANVAS = f"{CANVAS_HW[0]}x{CANVAS_HW[1]}"   # --canvas HxW: the tiny config's own official canvas
 ORT_VS_PLAIN_QDQ = 8e-2   # detector.onnx on ONNX Runtime (optimised) vs reference/detector.npz, relative
 SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--agreement-images", "4", "--batch-size", "4",
          "--threads", "1", "--canvas", CANVAS]
@@ -36,8 +38,6 @@ SMALL = ["--calib-images", "8", "--min-calib-images", "4", "--agreement-images",
 def tiny(tmp_path_factory):
     """A random tiny DyHead checkpoint (dyhead_package: gates opened, offsets of several pixels),
     synthetic data and its QDIR (agreement guard)."""
-    from dyhead_package import dyhead_config, make_dyhead_checkpoint
-
     root = tmp_path_factory.mktemp("int8-dyhead")
     ck = make_dyhead_checkpoint(root)
     data = make_data(root / "data", images=12)
@@ -61,7 +61,7 @@ def test_backbones_int8_dyhead_fp32_by_rule(tiny):
     from safetensors.torch import load_file
 
     meta = json.loads((tiny["qdir"] / quantize.QUANT_JSON).read_text())
-    assert meta["guard"] == "agreement" and meta["calibration"]["canvas"] == [64, 96]
+    assert meta["guard"] == "agreement" and meta["calibration"]["canvas"] == list(CANVAS_HW)
     assert meta["calibration"]["images"] == 8 and len(meta["agreement_items"]) == 4
     calibrated = {it["image"] for it in meta["agreement_items"]}
     assert len(calibrated) == 4                               # distinct held-out images
@@ -137,7 +137,7 @@ def test_int8_package_runs_on_onnxruntime_with_its_agreement_in_the_manifest(tin
 def test_agreement_guard_refuses_below_the_margin(tiny_int8, tiny, tmp_path, monkeypatch):
     """_measure_agreement on the written package with the comparison forced low: the guard's error."""
     model, mcfg, meta = export.load_fine_model(tiny["ck"])
-    mcfg = mcfg.with_canvas(tuple(int(v) for v in CANVAS.split("x")))
+    mcfg = mcfg.with_canvas(CANVAS_HW)
     model.cfg = mcfg
     copy = tmp_path / "pkg"
     shutil.copytree(tiny_int8, copy)
