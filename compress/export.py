@@ -385,7 +385,7 @@ def export_package(cfg: ExportConfig) -> ExportResult:
             if quant is not None and quant["info"].get("guard") == "agreement":
                 accuracy.update(_measure_agreement(cfg, tmp, model, mcfg, buckets, quant, meta))
             elif data is not None:
-                accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, Path(scratch)))
+                accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, meta))
             manifest["accuracy"] = accuracy
             pkg.write_manifest(tmp, manifest)
             if cfg.calibrate and (cfg.calibration_data or cfg.data):
@@ -482,20 +482,24 @@ def distillation_record(meta: dict[str, Any], student: FiberForGrounding) -> dic
     return record
 
 
-def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData, quant, scratch: Path
+def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData, quant, meta
              ) -> dict[str, Any]:
-    """FP32 (and INT8) accuracy of the package(s) through the runtime; runs the guard for INT8."""
+    """FP32 (and INT8) accuracy of the package through the runtime; runs the guard for INT8.
+
+    An INT8 package's FP32 baseline is the float model it ships, with the package's word table,
+    through the runtime's Detector over the torch adapter (fiber.torch_engines): the same
+    tokeniser, buckets, pre- and post-processing as the package, without exporting an FP32 twin."""
     t0 = time.perf_counter()
     if quant is None:
         return {"fp32": evaluate_package(tmp, data, False, cfg.threads),
                 "seconds": round(time.perf_counter() - t0, 1)}
-    fp32_dir = scratch / "fp32"       # the same checkpoint as an FP32 package, for the baseline
-    fp32_dir.mkdir()
-    parts = write_graphs(fp32_dir, model, None, mcfg, buckets, "none", cfg.text_words)
-    pkg.write_manifest(fp32_dir, build_manifest("fp32-baseline", mcfg, buckets, parts, file_table(fp32_dir),
-                                            "fp32", {}))
-    out = {"fp32": evaluate_package(fp32_dir, data, False, cfg.threads),
-           "int8": evaluate_package(tmp, data, False, cfg.threads)}
+    from fiber.torch_engines import torch_engines
+
+    float_model = model if cfg.text_words == "fp32" else int8_word_embeddings(model)[0]
+    tokenizer = checkpoint_io.tokenizer_file(meta["path"])
+    with torch_engines(float_model, mcfg, buckets, tokenizer) as baseline:
+        out = {"fp32": evaluate_engines(baseline, data, progress=progress_line())}
+    out["int8"] = evaluate_package(tmp, data, False, cfg.threads)
     sensitivity = Path(quant["dir"]) / "sensitivity.json"
     guard(out["fp32"], out["int8"], cfg.max_drop, pkg.DETECTOR_GRAPH + " (Q/DQ)", sensitivity)
     if (tmp / pkg.DETECTOR_CPU_GRAPH).is_file():
