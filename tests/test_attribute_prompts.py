@@ -614,3 +614,17 @@ def test_canvas_probe_rules():
     buf, info = rule(np.full((384, 256, 3), 200, np.uint8))
     assert buf.shape == (1, 3, 320, 224) and (info.new_w, info.new_h) == (209, 314)
     assert np.all(buf[0, :, :314, :209] != 0) and not buf[0, :, 314:].any() and not buf[0, :, :, 209:].any()
+
+
+def test_canvas_probe_contrast_kinds_prompt():
+    """--contrast-kinds: the prompt's phrases first, in order (their indices stay the scene's), then
+    every kind of the generated world the prompt does not name, once each."""
+    from benchmarks.canvas_probe import contrast_kinds_prompt
+    from common.prompts import parse_phrases
+    from fiber.data.synth import KINDS
+
+    prompt = contrast_kinds_prompt("red star. blue arrow", ["star", "arrow"])
+    phrases = [prompt[a:b] for [(a, b)] in parse_phrases(prompt)]
+    assert phrases[:2] == ["red star", "blue arrow"]
+    assert sorted(phrases[2:]) == sorted(k for k in KINDS if k not in ("star", "arrow"))
+    assert len(phrases) == len(KINDS)
