@@ -24,7 +24,9 @@ end (a failed export leaves nothing):
 
 With ``--data DIR`` (a held-out split: grounding.json and/or detection.json) the manifest's
 ``accuracy`` holds FP32 and INT8 numbers measured by running the package itself through the runtime
-(runtime.predictor.Detector on ONNX Runtime) with fiber.data.evaluation. INT8 exports need it: the
+(runtime.predictor.Detector on ONNX Runtime) with fiber.data.evaluation; an INT8 package's FP32
+baseline is the float model it ships, with its word table, through the same Detector over the
+torch adapter (fiber.torch_engines). INT8 exports need it: the
 accuracy guard refuses a package whose INT8 R@1 (Q/DQ file and CPU file on ONNX Runtime, and the
 Q/DQ file on OpenVINO when it is installed) is more than ``--max-drop`` points below FP32, naming
 the worst layers from QDIR/sensitivity.json, and writes nothing.
