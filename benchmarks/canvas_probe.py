@@ -68,7 +68,8 @@ class CanvasRule:
 
 def contrast_kinds_prompt(prompt: str, named_kinds) -> str:
     """``prompt`` followed by every kind of ``KINDS`` not in ``named_kinds``, as phrases of their own."""
-    return ". ".join([prompt, *(k for k in KINDS if k not in set(named_kinds))])
+    named = set(named_kinds)
+    return ". ".join([prompt, *(k for k in KINDS if k not in named)])
 
 
 def probe(checkpoint: str, rule: str, area: int, images: int, seed: int, one_label_per_box: bool = False,

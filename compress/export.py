@@ -212,7 +212,7 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
     table as per-row int8 (the text parity check is then against the model with that table read
     back), "fp32" as it is. Returns the manifest's ``graphs`` and ``parity`` parts."""
     x = example_inputs(cfg, buckets[0], tokenizer=tokenizer)
-    text_model, words = (model, None) if text_words == "fp32" else int8_word_embeddings(model)
+    text_model, words = shipped_text_model(model, text_words)
     text_graph, words_info = onnx_export.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     hidden = onnx_export.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
@@ -245,6 +245,13 @@ def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding 
         graphs["text"]["note"] = "FP32 compute on purpose: text.onnx runs once per prompt, not per frame"
         graphs["detector"]["qdq"] = onnx_graph.count_ops(det_graph, "QuantizeLinear", "DequantizeLinear")
     return {"graphs": graphs, "parity": parity}
+
+
+def shipped_text_model(model: FiberForGrounding, text_words: str
+                       ) -> tuple[FiberForGrounding, tuple[np.ndarray, np.ndarray] | None]:
+    """(the model with the word table text.onnx stores, its int8 ``(q, scale)`` or None):
+    ``text_words`` "fp32": ``model`` itself; "int8": ``int8_word_embeddings(model)``."""
+    return (model, None) if text_words == "fp32" else int8_word_embeddings(model)
 
 
 def int8_word_embeddings(model: FiberForGrounding) -> tuple[FiberForGrounding, tuple[np.ndarray, np.ndarray]]:
@@ -497,7 +504,7 @@ def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData,
                 "seconds": round(time.perf_counter() - t0, 1)}
     from fiber.torch_engines import torch_engines
 
-    float_model = model if cfg.text_words == "fp32" else int8_word_embeddings(model)[0]
+    float_model, _ = shipped_text_model(model, cfg.text_words)
     tokenizer = checkpoint_io.tokenizer_file(meta["path"])
     with torch_engines(float_model, mcfg, buckets, tokenizer) as baseline:
         out = {"fp32": evaluate_engines(baseline, data, progress=progress_line())}
