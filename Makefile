@@ -31,11 +31,16 @@ native:
 PYTEST_WORKERS ?= logical
 PYTEST_XDIST = -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
+# Bytecode caching on for the run, even where the environment turns it off (container images often
+# set PYTHONDONTWRITEBYTECODE): without it every worker compiles the project and re-writes the
+# tests' asserts at each run (collection 11 s instead of 5 s). The caches go to __pycache__/ (ignored).
+PYTEST_ENV = env -u PYTHONDONTWRITEBYTECODE
+
 test: setup
-	$(PY) -m pytest -q $(PYTEST_XDIST) tests
+	$(PYTEST_ENV) $(PY) -m pytest -q $(PYTEST_XDIST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" tests
+	$(PYTEST_ENV) $(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" tests
 
 clean:
 	rm -rf build runtime/*.so .pytest_cache

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.abc
 import io
 import json
 import re
@@ -189,9 +191,38 @@ def modelopt_config(method: str, attention: bool = False) -> dict[str, Any]:
     return {"quant_cfg": entries, "algorithm": None}
 
 
+# Libraries whose modelopt plugins (loaded whenever they are installed) fiber-edge never needs: it
+# quantises its own modules. transformers comes with the MiniLM text package; its plugins cost ~2 s
+# of every process's first modelopt import.
+MODELOPT_HIDDEN = frozenset({"transformers", "sentence_transformers", "accelerate", "diffusers", "peft", "trl",
+                             "vllm", "megatron", "transformer_engine", "apex", "fairscale", "torch_geometric"})
+
+
+class _HideFromModelopt(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in MODELOPT_HIDDEN:
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+
+def modelopt_quantization():
+    """``modelopt.torch.quantization``; its first import in a process runs with MODELOPT_HIDDEN
+    hidden, so modelopt skips their plugins (it treats them as not installed). A library imported
+    before that keeps its plugin; afterwards each imports as usual."""
+    name = "modelopt.torch.quantization"
+    if name not in sys.modules:
+        finder = _HideFromModelopt()
+        sys.meta_path.insert(0, finder)
+        try:
+            importlib.import_module(name)
+        finally:
+            sys.meta_path.remove(finder)
+    return sys.modules[name]
+
+
 def register_matmul() -> None:
     """Teach modelopt to quantise ``fiber.layers.MatMul`` (once per process)."""
-    import modelopt.torch.quantization as mtq
+    mtq = modelopt_quantization()
     from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
     from modelopt.torch.quantization.nn.modules.quant_module import QuantModule
     from modelopt.torch.quantization.tensor_quant import QUANT_DESC_8BIT_PER_TENSOR
@@ -216,7 +247,7 @@ def register_matmul() -> None:
 
 def insert_quantizers(model: FiberForGrounding, method: str = "max", attention: bool = False) -> FiberForGrounding:
     """Add (uncalibrated) modelopt quantizers to ``model`` in place; the text prefix gets none."""
-    import modelopt.torch.quantization as mtq
+    mtq = modelopt_quantization()
 
     register_matmul()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # modelopt prints
@@ -240,6 +271,7 @@ def _quantizer(model: torch.nn.Module, name: str):
 def quantizer_names(model: torch.nn.Module, enabled_only: bool = False) -> list[str]:
     """Names of the model's TensorQuantizers (``<module>.input_quantizer`` / ``weight_quantizer`` /
     ``other_quantizer`` (a MatMul's second operand)); output quantizers are never used."""
+    modelopt_quantization()
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     return [n for n, m in model.named_modules() if isinstance(m, TensorQuantizer)
@@ -250,6 +282,7 @@ def quantizer_names(model: torch.nn.Module, enabled_only: bool = False) -> list[
 def calibrate(model: FiberForGrounding, loop: Callable[[FiberForGrounding], None], method: str,
               percentile: float = 99.99) -> None:
     """Collect statistics with ``loop(model)`` and load every enabled quantizer's amax."""
+    modelopt_quantization()
     from modelopt.torch.quantization.model_calib import enable_stats_collection
     from modelopt.torch.quantization.nn import TensorQuantizer
 

@@ -49,6 +49,25 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: [-n for n in weight[item.module.__name__]])
 
 
+# Test modules that import modelopt run on one worker: modelopt's import (torch._dynamo, inductor)
+# costs ~6 s of CPU in each process that makes it, and these modules need nothing else in common.
+SAME_WORKER = {"test_quantize.py": "modelopt", "test_int8_dyhead.py": "modelopt"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the modules of SAME_WORKER handed out as one unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedImports(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SAME_WORKER.get(file.rsplit("/", 1)[-1], file)
+
+    return SharedImports(config, log)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny ops: one intra-op thread is faster, and far faster on a shared, busy CPU. A module

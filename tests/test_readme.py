@@ -83,7 +83,8 @@ def test_make_test_runs_pytest_on_the_tests():
     """What `make test` would run (make -n): pytest over tests/ with the project's interpreter."""
     proc = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^\.venv/bin/python -m pytest .*\btests$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^(env -u PYTHONDONTWRITEBYTECODE )?\.venv/bin/python -m pytest .*\btests$", proc.stdout,
+                     re.M), proc.stdout
 
 
 CLIS = ["runtime.detect", "engines.build", "train.coarse", "train.fine", "train.evaluate", "compress.distill",
