@@ -206,13 +206,16 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 def write_graphs(tmp: Path, model: FiberForGrounding, qmodel: FiberForGrounding | None, cfg: ModelConfig,
                  buckets: Sequence[int], cpu_method: str, text_words: str,
                  tokenizer: TokenizerSource = TokenizerSource(), fold_shapes: bool = True,
-                 openvino_check: bool | None = None) -> dict[str, Any]:
+                 openvino_check: bool | None = None,
+                 shipped: tuple[FiberForGrounding, tuple[np.ndarray, np.ndarray] | None] | None = None
+                 ) -> dict[str, Any]:
     """Write text.onnx, detector.onnx (+ the CPU variant), tokenizer.json and reference/*.npz into
     ``tmp``; check ONNX against PyTorch. ``text_words``: "int8" stores text.onnx's word-embedding
     table as per-row int8 (the text parity check is then against the model with that table read
-    back), "fp32" as it is. Returns the manifest's ``graphs`` and ``parity`` parts."""
+    back), "fp32" as it is; ``shipped``: ``shipped_text_model(model, text_words)`` when the caller
+    already holds it. Returns the manifest's ``graphs`` and ``parity`` parts."""
     x = example_inputs(cfg, buckets[0], tokenizer=tokenizer)
-    text_model, words = shipped_text_model(model, text_words)
+    text_model, words = shipped if shipped is not None else shipped_text_model(model, text_words)
     text_graph, words_info = onnx_export.export_text(text_model, x, tmp / pkg.TEXT_GRAPH, words)
     text_in = {pkg.INPUT_IDS: x[pkg.INPUT_IDS], pkg.ATTENTION_MASK: x[pkg.ATTENTION_MASK]}
     hidden = onnx_export.ort_reference(tmp / pkg.TEXT_GRAPH, text_in)[pkg.TEXT_HIDDEN]
@@ -389,12 +392,17 @@ def export_package(cfg: ExportConfig) -> ExportResult:
     with tempfile.TemporaryDirectory(prefix="fiber-export-") as scratch:
         qmodel, model, quant = _quantised(cfg, model, mcfg, Path(scratch))
         with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            manifest = _write_package(cfg, tmp, model, qmodel, mcfg, buckets, quant, meta)
+            # the float model with the word table text.onnx stores: written, and (INT8) the baseline
+            shipped = shipped_text_model(model, cfg.text_words)
+            manifest = _write_package(cfg, tmp, model, qmodel, mcfg, buckets, quant, meta, shipped)
+            float_model = shipped[0] if quant is not None else None   # FP32: the package is what is measured
+            shipped = None
             accuracy = {"split": data.source if data else None}
             if quant is not None and quant["info"].get("guard") == "agreement":
                 accuracy.update(_measure_agreement(cfg, tmp, model, mcfg, buckets, quant, meta))
             elif data is not None:
-                accuracy.update(_measure(cfg, tmp, model, mcfg, buckets, data, quant, meta))
+                accuracy.update(_measure(cfg, tmp, float_model, mcfg, buckets, data, quant, meta))
+            del float_model
             manifest["accuracy"] = accuracy
             pkg.write_manifest(tmp, manifest)
             if cfg.calibrate and (cfg.calibration_data or cfg.data):
@@ -434,11 +442,11 @@ def _quantised(cfg: ExportConfig, model, mcfg: ModelConfig, scratch: Path):
     return qmodel, float_model, {"dir": qdir, "info": info}
 
 
-def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta
-                   ) -> dict[str, Any]:
+def _write_package(cfg: ExportConfig, tmp: Path, model, qmodel, mcfg: ModelConfig, buckets, quant, meta,
+                   shipped) -> dict[str, Any]:
     tokenizer = TokenizerSource.of_checkpoint(meta["path"])
     parts = write_graphs(tmp, model, qmodel, mcfg, buckets, cfg.cpu_int8, cfg.text_words, tokenizer,
-                         fold_shapes=cfg.fold_shapes, openvino_check=cfg.openvino_check)
+                         fold_shapes=cfg.fold_shapes, openvino_check=cfg.openvino_check, shipped=shipped)
     parts["graphs"]["detector"]["shape_arithmetic"] = "folded" if cfg.fold_shapes else "computed"
     precision = "int8" if qmodel is not None else "fp32"
     name = cfg.name or (f"{mcfg.name}-int8" if qmodel is not None else mcfg.name)
@@ -491,20 +499,20 @@ def distillation_record(meta: dict[str, Any], student: FiberForGrounding) -> dic
     return record
 
 
-def _measure(cfg: ExportConfig, tmp: Path, model, mcfg, buckets, data: EvalData, quant, meta
+def _measure(cfg: ExportConfig, tmp: Path, float_model, mcfg, buckets, data: EvalData, quant, meta
              ) -> dict[str, Any]:
     """FP32 (and INT8) accuracy of the package through the runtime; runs the guard for INT8.
 
-    An INT8 package's FP32 baseline is the float model it ships, with the package's word table,
-    through the runtime's Detector over the torch adapter (fiber.torch_engines): the same
-    tokeniser, buckets, pre- and post-processing as the package, without exporting an FP32 twin."""
+    An INT8 package's FP32 baseline is ``float_model``: the float model it ships, with the package's
+    word table (``shipped_text_model``, made once for the graphs and this), through the runtime's
+    Detector over the torch adapter (fiber.torch_engines): the same tokeniser, buckets, pre- and
+    post-processing as the package, without exporting an FP32 twin. Unused for an FP32 package."""
     t0 = time.perf_counter()
     if quant is None:
         return {"fp32": evaluate_package(tmp, data, False, cfg.threads),
                 "seconds": round(time.perf_counter() - t0, 1)}
     from fiber.torch_engines import torch_engines
 
-    float_model, _ = shipped_text_model(model, cfg.text_words)
     tokenizer = checkpoint_io.tokenizer_file(meta["path"])
     with torch_engines(float_model, mcfg, buckets, tokenizer) as baseline:
         out = {"fp32": evaluate_engines(baseline, data, progress=progress_line())}

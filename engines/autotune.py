@@ -88,12 +88,15 @@ class PathChoice:
     start_ms: dict[str, float] = field(default_factory=dict)  # path label -> open + first inference ms
     runs: int | None = None                       # the run length chosen for (None: a stream)
     note: str = ""                                # why nothing was timed, when that is the case
+    measured: str = ""                            # when the remembered timings were taken (ISO time)
 
     def summary(self, full: bool = False) -> str:
         """Why this path: its time and the runner-up's (``full``: every path's)."""
         if not self.ms:
             return self.note
-        how = "remembered" if self.remembered else "measured now"
+        how = "measured now"
+        if self.remembered:   # timings of another run, on this machine at another moment: say when
+            how = f"remembered from {self.measured[:16].replace('T', ' ')}" if self.measured else "remembered"
         counted = self.runs is not None and all(label in self.start_ms for label in self.ms)
         if full:
             ranked = sorted(self.ms.items(), key=lambda kv: kv[1])
@@ -272,7 +275,8 @@ def fastest_cpu_path(package: Path, manifest: Mapping[str, Any], opts: Mapping[s
         start = {k: float(v) for k, v in hit["start_ms"].items()}
         label = quickest(ms, start, runs)
         engines = open_path(by_label[label], {**base, **by_label[label].load_options(threads)})
-        engines.path_choice = PathChoice(label, ms, True, str(cache), start, runs)
+        engines.path_choice = PathChoice(label, ms, True, str(cache), start, runs,
+                                         measured=str(hit.get("measured") or ""))
         return engines
     if len(paths) == 1:
         engines = open_path(paths[0], {**base, **paths[0].load_options(threads)})

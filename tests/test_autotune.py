@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -206,7 +208,9 @@ def test_runtime_detect_names_the_fastest_path_first(toys, tmp_path, monkeypatch
     assert first.count(" ms/image") == 2 and len(first) < 200, first   # the choice and the runner-up only
     assert detect.main(detect.get_args_parser().parse_args(argv + ["--path-timings"])) == 0
     full = capsys.readouterr().err.splitlines()[0]
-    assert full.endswith("; remembered)") and "open + first image " in full, full
+    when = re.search(r"; remembered from (\d{4}-\d\d-\d\d \d\d:\d\d)\)$", full)   # the first run's timing
+    assert when and "open + first image " in full, full
+    assert abs(time.time() - time.mktime(time.strptime(when.group(1), "%Y-%m-%d %H:%M"))) < 3600
     label = first[len("fiber-detect: toy-int8 on "):first.index(", 1 threads")]
     assert f"per image {label} " in full or f", {label} " in full, full   # every path listed
 
@@ -223,6 +227,8 @@ def test_path_choice_names_the_choice_and_the_runner_up():
     assert "onnxruntime cpu_file 40.2 ms" in stream.summary(full=True)
     alone = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None)
     assert alone.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered)"
+    dated = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None, measured="2026-12-05T09:41:07")
+    assert dated.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered from 2026-12-05 09:41)"
 
 
 def test_a_short_run_with_nothing_remembered_is_not_timed(toys, tmp_path, monkeypatch, capsys):
