@@ -91,7 +91,8 @@ class PathChoice:
     measured: str = ""                            # when the remembered timings were taken (ISO time)
 
     def summary(self, full: bool = False) -> str:
-        """Why this path: its time and the runner-up's (``full``: every path's)."""
+        """Why this path: its time and the runner-up's (``full``: every path's, in ms). Remembered
+        timings give the runner-up's time as a multiple of this path's instead of milliseconds."""
         if not self.ms:
             return self.note
         how = "measured now"
@@ -110,13 +111,22 @@ class PathChoice:
             cost = lambda label: run_ms(self.ms, self.start_ms, self.runs, label)  # noqa: E731
             what = lambda label: f"{self.start_ms[label]:.0f} ms to start, {self.ms[label]:.1f} ms/image"  # noqa: E731
             head = f"quickest of {len(self.ms)} CPU paths here for {self._images()}"
+            per = f"the time for {self._images()}"
         else:
             cost = self.ms.get
             what = lambda label: f"{self.ms[label]:.1f} ms/image"  # noqa: E731
             head = f"fastest of {len(self.ms)} CPU paths here"
+            per = "the time per image"
         others = sorted((label for label in self.ms if label != self.label), key=cost)
-        parts = [what(self.label)] + ([f"next {others[0]}: {what(others[0])}"] if others else [])
-        return f"{head} ({'; '.join(parts)}; {how})"
+        if self.remembered:
+            # Timings of another moment: the machine's load then scales every path alike (they ran
+            # in alternating rounds), so the ratio holds while the milliseconds would read as this
+            # run's. The run's own stage table gives its times.
+            parts = ([f"next {others[0]}: {cost(others[0]) / cost(self.label):.2f}x {per}"]
+                     if others and cost(self.label) > 0 else [])
+        else:
+            parts = [what(self.label)] + ([f"next {others[0]}: {what(others[0])}"] if others else [])
+        return f"{head} ({'; '.join(parts + [how])})"
 
     def _images(self) -> str:
         return f"{self.runs} image" + ("s" if self.runs != 1 else "")

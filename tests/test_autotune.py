@@ -222,13 +222,17 @@ def test_path_choice_names_the_choice_and_the_runner_up():
     assert one.summary() == ("quickest of 3 CPU paths here for 1 image (344 ms to start, 40.2 ms/image; "
                              "next openvino bf16: 496 ms to start, 14.6 ms/image; measured now)")
     stream = autotune.PathChoice("openvino bf16", ms, True, None, start, runs=None)
-    assert stream.summary() == ("fastest of 3 CPU paths here (14.6 ms/image; next openvino f32: 22.5 ms/image; "
+    # remembered: milliseconds of another moment would read as this run's; their ratio holds
+    assert stream.summary() == ("fastest of 3 CPU paths here (next openvino f32: 1.54x the time per image; "
                                 "remembered)")
-    assert "onnxruntime cpu_file 40.2 ms" in stream.summary(full=True)
+    assert "onnxruntime cpu_file 40.2 ms" in stream.summary(full=True)   # asked for: every path's ms
+    four = autotune.PathChoice("onnxruntime cpu_file", ms, True, None, start, runs=4, measured="2026-12-05T09:41:07")
+    assert four.summary() == ("quickest of 3 CPU paths here for 4 images (next openvino bf16: 1.16x the "
+                              "time for 4 images; remembered from 2026-12-05 09:41)")   # (496+3*14.6)/(344+3*40.2)
     alone = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None)
-    assert alone.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered)"
+    assert alone.summary() == "fastest of 1 CPU paths here (remembered)"
     dated = autotune.PathChoice("openvino bf16", {"openvino bf16": 14.6}, True, None, measured="2026-12-05T09:41:07")
-    assert dated.summary() == "fastest of 1 CPU paths here (14.6 ms/image; remembered from 2026-12-05 09:41)"
+    assert dated.summary() == "fastest of 1 CPU paths here (remembered from 2026-12-05 09:41)"
 
 
 def test_a_short_run_with_nothing_remembered_is_not_timed(toys, tmp_path, monkeypatch, capsys):
