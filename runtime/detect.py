@@ -462,7 +462,8 @@ class Runner:
     def _say_result(self, item: Item, dets: Detections) -> None:
         best = ", ".join(f"{d.phrase} {d.score:.2f}" for d in list(dets)[:3])
         more = ", ..." if len(dets) > 3 else ""
-        self.say(f"{item.frame.name}: {len(dets)} detections{f' ({best}{more})' if best else ''} "
+        noun = "detection" if len(dets) == 1 else "detections"
+        self.say(f"{item.frame.name}: {len(dets)} {noun}{f' ({best}{more})' if best else ''} "
                  f"in {self.detector.last_timing.total:.1f} ms")
 
     def run(self, items: Iterator[Item], with_frame: bool, sink: VideoSink | ImageSink | None,

@@ -92,6 +92,8 @@ def test_folder_of_images_one_line_each(package, tmp_path, capsys):
             check_record(rec, sizes[name][1], sizes[name][0])
             assert rec["prompt"] == PROMPT and rec["phrases"] == ["person", "red mug"]
             assert rec["detections"] == det.detect(rec["image"], PROMPT).to_json()  # = the library
+            n = len(rec["detections"])
+            assert f"{name}: {n} detection{'' if n == 1 else 's'}" in out, out   # "1 detection", "0 detections"
     assert "network-only" in out and "end-to-end" in out
     table = [line.split()[0] for line in out.splitlines()[-9:]]
     assert {"pre", "text", "network", "post", "total"} <= set(table)  # the per-stage timing table
