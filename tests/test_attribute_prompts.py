@@ -376,6 +376,36 @@ def test_omit_present_leaves_pairs_out_and_their_boxes_unmarked(data_dir):
                                                                              omit_present=2.0)))
 
 
+def test_absent_only_items_name_look_alikes_alone(data_dir):
+    """absent_only (train.fine --absent-only): at 1 every attribute item's prompt is absent
+    look-alikes only (each sharing a colour or a kind with a present pair) and no box is a
+    positive; at 0.5 some items are so and the others name their present pairs; with
+    keep_omitted the objects stay as unnamed boxes; a value outside [0, 1] is refused."""
+    det, pairs = _scene_pairs(data_dir)
+    opts = lambda p, kept=False: Stage2Options(grounding=False, attributes=AttributeOptions(  # noqa: E731
+        attribute_prompts=1.0, absent_only=p, keep_omitted=kept))
+    every, half, kept = (load_stage2(data_dir, CFG, opts(1.0)), load_stage2(data_dir, CFG, opts(0.5)),
+                         load_stage2(data_dir, CFG, opts(1.0, True)))
+    seen = {"absent": 0, "named": 0}
+    for i, im in enumerate(det["images"]):
+        scene = pairs.get(im["id"], [])
+        if not scene:
+            continue
+        present, colours, kinds = {f"{c} {k}" for c, k in scene}, {c for c, _ in scene}, {k for _, k in scene}
+        np.random.seed(i)
+        item = every[i]
+        names = set(item.prompt.split(". "))
+        assert names and not names & present and len(item.boxes) == 0, item.prompt
+        assert all(n.split(" ", 1)[0] in colours or n.split(" ", 1)[1] in kinds for n in names), item.prompt
+        np.random.seed(i)
+        assert len(kept[i].boxes) > 0 and not kept[i].positive_map.any()
+        np.random.seed(i)
+        seen["absent" if len(half[i].boxes) == 0 else "named"] += 1
+    assert seen["absent"] > 0 and seen["named"] > 0, seen
+    with pytest.raises(ValueError, match="absent-only"):
+        load_stage2(data_dir, CFG, opts(1.5))
+
+
 def test_token_contrast_loss_puts_each_positive_anchor_on_its_phrase():
     """MDETR soft-token loss: log(k) at uniform logits over k real tokens; lower when the anchor's
     phrase tokens lead; padding ignored; negatives anchors add nothing; 0 without positives."""

@@ -307,6 +307,9 @@ class AttributeOptions:
     so that a loss can ask their anchors for
     "no match" (``train.tasks.token_contrast_loss``'s no-match slot); the focal loss reads such a
     row as it reads background.
+    absent_only: probability that an attribute item names no present pair at all: its prompt is
+    the absent look-alikes alone, every object background (as ``keep_omitted`` says, an unnamed
+    box), as a user's prompt of only absent things is (`make demo`'s ``arrow-moon.png``).
     word_targets: an attribute item's tokens are positive for what their own word names, not for
     their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
     negative (with phrase targets both are negative, so the noun has to carry the colour: the
@@ -322,6 +325,7 @@ class AttributeOptions:
     confusable: float = 0.0
     keep_omitted: bool = False
     word_targets: bool = False
+    absent_only: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -329,13 +333,13 @@ class AttributeOptions:
 
     def check(self) -> None:
         for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present",
-                     "confusable"):
+                     "confusable", "absent_only"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
         if self.max_hard_negatives < 1:
             raise ValueError(f"max-hard-negatives must be >= 1, got {self.max_hard_negatives}")
-        if self.keep_omitted and self.omit_present <= 0:
+        if self.keep_omitted and self.omit_present <= 0 and self.absent_only <= 0:
             raise ValueError("keeping omitted boxes needs omit-present > 0 (no pair is omitted otherwise)")
 
 
@@ -535,6 +539,8 @@ class GroundingTrainDataset:
         negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count, self.attributes.confusable)
         if self.attributes.omit_present > 0:  # after the negatives: they share the omitted pairs' words
             present = [p for p in present if rng.random() >= self.attributes.omit_present]
+        if self.attributes.absent_only > 0 and rng.random() < self.attributes.absent_only:
+            present = []   # the look-alikes alone (0: nothing drawn, earlier runs replay unchanged)
         budget = self.max_text_len - 2
         pos = within_budget([f"{c} {k}" for c, k in present], budget, self._token_len)
         budget -= sum(self._token_len(n + SEPARATOR) for n in pos)

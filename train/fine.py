@@ -54,6 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probability that an attribute item leaves a present \"colour kind\" pair "
                         "out of its prompt (its objects then negatives), so absent phrases that "
                         "share its colour or kind are met without the right phrase beside them")
+    p.add_argument("--absent-only", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute item's prompt is its absent look-alikes alone "
+                        "(no present pair named, every object background), as a user's prompt of only "
+                        "absent things is (off by default)")
     p.add_argument("--confusable-negatives", type=float, default=0.0, metavar="P",
                    help="probability that a same-colour hard negative names a kind the present one "
                         "is mistaken for (train.data.CONFUSABLE_KINDS: 'red star' beside a red "
@@ -131,7 +135,8 @@ def _run(args: argparse.Namespace) -> str:
                                                         args.caption_swap, args.omit_present,
                                                         args.confusable_negatives,
                                                         keep_omitted=args.no_match_logit is not None,
-                                                        word_targets=args.word_targets))
+                                                        word_targets=args.word_targets,
+                                                        absent_only=args.absent_only))
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
