@@ -430,7 +430,7 @@ def test_token_contrast_loss_puts_each_positive_anchor_on_its_phrase():
 def test_kept_omitted_boxes_are_unnamed_objects_with_all_zero_rows(data_dir):
     """keep_omitted (train.fine --no-match-logit): with every present pair omitted, each object
     stays a box with an all-zero positive-map row; with none omitted the targets are as without
-    it; it needs omit-present > 0."""
+    it; it needs omit-present > 0 (or absent-only > 0)."""
     det, pairs = _scene_pairs(data_dir)
     opts = lambda omit, kept: Stage2Options(grounding=False, attributes=AttributeOptions(  # noqa: E731
         attribute_prompts=1.0, omit_present=omit, keep_omitted=kept))
@@ -559,6 +559,10 @@ def test_fine_cli_no_match_slot_trains_and_needs_its_companions(data_dir, tmp_pa
                  ["--omit-present", "0.5", "--token-contrast", "1.0", "--no-match-unnamed-only"]):  # no slot
         assert fine.main(fine.get_args_parser().parse_args(base + argv)) == 2
     assert not (tmp_path / "refused").exists()
+    # --absent-only leaves objects unnamed as well: the slot takes it in place of --omit-present
+    rec = _train_tiny(data_dir, tmp_path / "absent", 1, "--attribute-prompts", "0.8", "--absent-only", "0.5",
+                      "--token-contrast", "1.0", "--no-match-logit", "-1.0")
+    assert rec[0]["loss_token_contrast"] > 0
 
 
 def test_fine_cli_logs_the_token_contrast_loss(data_dir, tmp_path):

@@ -340,7 +340,8 @@ class AttributeOptions:
         if self.max_hard_negatives < 1:
             raise ValueError(f"max-hard-negatives must be >= 1, got {self.max_hard_negatives}")
         if self.keep_omitted and self.omit_present <= 0 and self.absent_only <= 0:
-            raise ValueError("keeping omitted boxes needs omit-present > 0 (no pair is omitted otherwise)")
+            raise ValueError("keeping omitted boxes needs omit-present > 0 or absent-only > 0 "
+                             "(no pair is omitted otherwise)")
 
 
 # For each kind, the kinds it is mistaken for at the same colour, most often first: the phase-6

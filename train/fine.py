@@ -114,9 +114,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> str:
-    if args.no_match_logit is not None and (args.token_contrast <= 0 or args.omit_present <= 0):
+    omitted = args.omit_present > 0 or args.absent_only > 0   # objects that no phrase names
+    if args.no_match_logit is not None and (args.token_contrast <= 0 or not omitted):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
-                         "--omit-present leaves out: it needs --token-contrast > 0 and --omit-present > 0")
+                         "--omit-present or --absent-only leaves out: it needs --token-contrast > 0 and "
+                         "--omit-present > 0 or --absent-only > 0")
     if args.no_match_unnamed_only and args.no_match_logit is None:
         raise ValueError("--no-match-unnamed-only places the slot of --no-match-logit: give --no-match-logit C")
     cfg = model_config(args.config, args.late_fusion)
