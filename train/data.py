@@ -331,6 +331,12 @@ class AttributeOptions:
     def active(self) -> bool:
         return self.attribute_prompts > 0 or self.hard_negatives > 0 or self.caption_swap > 0
 
+    @property
+    def leaves_objects_unnamed(self) -> bool:
+        """Whether some attribute items name none of an object's phrases (omitted pairs, or prompts
+        of absent look-alikes alone): the objects ``keep_omitted`` keeps and a no-match slot needs."""
+        return self.omit_present > 0 or self.absent_only > 0
+
     def check(self) -> None:
         for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present",
                      "confusable", "absent_only"):
@@ -339,7 +345,7 @@ class AttributeOptions:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
         if self.max_hard_negatives < 1:
             raise ValueError(f"max-hard-negatives must be >= 1, got {self.max_hard_negatives}")
-        if self.keep_omitted and self.omit_present <= 0 and self.absent_only <= 0:
+        if self.keep_omitted and not self.leaves_objects_unnamed:
             raise ValueError("keeping omitted boxes needs omit-present > 0 or absent-only > 0 "
                              "(no pair is omitted otherwise)")
 

@@ -114,8 +114,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> str:
-    omitted = args.omit_present > 0 or args.absent_only > 0   # objects that no phrase names
-    if args.no_match_logit is not None and (args.token_contrast <= 0 or not omitted):
+    attributes = AttributeOptions(args.attribute_prompts, args.hard_negatives, args.max_hard_negatives,
+                                  args.colour_prompts, args.caption_swap, args.omit_present,
+                                  args.confusable_negatives, keep_omitted=args.no_match_logit is not None,
+                                  word_targets=args.word_targets, absent_only=args.absent_only)
+    unnamed = attributes.leaves_objects_unnamed   # objects that no phrase of their prompt names
+    if args.no_match_logit is not None and (args.token_contrast <= 0 or not unnamed):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
                          "--omit-present or --absent-only leaves out: it needs --token-contrast > 0 and "
                          "--omit-present > 0 or --absent-only > 0")
@@ -132,13 +136,7 @@ def _run(args: argparse.Namespace) -> str:
             print(report.summary(), flush=True)
     options = Stage2Options(grounding=args.grounding, detection=args.detection,
                             max_negatives=args.max_negatives, relation_repeat=args.relation_repeat,
-                            attributes=AttributeOptions(args.attribute_prompts, args.hard_negatives,
-                                                        args.max_hard_negatives, args.colour_prompts,
-                                                        args.caption_swap, args.omit_present,
-                                                        args.confusable_negatives,
-                                                        keep_omitted=args.no_match_logit is not None,
-                                                        word_targets=args.word_targets,
-                                                        absent_only=args.absent_only))
+                            attributes=attributes)
     data = load_stage2(args.data, cfg, options, progress_bar(train_cfg.progress))
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
