@@ -125,17 +125,36 @@ def remove_nodes(model: onnx.ModelProto, first_outputs: set[str]) -> None:
 
 
 def drop_unused(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nobody reads, then unused initializers."""
-    while True:
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = {n.output[0] for n in model.graph.node if not any(o in used for o in n.output)}
-        if not dead:
-            break
-        remove_nodes(model, dead)
+    """Remove nodes whose outputs nobody reads, then unused initializers. One pass from the dead
+    nodes back through their inputs (a chain of N dead nodes costs one walk, not N sweeps)."""
+    nodes = list(model.graph.node)
+    reads: dict[str, int] = defaultdict(int)
+    for node in nodes:
+        for name in node.input:
+            reads[name] += 1
+    for out in model.graph.output:
+        reads[out.name] += 1
+    producer = {out: k for k, node in enumerate(nodes) for out in node.output}
+    dead: set[int] = set()
+    todo = [k for k, node in enumerate(nodes) if not any(reads[o] for o in node.output)]
+    while todo:
+        k = todo.pop()
+        if k in dead:
+            continue
+        dead.add(k)
+        for name in nodes[k].input:
+            reads[name] -= 1
+            p = producer.get(name)
+            if reads[name] == 0 and p is not None and p not in dead and not any(reads[o] for o in nodes[p].output):
+                todo.append(p)
+    if dead:
+        keep = [node for k, node in enumerate(nodes) if k not in dead]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
     used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
+    keep_init = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(keep_init)
 
 
 def plain_session(model: onnx.ModelProto | str | Path):

@@ -117,7 +117,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, feeds: Sequence[dict[str, np.n
     g = GraphIndex(model)
     frontier = _shape_frontier(model, g)
     reshapes = [n for n in model.graph.node if n.op_type == "Reshape" and n.input[1] in frontier]
-    values, data_shapes = _probe_values(model, frontier, [r.input[0] for r in reshapes], feeds)
+    values, data_shapes, want = _probe_values(model, frontier, [r.input[0] for r in reshapes], feeds, check)
     folded = {}
     for name in frontier:
         vals = [v[name] for v in values]
@@ -132,7 +132,7 @@ def fold_shape_arithmetic(model: onnx.ModelProto, feeds: Sequence[dict[str, np.n
     _replace_with_constants(model, folded, new_targets)
     drop_unused(model)
     try:
-        _check_same_outputs(original, model, [*feeds, check])
+        _check_same_outputs(want, model, [*feeds, check])
     except OnnxExportError:
         model.CopyFrom(original)
         raise
@@ -162,8 +162,11 @@ def _shape_frontier(model: onnx.ModelProto, g: GraphIndex) -> list[str]:
 
 
 def _probe_values(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequence[str],
-                  feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[dict], list[dict]]:
-    """Per feed: {name: value} of ``names`` and {name: shape} of the tensors ``shape_of``.
+                  feeds: Sequence[dict[str, np.ndarray]], check: dict[str, np.ndarray]
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per feed: {name: value} of ``names`` and {name: shape} of the tensors ``shape_of``; and per
+    feed and ``check``, the graph's own outputs {output: value} (what the folded graph must
+    reproduce; one session gives both).
 
     Values too large to fold (> FOLD_MAX_ELEMENTS on the first feed; FIBER-B's shifted-window
     masks at 800x1344 are GBs together) are not made graph outputs, which ONNX Runtime would hold
@@ -171,12 +174,16 @@ def _probe_values(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequen
     returned as a zero-strided stand-in of its shape (only its size is read afterwards)."""
     sizes = _run_probe(model, [], list(names), feeds[:1])[1][0]
     small = [n for n in names if int(np.prod(sizes[n])) <= FOLD_MAX_ELEMENTS]
-    values, shapes = _run_probe(model, small, list(shape_of), feeds)
+    outputs = [o.name for o in model.graph.output]
+    values, shapes = _run_probe(model, small + [o for o in outputs if o not in small], list(shape_of),
+                                [*feeds, check])
+    want = [{o: v[o] for o in outputs} for v in values]
+    values, shapes = [{n: v[n] for n in small} for v in values[:-1]], shapes[:-1]
     for v in values:
         for n in names:
             if n not in v:
                 v[n] = np.broadcast_to(np.zeros((), np.float32), tuple(int(d) for d in sizes[n]))
-    return values, shapes
+    return values, shapes, want
 
 
 def _run_probe(model: onnx.ModelProto, names: Sequence[str], shape_of: Sequence[str],
@@ -246,21 +253,17 @@ def _replace_with_constants(model: onnx.ModelProto, folded: dict[str, np.ndarray
             node.input[1] = const
 
 
-def _check_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-    # One session at a time (``a``'s outputs kept, its session dropped before ``b``'s is made): at
-    # FIBER-B scale each optimisations-off session holds ~1 GB of weights plus its activation arena.
-    sa = plain_session(a)
-    names = [o.name for o in sa.get_outputs()]
-    want = [sa.run(names, f) for f in feeds]
-    del sa
+def _check_same_outputs(want: Sequence[dict[str, np.ndarray]], b: onnx.ModelProto,
+                        feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    """``b`` computes ``want`` (the unfolded graph's outputs, one dict per feed) on ``feeds``."""
     sb = plain_session(b)
     for f, expected in zip(feeds, want):
         shapes = {k: v.shape for k, v in f.items()}
         try:
-            got = sb.run(names, f)
+            got = sb.run(list(expected), f)
         except Exception as e:  # onnxruntime's own error types
             raise OnnxExportError(f"folding shape arithmetic broke the graph for inputs {shapes}: "
                                   f"{str(e).strip().splitlines()[0]}") from None
-        for name, x, y in zip(names, expected, got):
+        for (name, x), y in zip(expected.items(), got):
             if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, atol=1e-6):
                 raise OnnxExportError(f"folding shape arithmetic changed output {name!r} for inputs {shapes}")
