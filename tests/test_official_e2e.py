@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from safetensors import safe_open
@@ -27,18 +28,26 @@ TOKENIZER = REPO / "tests" / "data" / "golden" / "fine_tokenizer"
 
 
 @pytest.fixture(scope="module")
-def golden_package(tmp_path_factory) -> Path:
-    from compress import export
+def golden_checkpoint(tmp_path_factory) -> Path:
+    """The official golden release converted by the CLI, once for the module (read-only)."""
     from fiber import checkpoint
 
-    tmp = tmp_path_factory.mktemp("official")
+    out = tmp_path_factory.mktemp("official") / "ck"
     args = checkpoint.get_args_parser().parse_args([
         "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
-        "--tokenizer", str(TOKENIZER), "--out", str(tmp / "ck")])
+        "--tokenizer", str(TOKENIZER), "--out", str(out)])
     assert checkpoint.main(args) == 0
-    args = export.get_args_parser().parse_args(["--checkpoint", str(tmp / "ck"), "--out", str(tmp / "pkg")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden_package(golden_checkpoint) -> Path:
+    from compress import export
+
+    out = golden_checkpoint.parent / "pkg"
+    args = export.get_args_parser().parse_args(["--checkpoint", str(golden_checkpoint), "--out", str(out)])
     assert export.main(args) == 0
-    return tmp / "pkg"
+    return out
 
 
 @pytest.mark.slow  # the fixture converts and exports the golden detector (78 DeformConv nodes): ~2 min
@@ -51,6 +60,20 @@ def test_the_package_records_the_official_input_and_post_processing(golden_packa
     assert (post["threshold"], post["pre_nms_top_k"], post["max_detections"], post["nms_iou"]) == (0.05, 40, 25, 0.6)
     assert manifest["text"]["lowercase"] is False and manifest["text"]["pad_id"] == 1
     assert manifest["text"]["buckets"] == [16]
+
+
+@pytest.mark.slow
+def test_the_detector_graph_carries_the_official_head_and_matches_pytorch(golden_package):
+    """The DyHead's 78 deformable convolutions (6 blocks x 13) as the canonical opset-19 op, and
+    ONNX Runtime computes what PyTorch does (the export's parity record; test_golden_fine_head
+    holds PyTorch to the official outputs)."""
+    graph = onnx.load(str(golden_package / pkg.DETECTOR_GRAPH), load_external_data=False)
+    assert [n.op_type for n in graph.graph.node].count("DeformConv") == 6 * 13
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 19
+    parity = pkg.read_manifest(golden_package)["parity"]
+    assert parity["detector_vs"] == "PyTorch"
+    assert set(parity["max_rel_diff_vs_torch"]) == {"text_hidden", *pkg.DETECTOR_OUTPUTS}
+    assert max(parity["max_rel_diff_vs_torch"].values()) < 1e-4
 
 
 @pytest.mark.slow
@@ -89,16 +112,11 @@ def test_official_release_to_runtime_detections(golden_package, tmp_path):
     ("32x64", "canvas 32x64 is too small for the model's strides: each side needs at least 64"),
     ("512by672", "canvas must be HxW in pixels"),
 ])
-def test_export_refuses_a_bad_canvas_with_one_line(tmp_path, capsys, canvas, message):
+def test_export_refuses_a_bad_canvas_with_one_line(golden_checkpoint, tmp_path, capsys, canvas, message):
     from compress import export
-    from fiber import checkpoint
 
-    args = checkpoint.get_args_parser().parse_args([
-        "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
-        "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "ck")])
-    assert checkpoint.main(args) == 0
     capsys.readouterr()
-    argv = ["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "pkg"), "--canvas", canvas]
+    argv = ["--checkpoint", str(golden_checkpoint), "--out", str(tmp_path / "pkg"), "--canvas", canvas]
     try:
         code = export.main(export.get_args_parser().parse_args(argv))
     except SystemExit as e:  # argparse rejects a malformed HxW itself
@@ -131,19 +149,14 @@ def test_a_prompt_over_the_largest_bucket_is_truncated_with_one_line(golden_pack
     assert record["warnings"] == ["prompt truncated to 16 tokens"] and len(record["phrases"]) == 12
 
 
-def test_export_refuses_to_start_without_the_memory_it_needs(tmp_path, capsys, monkeypatch):
+def test_export_refuses_to_start_without_the_memory_it_needs(golden_checkpoint, tmp_path, capsys, monkeypatch):
     """Too little memory for an export: one line (needed, available, what to change), exit 2,
     nothing written; --no-memory-check goes ahead regardless (here only as far as the estimate)."""
     from compress import export
-    from fiber import checkpoint
 
-    args = checkpoint.get_args_parser().parse_args([
-        "convert-official", str(GOLDEN / "fiber_fine_small_official.safetensors"), "--config", "fiber-golden-fine",
-        "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "ck")])
-    assert checkpoint.main(args) == 0
     capsys.readouterr()
     monkeypatch.setattr(export, "available_memory", lambda: 300 * 2 ** 20)   # 0.3 GiB free
-    argv = ["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "pkg")]
+    argv = ["--checkpoint", str(golden_checkpoint), "--out", str(tmp_path / "pkg")]
     assert export.main(export.get_args_parser().parse_args(argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not enough memory for this export" in err[0] and "0.3 GiB available" in err[0]
