@@ -577,6 +577,26 @@ def test_fold_shape_arithmetic_refuses_what_the_examples_cannot_tell():
     assert model.SerializeToString() == before                                  # restored
 
 
+def test_drop_unused_removes_dead_chains_and_keeps_what_an_output_reads():
+    """A chain of dead nodes goes in one call, with the initializers only it read; a node one of
+    whose outputs is read stays, and so does everything a graph output depends on."""
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    dead_w = numpy_helper.from_array(np.ones((2, 2), np.float32), "dead_w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),
+             helper.make_node("Split", ["a"], ["s0", "s1"], axis=1, num_outputs=2),  # s1 unread
+             helper.make_node("Concat", ["s0", "s0"], ["y"], axis=1),
+             helper.make_node("MatMul", ["x", "dead_w"], ["d1"]),
+             helper.make_node("Relu", ["d1"], ["d2"]),
+             helper.make_node("Add", ["d2", "a"], ["d3"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, dead_w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx_graph.drop_unused(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Split", "Concat"]
+    assert [i.name for i in model.graph.initializer] == ["w"]
+    onnx.checker.check_model(model, full_check=True)
+
+
 def test_exported_detector_has_constant_reshape_targets(work):
     det = onnx.load(str(work["package"] / pkg.DETECTOR_GRAPH))
     inits = {i.name for i in det.graph.initializer}
