@@ -148,13 +148,11 @@ def drop_unused(model: onnx.ModelProto) -> None:
             if reads[name] == 0 and p is not None and p not in dead and not any(reads[o] for o in nodes[p].output):
                 todo.append(p)
     if dead:
-        keep = [node for k, node in enumerate(nodes) if k not in dead]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+        remove_nodes(model, {nodes[k].output[0] for k in dead})
     used = {i for n in model.graph.node for i in n.input}
-    keep_init = [i for i in model.graph.initializer if i.name in used]
+    keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(keep_init)
+    model.graph.initializer.extend(keep)
 
 
 def plain_session(model: onnx.ModelProto | str | Path):
