@@ -316,6 +316,28 @@ def test_colour_prompts_and_caption_swaps(data_dir):
         assert data.cache.paths[item.image] == s.image
 
 
+def test_kind_prompts_name_every_kind_and_mark_each_box_with_its_own(data_dir):
+    """--kind-prompts: an attribute item prompted with every kind name, each box positive for the
+    tokens of its own kind only; 0 leaves the attribute items as they were."""
+    opts = AttributeOptions(attribute_prompts=1.0, kind_prompts=1.0)
+    data = load_stage2(data_dir, CFG, Stage2Options(attributes=opts))
+    det, pairs = _scene_pairs(data_dir)
+    np.random.seed(0)
+    seen = 0
+    for i, im in enumerate(det["images"]):
+        item = data[len(data.grounding) + i]
+        assert sorted(item.prompt.split(". ")) == sorted(data.kinds)
+        kinds = [k for _, k in pairs.get(im["id"], [])]
+        marked = [_marked(item, row) for row in item.positive_map]
+        assert len(marked) == len(kinds) and sorted(marked) == sorted(kinds)
+        seen += len(marked)
+    assert seen
+    plain = load_stage2(data_dir, CFG, Stage2Options(attributes=AttributeOptions(attribute_prompts=1.0)))
+    np.random.seed(0)
+    item = plain[len(plain.grounding)]
+    assert sorted(item.prompt.split(". ")) != sorted(plain.kinds)
+
+
 def test_colour_and_kind_aux_losses_are_logged_and_left_out_of_the_final_weights(data_dir, tmp_path):
     """--colour-aux / --kind-aux: batches carry each box's colour and kind index (those of its
     detection annotation), the loss has 'loss_colour' / 'loss_kind' parts (ln 8 ~ 2.08 and

@@ -50,6 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-prompts", type=float, default=0.0, metavar="P",
                    help="probability that an attribute sample is prompted with the colour names "
                         "alone (each object positive for its colour)")
+    p.add_argument("--kind-prompts", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute sample (not drawn for colour names) is prompted "
+                        "with every kind name (each object positive for its kind): every look-alike "
+                        "outline a negative at every object")
     p.add_argument("--omit-present", type=float, default=0.0, metavar="P",
                    help="probability that an attribute item leaves a present \"colour kind\" pair "
                         "out of its prompt (its objects then negatives), so absent phrases that "
@@ -117,7 +121,8 @@ def _run(args: argparse.Namespace) -> str:
     attributes = AttributeOptions(args.attribute_prompts, args.hard_negatives, args.max_hard_negatives,
                                   args.colour_prompts, args.caption_swap, args.omit_present,
                                   args.confusable_negatives, keep_omitted=args.no_match_logit is not None,
-                                  word_targets=args.word_targets, absent_only=args.absent_only)
+                                  word_targets=args.word_targets, absent_only=args.absent_only,
+                                  kind_prompts=args.kind_prompts)
     unnamed = attributes.leaves_objects_unnamed   # objects that no phrase of their prompt names
     if args.no_match_logit is not None and (args.token_contrast <= 0 or not unnamed):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
