@@ -407,3 +407,57 @@ def test_report_cli_bad_arguments(tmp_path, toys):
     assert proc.stderr.strip().splitlines() == ["benchmarks.report: --backend 'cuda' is not one of "
                                                 "['onnxruntime', 'openvino', 'tensorrt', 'tensorrt-rtx']"]
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ benchmarks.kinds
+
+
+class _SceneDetector:
+    """A stand-in detector for ``benchmarks.kinds.measure``: it regenerates the scene it is given
+    (scenes come in order) and returns each object's box labelled by ``name(obj)``, plus a
+    higher-scoring wrong box that covers nothing."""
+
+    def __init__(self, images, seed, name):
+        from fiber.data.synth import SynthConfig, make_scene
+        self.scenes = [make_scene(SynthConfig(images=images, seed=seed), i)[1] for i in range(images)]
+        self.name, self.calls = name, 0
+
+    def detect(self, image, prompt):
+        from types import SimpleNamespace
+        kinds = prompt.split(". ")
+        objs = self.scenes[self.calls].objects
+        self.calls += 1
+        boxes = [o.box for o in objs] + [[0, 0, 1, 1]]
+        labels = [self.name(o) for o in objs] + [kinds[0]]
+        keep = [j for j, lab in enumerate(labels) if lab in kinds]
+        return SimpleNamespace(boxes=np.array([boxes[j] for j in keep], np.float32).reshape(-1, 4),
+                               scores=np.array([0.5] * (len(keep) - 1) + [0.9], np.float32)[:len(keep)],
+                               phrase_index=np.array([kinds.index(labels[j]) for j in keep], np.int32))
+
+
+def test_kinds_counts_an_object_named_by_its_best_covering_box():
+    from benchmarks import kinds
+
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], np.float32)
+    objects = np.array([[0, 0, 10, 10], [50, 50, 61, 61], [100, 100, 110, 110]], np.float32)
+    named = kinds.name_objects(objects, boxes, np.array([0.3, 0.6, 0.2]), ["circle", "hexagon", "star"])
+    assert named == ["hexagon", "star", kinds.NONE]     # the better of two covering boxes; no cover
+    assert kinds.name_objects(objects, np.zeros((0, 4)), np.zeros(0), []) == [kinds.NONE] * 3
+
+    right = kinds.measure(_SceneDetector(6, 4242, lambda o: o.kind), 6, 4242)
+    assert right["right"] == 1.0 and right["objects"] > 6 and not right["confusions"]
+    circles = kinds.measure(_SceneDetector(6, 4242, lambda o: "circle"), 6, 4242)
+    share = circles["by_kind"].get("circle", {"objects": 0})["objects"] / circles["objects"]
+    assert circles["right"] == pytest.approx(share, abs=1e-4)
+    assert all(v["right"] == 0.0 for k, v in circles["by_kind"].items() if k != "circle")
+    assert all(key.endswith("-> circle") for key in circles["confusions"])
+
+
+def test_kinds_cli_refuses_a_missing_package_in_one_line(tmp_path, capsys):
+    from benchmarks import kinds
+
+    args = kinds.get_args_parser().parse_args(["--package", str(tmp_path / "nope")])
+    assert kinds.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--package" in err[0] and "does not exist" in err[0]
+    assert kinds.main(kinds.get_args_parser().parse_args(["--package", str(tmp_path), "--images", "0"])) == 2
