@@ -372,6 +372,45 @@ def test_colour_and_kind_aux_losses_are_logged_and_left_out_of_the_final_weights
         assert fine.main(args) == 2
 
 
+def test_kind_separation_loss_costs_only_pairs_over_the_margin_and_parts_them():
+    """kind_separation_loss: 0 when every pair of kind vectors is under the margin (a shared
+    direction is free); > 0 for two kinds folded together, and a gradient step parts them; a kind
+    of several word pieces is the mean of its tokens."""
+    from train.tasks import KIND_SEPARATION_MARGIN, kind_separation_loss
+
+    torch.manual_seed(0)
+    common = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    apart = torch.stack([0.8 * common + 0.6 * torch.eye(8)[i] for i in range(3)])   # a shared direction
+    words = torch.eye(3)
+    cos = torch.nn.functional.normalize(apart, dim=-1) @ torch.nn.functional.normalize(apart, dim=-1).T
+    assert cos[0, 1] < KIND_SEPARATION_MARGIN and kind_separation_loss(apart, words) == 0
+    folded = apart.clone()
+    folded[1] = folded[0] + 0.05 * torch.randn(8)
+    tokens = torch.cat([folded, folded[1:2] * 1.02]).requires_grad_(True)   # kind 1: two pieces
+    pieces = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.float32)
+    loss = kind_separation_loss(tokens, pieces)
+    assert loss > 0
+    loss.backward()
+    with torch.no_grad():
+        stepped = tokens - 5.0 * tokens.grad
+        v = torch.nn.functional.normalize(pieces @ stepped, dim=-1)
+        before = torch.nn.functional.normalize(pieces @ tokens, dim=-1)
+    assert float(v[0] @ v[1]) < float(before[0] @ before[1])
+    assert kind_separation_loss(stepped, pieces) < loss
+
+
+def test_kind_separation_is_logged_recorded_and_needs_the_attribute_data(data_dir, tmp_path):
+    out = tmp_path / "run"
+    rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "0.8", "--kind-separation", "10")
+    assert all(np.isfinite(r["loss_kind_separation"]) and r["loss_kind_separation"] >= 0 for r in rec)
+    stage = json.loads((out / "final" / "config.json").read_text())["stage"]
+    assert stage["kind_separation"] == 10
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(tmp_path / "bad"), "--config", "fiber-tiny-test",
+         "--init", "none", "--max-steps", "1", "--batch-size", "4", "--no-progress", "--kind-separation", "1"])
+    assert fine.main(args) == 2
+
+
 def test_omit_present_leaves_pairs_out_and_their_boxes_unmarked(data_dir):
     """--omit-present 1: an attribute item's prompt holds only absent hard negatives (each sharing
     a colour or kind with a present pair) and no box is a positive; 0 keeps every present pair."""

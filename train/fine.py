@@ -114,6 +114,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the same for the object's kind (shape), so that look-alike outlines "
                         "(circle / hexagon, cross / arrow) get apart in the features the phrase "
                         "scores read (training only; needs the attribute data)")
+    p.add_argument("--kind-separation", type=float, default=0.0, metavar="W",
+                   help="weight of a loss that keeps the head's projected kind names apart (cosine "
+                        "over 0.8 costs), so the phrase logit can score one kind above a look-alike "
+                        "(training only; needs the attribute data; single process)")
     return p
 
 
@@ -146,6 +150,7 @@ def _run(args: argparse.Namespace) -> str:
     task = FineTask(cfg, data, init_state,
                     FineOptions(text_lr_mult=args.text_lr_mult, text_init=args.text_init,
                                 init=str(args.init), colour_aux=args.colour_aux, kind_aux=args.kind_aux,
+                                kind_separation=args.kind_separation,
                                 fusion_lr_mult=args.fusion_lr_mult,
                                 position_lr_mult=args.position_lr_mult,
                                 position_from_relations=args.position_from_relations,

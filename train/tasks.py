@@ -135,6 +135,7 @@ class FineOptions:
     init: str = "none"              # where the weights came from (recorded in config.json)
     colour_aux: float = 0.0         # weight of the auxiliary colour loss on the region features
     kind_aux: float = 0.0           # the same for the object's kind
+    kind_separation: float = 0.0    # weight of kind_separation_loss on the projected kind names
     # lr multiplier of every fusion parameter (names with "i2t" / "t2i", both towers); None = the
     # official fine rule: each follows its tower (t2i at text_lr_mult). FIBER coarse uses 5.
     fusion_lr_mult: float | None = None
@@ -220,6 +221,10 @@ class FineTask(BaseTask):
                                       self.options.no_match_logit, self.options.no_match_unnamed_only)
             losses["loss_token_contrast"] = aux
             losses["loss"] = losses["loss"] + self.options.token_contrast * aux
+        if self.options.kind_separation > 0:
+            aux = self.kind_separation(head, model)
+            losses["loss_kind_separation"] = aux
+            losses["loss"] = losses["loss"] + self.options.kind_separation * aux
         if self._regions:
             regions = torch.cat([r.flatten(2).transpose(1, 2) for r in self._regions], dim=1)
             self._regions.clear()
@@ -229,6 +234,26 @@ class FineTask(BaseTask):
                 losses[f"loss_{name}"] = aux
                 losses["loss"] = losses["loss"] + weight * aux
         return losses
+
+    def kind_separation(self, head: nn.Module, model: nn.Module) -> torch.Tensor:
+        """``kind_separation_loss`` of the world's kind names, prompted together ("circle. hexagon.
+        ..."), through the text tower and the head's token projection."""
+        if hasattr(model, "module"):
+            raise ValueError("--kind-separation runs the text tower outside the DDP forward: "
+                             "single-process training only")
+        if getattr(self, "_kind_prompt", None) is None:
+            kinds = getattr(self.data, "kinds", None) if getattr(self.data, "attributes", None) else None
+            if not kinds:
+                raise ValueError("--kind-separation needs the attribute data (--attribute-prompts, "
+                                 "--hard-negatives or --caption-swap): it names the world's kinds")
+            enc = self.data.tok.encode(". ".join(kinds))
+            n = enc.num_tokens
+            self._kind_prompt = (torch.as_tensor(enc.input_ids[:, :n]).long(),
+                                 torch.as_tensor(enc.attention_mask[:, :n]).long(),
+                                 torch.as_tensor(enc.phrase_map[:, :n], dtype=torch.float32))
+        ids, mask, words = self._kind_prompt
+        tokens, _ = head.project_text(model.encode_text(ids, mask), mask)
+        return kind_separation_loss(tokens[0], words)
 
     def _aux_weights(self) -> dict[str, float]:
         """The training-only classifiers on the region features that this run uses, by name
@@ -277,7 +302,31 @@ class FineTask(BaseTask):
                           "position_aux": self.options.position_aux,
                           "token_contrast": self.options.token_contrast,
                           "no_match_logit": self.options.no_match_logit,
-                          **({"no_match_unnamed_only": True} if self.options.no_match_unnamed_only else {})}}
+                          **({"no_match_unnamed_only": True} if self.options.no_match_unnamed_only else {}),
+                          **({"kind_separation": self.options.kind_separation}
+                             if self.options.kind_separation else {})}}
+
+
+KIND_SEPARATION_MARGIN = 0.8
+
+
+def kind_separation_loss(tokens: torch.Tensor, words: torch.Tensor,
+                         margin: float = KIND_SEPARATION_MARGIN) -> torch.Tensor:
+    """Keeps the head's projected kind names apart: mean over pairs of kinds of
+    ``relu(cos(v_i, v_j) - margin) ** 2``, ``v_k`` the mean of kind ``k``'s projected tokens
+    (``tokens`` [T, P], ``words`` [K, T] 0/1 token map).
+
+    The phrase logit is the bilinear ``<region, token>``: where the projection has folded two
+    kinds onto one direction (the shipped model's circle / hexagon tokens at cosine 0.98, cross /
+    arrow 0.95, while the text states feeding it are at 0.5), no region feature can score one above
+    the other, and the gradient that would part them is proportional to the part already there
+    (docs/results.md section 23; section 8 met the same saddle for colours from the image side).
+    Pairs already under ``margin`` cost nothing, so a common direction shared by all kinds stays."""
+    w = words.to(tokens.dtype)
+    v = nn.functional.normalize((w @ tokens) / w.sum(1, keepdim=True).clamp_min(1.0), dim=-1)
+    cos = v @ v.T
+    off = ~torch.eye(len(v), dtype=torch.bool, device=v.device)
+    return torch.relu(cos[off] - margin).pow(2).mean()
 
 
 def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor, matched: torch.Tensor,
