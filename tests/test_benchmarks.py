@@ -461,3 +461,38 @@ def test_kinds_cli_refuses_a_missing_package_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--package" in err[0] and "does not exist" in err[0]
     assert kinds.main(kinds.get_args_parser().parse_args(["--package", str(tmp_path), "--images", "0"])) == 2
+
+
+def test_feature_probe_separates_a_readable_pair_and_not_noise(capsys):
+    """ridge_probe: near 1 where one feature carries the label, near 0.5 where none does; too few
+    objects or one kind only is refused; a bad --pairs value is an argparse error."""
+    from benchmarks import feature_probe
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    noise = rng.normal(size=(400, 16))
+    readable = noise.copy()
+    readable[:, 5] += 3.0 * (2 * y - 1)
+    assert feature_probe.ridge_probe(readable, y) > 0.95
+    assert abs(feature_probe.ridge_probe(noise, y) - 0.5) < 0.1
+    with pytest.raises(ValueError, match="both kinds"):
+        feature_probe.ridge_probe(noise[:10], np.zeros(10, int))
+    with pytest.raises(SystemExit):
+        feature_probe.get_args_parser().parse_args(["--checkpoint", "x", "--pairs", "hexagon/hexagon"])
+    assert "want two different kinds" in capsys.readouterr().err
+    args = feature_probe.get_args_parser().parse_args(["--checkpoint", "/nonexistent/run"])
+    assert feature_probe.main(args) == 2
+
+
+def test_feature_probe_reads_one_centre_cell_per_object_at_every_depth(tiny):
+    from benchmarks import feature_probe
+
+    pair = ("hexagon", "circle")
+    feats, labels = feature_probe.collect(str(tiny["checkpoint"]), (pair,), 6, 4242)
+    assert len(labels[pair]) > 0 and set(labels[pair]) <= {0, 1}
+    dims = {d: {len(f) for f in feats[(pair, d)]} for d in feature_probe.DEPTHS}
+    assert all(len(feats[(pair, d)]) == len(labels[pair]) for d in feature_probe.DEPTHS)
+    assert all(len(v) == 1 for v in dims.values())                  # one feature size per depth
+    cfg = tiny["model"].cfg
+    assert dims["patch_embed"] == {cfg.swin.embed_dim} and dims["stage4"] == {cfg.swin.embed_dim * 8}
+    assert dims["tower_p3"] == {cfg.head.fpn_channels}
