@@ -188,6 +188,17 @@ class FineTask(BaseTask):
                 raise ValueError(f"--{name}-aux reads the light head's region features; "
                                  f"'{self.cfg.name}' has another head")
             setattr(model, f"{name}_aux", nn.Linear(self.cfg.head.proj_dim, len(classes)))
+        if self.options.kind_separation > 0:
+            active = getattr(getattr(self.data, "attributes", None), "active", False)
+            kinds = getattr(self.data, "kinds", None) if active else None
+            if not kinds:
+                raise ValueError("--kind-separation needs the attribute data (--attribute-prompts, "
+                                 "--hard-negatives or --caption-swap): it names the world's kinds")
+            enc = self.data.tok.encode(". ".join(kinds))
+            n = enc.num_tokens
+            self._kind_prompt = (torch.as_tensor(enc.input_ids[:, :n]).long(),
+                                 torch.as_tensor(enc.attention_mask[:, :n]).long(),
+                                 torch.as_tensor(enc.phrase_map[:, :n], dtype=torch.float32))
         if self._aux_weights():
             model.head.dot_product_projection_image.register_forward_hook(
                 lambda mod, args, out: self._regions.append(out))
@@ -241,17 +252,8 @@ class FineTask(BaseTask):
         if hasattr(model, "module"):
             raise ValueError("--kind-separation runs the text tower outside the DDP forward: "
                              "single-process training only")
-        if getattr(self, "_kind_prompt", None) is None:
-            kinds = getattr(self.data, "kinds", None) if getattr(self.data, "attributes", None) else None
-            if not kinds:
-                raise ValueError("--kind-separation needs the attribute data (--attribute-prompts, "
-                                 "--hard-negatives or --caption-swap): it names the world's kinds")
-            enc = self.data.tok.encode(". ".join(kinds))
-            n = enc.num_tokens
-            self._kind_prompt = (torch.as_tensor(enc.input_ids[:, :n]).long(),
-                                 torch.as_tensor(enc.attention_mask[:, :n]).long(),
-                                 torch.as_tensor(enc.phrase_map[:, :n], dtype=torch.float32))
-        ids, mask, words = self._kind_prompt
+        device = head.bias0.device
+        ids, mask, words = (t.to(device) for t in self._kind_prompt)
         tokens, _ = head.project_text(model.encode_text(ids, mask), mask)
         return kind_separation_loss(tokens[0], words)
 
