@@ -179,22 +179,13 @@ class FineTask(BaseTask):
         for name in self._aux_weights():
             # training only: a linear colour (kind) classifier on the region features the
             # dot product reads, at the positive anchors; RUN/final drops it
-            active = getattr(getattr(self.data, "attributes", None), "active", False)
-            classes = getattr(self.data, f"{name}s", None) if active else None
-            if not classes:
-                raise ValueError(f"--{name}-aux needs the attribute data (--attribute-prompts, "
-                                 "--hard-negatives or --caption-swap)")
+            classes = self._world_names(f"{name}s", f"--{name}-aux")
             if not hasattr(model.head, "dot_product_projection_image"):
                 raise ValueError(f"--{name}-aux reads the light head's region features; "
                                  f"'{self.cfg.name}' has another head")
             setattr(model, f"{name}_aux", nn.Linear(self.cfg.head.proj_dim, len(classes)))
         if self.options.kind_separation > 0:
-            active = getattr(getattr(self.data, "attributes", None), "active", False)
-            kinds = getattr(self.data, "kinds", None) if active else None
-            if not kinds:
-                raise ValueError("--kind-separation needs the attribute data (--attribute-prompts, "
-                                 "--hard-negatives or --caption-swap): it names the world's kinds")
-            enc = self.data.tok.encode(". ".join(kinds))
+            enc = self.data.tok.encode(". ".join(self._world_names("kinds", "--kind-separation")))
             n = enc.num_tokens
             self._kind_prompt = (torch.as_tensor(enc.input_ids[:, :n]).long(),
                                  torch.as_tensor(enc.attention_mask[:, :n]).long(),
@@ -245,6 +236,15 @@ class FineTask(BaseTask):
                 losses[f"loss_{name}"] = aux
                 losses["loss"] = losses["loss"] + weight * aux
         return losses
+
+    def _world_names(self, part: str, flag: str) -> tuple[str, ...]:
+        """The attribute data's ``colours`` or ``kinds``; ValueError naming ``flag`` without it."""
+        active = getattr(getattr(self.data, "attributes", None), "active", False)
+        names = getattr(self.data, part, None) if active else None
+        if not names:
+            raise ValueError(f"{flag} needs the attribute data (--attribute-prompts, "
+                             "--hard-negatives or --caption-swap)")
+        return names
 
     def kind_separation(self, head: nn.Module, model: nn.Module) -> torch.Tensor:
         """``kind_separation_loss`` of the world's kind names, prompted together ("circle. hexagon.
