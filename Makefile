@@ -251,10 +251,25 @@ ATTR_RUN7 ?= runs/nano-p7
 $(ATTR_RUN7)/final/model.safetensors: $(ATTR_RUN6)/final/model.safetensors
 	OMP_NUM_THREADS=1 $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(ATTR_RUN6) --out $(ATTR_RUN7) --max-steps 2400 --schedule cosine --warmup-steps 50 --batch-size $(NANO_BATCH) --lr 2.5e-4 --text-lr-mult $(TEXT_LR_MULT) --amp $(TRAIN_AMP) --seed 13 $(ATTR_DATA_FLAGS) --colour-aux 1.0 --relation-repeat 2 --position-lr-mult 10 --position-aux 1.0 --token-contrast 2.0 --ckpt-every 400 --no-progress
 
-train-nano-attr: $(ATTR_RUN7)/final/model.safetensors
+# phase 8, two steps (docs/results.md section 24). 8a (runs/nano-p8a): 1200 steps of kind prompts
+# alone from phase 7 (every sample an all-kinds prompt, the kind classifier, the soft-token loss;
+# lr 3e-4 cosine, seed 31): the kinds the mixed recipe never concentrates on (hexagons 0.02 -> 0.36)
+# at the cost of colours and relations. 8b (runs/nano-p8b): phase 7's mixed recipe from 8a with half
+# of the attribute items not drawn for colour names prompted with every kind, and the kind classifier
+# (lr 3e-4 cosine, 1200 steps, seed 35). ~1.35 s/step each at 1 thread, bf16, on a Zen 4 beside a
+# second run (27 min each); as run, runs/k1-konly and runs/k3-konly-mix.
+ATTR_RUN8A ?= runs/nano-p8a
+$(ATTR_RUN8A)/final/model.safetensors: $(ATTR_RUN7)/final/model.safetensors
+	OMP_NUM_THREADS=1 $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(ATTR_RUN7) --out $(ATTR_RUN8A) --max-steps 1200 --schedule cosine --warmup-steps 50 --batch-size $(NANO_BATCH) --lr 3e-4 --text-lr-mult $(TEXT_LR_MULT) --amp $(TRAIN_AMP) --seed 31 --attribute-prompts 1.0 --kind-prompts 1.0 --caption-swap 1.0 --kind-aux 1.0 --token-contrast 2.0 --ckpt-every 200 --no-progress
+
+ATTR_RUN8 ?= runs/nano-p8b
+$(ATTR_RUN8)/final/model.safetensors: $(ATTR_RUN8A)/final/model.safetensors
+	OMP_NUM_THREADS=1 $(PY) -m train.fine --config fiber-nano --data $(SYNTH_TRAIN) --init $(ATTR_RUN8A) --out $(ATTR_RUN8) --max-steps 1200 --schedule cosine --warmup-steps 50 --batch-size $(NANO_BATCH) --lr 3e-4 --text-lr-mult $(TEXT_LR_MULT) --amp $(TRAIN_AMP) --seed 35 $(ATTR_DATA_FLAGS) --colour-aux 1.0 --relation-repeat 2 --position-lr-mult 10 --position-aux 1.0 --token-contrast 2.0 --kind-prompts 0.5 --kind-aux 1.0 --ckpt-every 200 --no-progress
+
+train-nano-attr: $(ATTR_RUN8)/final/model.safetensors
 
 # the shipped packages: export with a calibrated threshold, quantise, export INT8 (ATTR_SHIP: which run)
-ATTR_SHIP ?= $(ATTR_RUN7)
+ATTR_SHIP ?= $(ATTR_RUN8)
 package-nano-attr: $(ATTR_SHIP)/final/model.safetensors
 	OMP_NUM_THREADS=1 $(PY) -m compress.export --checkpoint $(ATTR_SHIP) --config fiber-nano --out $(ATTR_PKG)/fiber-nano --data $(NANO_EVAL_DATA) --calibrate --openvino-check --threads 1 --overwrite
 	OMP_NUM_THREADS=1 $(PY) -m compress.quantize --checkpoint $(ATTR_SHIP) --config fiber-nano --data $(NANO_CALIB_DATA) --out $(ATTR_SHIP)-quant --overwrite
