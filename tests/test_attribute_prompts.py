@@ -13,7 +13,7 @@ import torch
 from fiber.config import get_config
 from fiber.data.synth import COLOURS, KINDS, SynthConfig, generate
 from train import fine
-from train.data import (AttributeOptions, Stage2Options, hard_negative_pairs, load_stage2,
+from train.data import (AttributeOptions, Stage2Options, free_negative_pairs, hard_negative_pairs, load_stage2,
                         raw_tokenizer)
 
 CFG = get_config("fiber-tiny-test")
@@ -658,6 +658,52 @@ def test_confusable_negatives_name_the_kinds_a_present_one_is_mistaken_for():
               2: [("blue", "cross"), ("green", "circle"), ("blue", "star"), ("red", "circle")]}
     for seed, want in before.items():
         assert hard_negative_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS, 4) == want
+
+
+def test_free_negatives_are_absent_pairs_drawn_without_regard_to_the_scene(data_dir):
+    """--free-negatives: one or two more absent pairs per attribute item, from every pair not in
+    the image (so some share neither its colours nor its kinds, which no hard negative does), each
+    a negative for every box; 0 leaves the items as they were."""
+    present, taken = [("red", "arrow"), ("blue", "circle")], [("red", "star")]
+    unrelated = 0
+    for seed in range(100):
+        got = free_negative_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS, 2, taken)
+        assert len(got) == len(set(got)) == 2 and not set(got) & (set(present) | set(taken))
+        unrelated += sum(c not in ("red", "blue") and k not in ("arrow", "circle") for c, k in got)
+    assert unrelated >= 100          # ~70% of the 96 - 3 pairs share nothing with the scene
+    everything = [(c, k) for c in COLOURS for k in KINDS]
+    assert free_negative_pairs(np.random.default_rng(0), everything[1:], tuple(COLOURS), KINDS, 2) == everything[:1]
+    assert free_negative_pairs(np.random.default_rng(0), present, tuple(COLOURS), KINDS, 0) == []
+
+    det, pairs = _scene_pairs(data_dir)
+
+    def items(free: float):
+        opts = AttributeOptions(attribute_prompts=1.0, free_negatives=free)
+        data = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=opts))
+        out = []
+        for seed in range(3):
+            np.random.seed(seed)
+            out += [(data[i], {f"{c} {k}" for c, k in pairs.get(im["id"], [])})
+                    for i, im in enumerate(det["images"])]
+        return out
+
+    def shares_nothing(name, present):
+        c, k = name.split()
+        return not any(c == p.split()[0] or k == p.split()[1] for p in present)
+
+    free_items, plain_items = items(1.0), items(0.0)
+    assert [i.prompt for i, _ in free_items] != [i.prompt for i, _ in plain_items]
+    seen_free = 0
+    for item, present in free_items:
+        names = item.prompt.split(". ")
+        seen_free += sum(shares_nothing(n, present) for n in names if present)
+        for row in item.positive_map:                                      # boxes: own pair only
+            assert _marked(item, row) in {p.replace(" ", "") for p in present}
+    assert seen_free > 0
+    assert not any(shares_nothing(n, present) for item, present in plain_items if present
+                   for n in item.prompt.split(". "))
+    with pytest.raises(ValueError, match="free-negatives"):
+        AttributeOptions(attribute_prompts=1.0, free_negatives=1.5).check()
 
 
 def test_fine_cli_word_targets_record_the_min_rule_for_the_package(data_dir, tmp_path):

@@ -315,6 +315,11 @@ class AttributeOptions:
     absent_only: probability that an attribute item names no present pair at all: its prompt is
     the absent look-alikes alone, every object background (as ``keep_omitted`` says, an unnamed
     box), as a user's prompt of only absent things is (`make demo`'s ``arrow-moon.png``).
+    free_negatives: probability that an attribute item gets one or two more absent pairs drawn from
+    all (colour, kind) pairs not in the image, whatever they share with it. Hard negatives all share
+    a kind or a colour with a present pair, so the kinds a training prompt names hint at what is in
+    the image, and a model learns that prior ("bolt" in the prompt lifts "star" on a triangle:
+    docs/results.md section 24); negatives drawn without regard to the scene weaken the hint.
     word_targets: an attribute item's tokens are positive for what their own word names, not for
     their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
     negative (with phrase targets both are negative, so the noun has to carry the colour: the
@@ -332,6 +337,7 @@ class AttributeOptions:
     word_targets: bool = False
     absent_only: float = 0.0
     kind_prompts: float = 0.0
+    free_negatives: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -345,7 +351,7 @@ class AttributeOptions:
 
     def check(self) -> None:
         for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present",
-                     "confusable", "absent_only", "kind_prompts"):
+                     "confusable", "absent_only", "kind_prompts", "free_negatives"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
@@ -404,6 +410,19 @@ def hard_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, s
             break
         out.append(pool[int(rng.integers(len(pool)))])
     return out
+
+
+def free_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, str]],
+                        colours: Sequence[str], kinds: Sequence[str], count: int,
+                        taken: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Up to ``count`` distinct (colour, kind) pairs drawn uniformly from every pair that is neither
+    in ``present`` nor in ``taken``: negatives that say nothing about what the scene holds."""
+    skip = set(present) | set(taken)
+    pool = [(c, k) for c in colours for k in kinds if (c, k) not in skip]
+    if not pool or count < 1:
+        return []
+    pick = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
+    return [pool[int(j)] for j in pick]
 
 
 def load_object_colours(path: str | Path) -> dict[int, str]:
@@ -552,6 +571,8 @@ class GroundingTrainDataset:
         present = [present[j] for j in rng.permutation(len(present))]
         count = int(rng.integers(1, self.attributes.max_hard_negatives + 1)) + len(present) // 2
         negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count, self.attributes.confusable)
+        if self.attributes.free_negatives > 0 and rng.random() < self.attributes.free_negatives:
+            negs += free_negative_pairs(rng, present, self.colours, self.kinds, int(rng.integers(1, 3)), negs)
         if self.attributes.omit_present > 0:  # after the negatives: they share the omitted pairs' words
             present = [p for p in present if rng.random() >= self.attributes.omit_present]
         if self.attributes.absent_only > 0 and rng.random() < self.attributes.absent_only:

@@ -66,6 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probability that a same-colour hard negative names a kind the present one "
                         "is mistaken for (train.data.CONFUSABLE_KINDS: 'red star' beside a red "
                         "arrow) instead of any other kind")
+    p.add_argument("--free-negatives", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute item also gets one or two absent pairs drawn "
+                        "from all pairs not in the image, so that the kinds a prompt names do not "
+                        "hint at what is present (off by default)")
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
@@ -126,7 +130,7 @@ def _run(args: argparse.Namespace) -> str:
                                   args.colour_prompts, args.caption_swap, args.omit_present,
                                   args.confusable_negatives, keep_omitted=args.no_match_logit is not None,
                                   word_targets=args.word_targets, absent_only=args.absent_only,
-                                  kind_prompts=args.kind_prompts)
+                                  kind_prompts=args.kind_prompts, free_negatives=args.free_negatives)
     unnamed = attributes.leaves_objects_unnamed   # objects that no phrase of their prompt names
     if args.no_match_logit is not None and (args.token_contrast <= 0 or not unnamed):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
