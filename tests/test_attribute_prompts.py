@@ -13,8 +13,8 @@ import torch
 from fiber.config import get_config
 from fiber.data.synth import COLOURS, KINDS, SynthConfig, generate
 from train import fine
-from train.data import (AttributeOptions, Stage2Options, free_negative_pairs, hard_negative_pairs, load_stage2,
-                        raw_tokenizer)
+from train.data import (CONFUSABLE_KINDS, AttributeOptions, Stage2Options, decoy_kind_pairs, free_negative_pairs,
+                        hard_negative_pairs, load_stage2, raw_tokenizer)
 
 CFG = get_config("fiber-tiny-test")
 S = CFG.swin.img_size
@@ -704,6 +704,55 @@ def test_free_negatives_are_absent_pairs_drawn_without_regard_to_the_scene(data_
                    for n in item.prompt.split(". "))
     with pytest.raises(ValueError, match="free-negatives"):
         AttributeOptions(attribute_prompts=1.0, free_negatives=1.5).check()
+
+
+def test_decoy_kinds_name_an_absent_look_alike_kind_in_several_colours(data_dir):
+    """--decoy-kinds: an attribute item also names a kind absent from the image, one a present
+    object is mistaken for, in two or three colours (that object's among them), sometimes with a
+    look-alike of the decoy in the object's colour; every decoy is a negative at every box, and 0
+    leaves the items as they were."""
+    present = [("blue", "triangle"), ("red", "arrow"), ("orange", "moon")]
+    seconds = 0
+    for seed in range(60):
+        got = decoy_kind_pairs(np.random.default_rng(seed), present, tuple(COLOURS), KINDS)
+        assert len(got) == len(set(got)) and not {k for _, k in got} & {k for _, k in present}
+        decoy = got[0][1]
+        assert any(decoy in CONFUSABLE_KINDS[k] and got[0][0] == c for c, k in present), got
+        family = [p for p in got if p[1] == decoy]
+        assert 2 <= len(family) <= 3 and len({c for c, _ in family}) == len(family)
+        extra = [p for p in got if p[1] != decoy]
+        assert len(extra) <= 1 and all(c == got[0][0] and k in CONFUSABLE_KINDS[decoy] for c, k in extra)
+        seconds += len(extra)
+    assert 10 <= seconds <= 50          # about half the time
+    assert decoy_kind_pairs(np.random.default_rng(0), [], tuple(COLOURS), KINDS) == []
+    everything = [(c, k) for c in COLOURS for k in KINDS]
+    assert decoy_kind_pairs(np.random.default_rng(0), everything, tuple(COLOURS), KINDS) == []
+
+    det, pairs = _scene_pairs(data_dir)
+
+    def items(decoys: float):
+        opts = AttributeOptions(attribute_prompts=1.0, decoy_kinds=decoys)
+        data = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=opts))
+        out = []
+        for seed in range(3):
+            np.random.seed(seed)
+            out += [(data[i], pairs.get(im["id"], [])) for i, im in enumerate(det["images"])]
+        return out
+
+    def absent_kind_family(item, scene):
+        kinds = {k for _, k in scene}
+        named = [n.split()[1] for n in item.prompt.split(". ")]
+        return any(named.count(k) >= 2 and k not in kinds for k in set(named))
+
+    decoy_items, plain_items = items(1.0), items(0.0)   # (two present colours can share a hard negative's kind)
+    with_decoys = sum(absent_kind_family(i, scene) for i, scene in decoy_items if scene)
+    without = sum(absent_kind_family(i, scene) for i, scene in plain_items if scene)
+    assert with_decoys >= len(decoy_items) // 2 and with_decoys >= without + len(decoy_items) // 3, (with_decoys, without)
+    for item, scene in decoy_items:                                         # boxes: own pair only
+        for row in item.positive_map:
+            assert _marked(item, row) in {f"{c}{k}" for c, k in scene}
+    with pytest.raises(ValueError, match="decoy-kinds"):
+        AttributeOptions(attribute_prompts=1.0, decoy_kinds=-0.1).check()
 
 
 def test_fine_cli_word_targets_record_the_min_rule_for_the_package(data_dir, tmp_path):

@@ -321,6 +321,13 @@ class AttributeOptions:
     the image, and a model learns that prior ("bolt" in the prompt lifts "star" on a triangle:
     docs/results.md section 24); negatives drawn without regard to the scene weaken the hint (at
     1.0 for 800 steps from phase 8 the lift shrank but F1 fell: not in the shipped recipe).
+    decoy_kinds: probability that an attribute item also names a kind that is not in the image, one a
+    present object is mistaken for (``CONFUSABLE_KINDS``), in two or three colours (that object's
+    among them), and half the time a kind mistaken for that one in the object's colour: "blue star.
+    red star. brown star. blue bolt" beside a blue triangle. A hard negative names a present kind in
+    other colours, so without decoys a kind named in several colours is always in the image, and a
+    model learns to find it on its nearest look-alike (`make demo`'s ``arrow-moon.png``:
+    docs/results.md section 25).
     word_targets: an attribute item's tokens are positive for what their own word names, not for
     their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
     negative (with phrase targets both are negative, so the noun has to carry the colour: the
@@ -339,6 +346,7 @@ class AttributeOptions:
     absent_only: float = 0.0
     kind_prompts: float = 0.0
     free_negatives: float = 0.0
+    decoy_kinds: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -352,7 +360,7 @@ class AttributeOptions:
 
     def check(self) -> None:
         for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present",
-                     "confusable", "absent_only", "kind_prompts", "free_negatives"):
+                     "confusable", "absent_only", "kind_prompts", "free_negatives", "decoy_kinds"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
@@ -424,6 +432,30 @@ def free_negative_pairs(rng: np.random.Generator, present: Sequence[tuple[str, s
         return []
     pick = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
     return [pool[int(j)] for j in pick]
+
+
+def decoy_kind_pairs(rng: np.random.Generator, present: Sequence[tuple[str, str]],
+                     colours: Sequence[str], kinds: Sequence[str]) -> list[tuple[str, str]]:
+    """A kind absent from the image named in two or three colours: a kind that a randomly chosen
+    present object is mistaken for (any absent kind when none of those is free), in that object's
+    colour and one or two others; half the time also a kind mistaken for the decoy, in the object's
+    colour. All are absent pairs (no object of either kind is present). [] when nothing is present."""
+    if not present:
+        return []
+    have = {k for _, k in present}
+    colour, kind = present[int(rng.integers(len(present)))]
+    pool = [n for n in CONFUSABLE_KINDS.get(kind, ()) if n in kinds and n not in have]
+    pool = pool or [k for k in kinds if k not in have]
+    if not pool:
+        return []
+    decoy = pool[int(rng.integers(len(pool)))]
+    others = [c for c in colours if c != colour]
+    pick = rng.choice(len(others), size=min(int(rng.integers(1, 3)), len(others)), replace=False)
+    out = [(colour, decoy)] + [(others[int(j)], decoy) for j in pick]
+    second = [n for n in CONFUSABLE_KINDS.get(decoy, ()) if n in kinds and n not in have]
+    if rng.random() < 0.5 and second:
+        out.append((colour, second[int(rng.integers(len(second)))]))
+    return out
 
 
 def load_object_colours(path: str | Path) -> dict[int, str]:
@@ -574,6 +606,9 @@ class GroundingTrainDataset:
         negs = hard_negative_pairs(rng, present, self.colours, self.kinds, count, self.attributes.confusable)
         if self.attributes.free_negatives > 0 and rng.random() < self.attributes.free_negatives:
             negs += free_negative_pairs(rng, present, self.colours, self.kinds, int(rng.integers(1, 3)), negs)
+        if self.attributes.decoy_kinds > 0 and rng.random() < self.attributes.decoy_kinds:
+            decoys = decoy_kind_pairs(rng, present, self.colours, self.kinds)   # first: the budget keeps them
+            negs = decoys + [p for p in negs if p not in decoys]
         if self.attributes.omit_present > 0:  # after the negatives: they share the omitted pairs' words
             present = [p for p in present if rng.random() >= self.attributes.omit_present]
         if self.attributes.absent_only > 0 and rng.random() < self.attributes.absent_only:

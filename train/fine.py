@@ -70,6 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="probability that an attribute item also gets one or two absent pairs drawn "
                         "from all pairs not in the image, so that the kinds a prompt names do not "
                         "hint at what is present (off by default)")
+    p.add_argument("--decoy-kinds", type=float, default=0.0, metavar="P",
+                   help="probability that an attribute item also names an absent kind that a present "
+                        "object is mistaken for, in two or three colours ('blue star. red star' "
+                        "beside a blue triangle), so that a kind named in several colours is not "
+                        "always in the image (off by default)")
     p.add_argument("--caption-swap", type=float, default=0.0, metavar="P",
                    help="probability that a caption sample is replaced by an attribute sample of "
                         "its own image")
@@ -130,7 +135,8 @@ def _run(args: argparse.Namespace) -> str:
                                   args.colour_prompts, args.caption_swap, args.omit_present,
                                   args.confusable_negatives, keep_omitted=args.no_match_logit is not None,
                                   word_targets=args.word_targets, absent_only=args.absent_only,
-                                  kind_prompts=args.kind_prompts, free_negatives=args.free_negatives)
+                                  kind_prompts=args.kind_prompts, free_negatives=args.free_negatives,
+                                  decoy_kinds=args.decoy_kinds)
     unnamed = attributes.leaves_objects_unnamed   # objects that no phrase of their prompt names
     if args.no_match_logit is not None and (args.token_contrast <= 0 or not unnamed):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
