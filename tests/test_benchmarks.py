@@ -496,3 +496,50 @@ def test_feature_probe_reads_one_centre_cell_per_object_at_every_depth(tiny):
     cfg = tiny["model"].cfg
     assert dims["patch_embed"] == {cfg.swin.embed_dim} and dims["stage4"] == {cfg.swin.embed_dim * 8}
     assert dims["tower_p3"] == {cfg.head.fpn_channels}
+
+
+# ------------------------------------------------------------------ benchmarks.prompt_probe
+
+
+class _FixedDetector:
+    """A stand-in detector: every prompt gets the same three boxes, one per phrase index 0, 1, 0."""
+
+    def detect(self, image, prompt):
+        from types import SimpleNamespace
+        return SimpleNamespace(boxes=np.array([[0, 0, 9.6, 9.4], [5, 5, 20, 20], [1, 1, 3, 3]], np.float32),
+                               scores=np.array([0.15, 0.6, 0.05], np.float32),
+                               phrase_index=np.array([0, 1, 0], np.int32))
+
+
+def test_prompt_probe_lists_boxes_above_the_floor_best_first_and_marks_the_threshold():
+    from benchmarks import prompt_probe
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    records = prompt_probe.probe(_FixedDetector(), [("a.png", image)], ["blue star. blue bolt", "red ring. x"], 0.1)
+    assert [(r["image"], r["prompt"]) for r in records] == [("a.png", "blue star. blue bolt"), ("a.png", "red ring. x")]
+    assert records[0]["detections"] == [{"phrase": "blue bolt", "score": 0.6, "box": [5, 5, 20, 20]},
+                                        {"phrase": "blue star", "score": 0.15, "box": [0, 0, 10, 9]}]
+    assert records[1]["detections"][0]["phrase"] == "x"
+    line = prompt_probe.format_record(records[0], 0.27)
+    assert line == "a.png | blue star. blue bolt: *blue bolt 0.60 [5, 5, 20, 20], blue star 0.15 [0, 0, 10, 9]"
+    assert "*" not in prompt_probe.format_record(records[0], None)
+    assert prompt_probe.format_record({"image": "b", "prompt": "p", "detections": []}, 0.3) == "b | p: -"
+
+
+def test_prompt_probe_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    from benchmarks import prompt_probe
+
+    def run(*argv):
+        code = prompt_probe.main(prompt_probe.get_args_parser().parse_args(list(argv)))
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = run("--checkpoint", str(tmp_path / "nope"))
+    assert code == 2 and len(err) == 1 and "--checkpoint" in err[0] and "does not exist" in err[0]
+    code, err = run("--checkpoint", str(tmp_path), "--image", str(tmp_path / "x.png"))
+    assert code == 2 and err == [f"benchmarks.prompt_probe: --image {tmp_path / 'x.png'}: does not exist"]
+    code, err = run("--checkpoint", str(tmp_path), "--image", str(tmp_path))
+    assert code == 2 and "no .png or .jpg files" in err[0]
+    code, err = run("--checkpoint", str(tmp_path), "--floor", "2")
+    assert code == 2 and "--floor" in err[0]
+    code, err = run("--checkpoint", str(tmp_path), "--prompt", " ")
+    assert code == 2 and "empty prompt" in err[0]
