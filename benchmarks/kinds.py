@@ -82,10 +82,12 @@ def measure(detector, images: int, seed: int) -> dict:
             "confusions": dict(confusions.most_common(15))}
 
 
-def _detector(args: argparse.Namespace):
+def model_detector(args: argparse.Namespace, threshold: float, purpose: str):
+    """A detector for ``--package`` (the runtime) or ``--checkpoint`` (the PyTorch model through the
+    same post-processing), the evaluation's post-processing at ``threshold``; and its name."""
     from fiber.data.evaluation import EVAL_POSTPROCESS
 
-    options = {**EVAL_POSTPROCESS, "threshold": THRESHOLD}
+    options = {**EVAL_POSTPROCESS, "threshold": threshold}
     if args.package is not None:
         from runtime.predictor import Detector
         return Detector(args.package, threads=args.threads, **options), str(args.package)
@@ -95,8 +97,16 @@ def _detector(args: argparse.Namespace):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    model, meta = load_fine_model(str(args.checkpoint), "benchmarks.kinds")
+    model, meta = load_fine_model(str(args.checkpoint), purpose)
     return torch_detector(model, tokenizer=tokenizer_file(meta["path"]), **options), str(args.checkpoint)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--package`` | ``--checkpoint`` (one required) and ``--threads``: what ``model_detector`` reads."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--package", type=Path, help="model package folder (runs through the runtime)")
+    src.add_argument("--checkpoint", type=Path, help="fine checkpoint or run folder (PyTorch)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -109,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"benchmarks.kinds: {flag} {source}: does not exist", file=sys.stderr)
         return 2
     try:
-        det, name = _detector(args)
+        det, name = model_detector(args, THRESHOLD, "benchmarks.kinds")
         with det:
             r = measure(det, args.images, args.seed)
     except (ValueError, OSError) as e:
@@ -130,12 +140,9 @@ def main(args: argparse.Namespace) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("benchmarks.kinds", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--package", type=Path, help="model package folder (runs through the runtime)")
-    src.add_argument("--checkpoint", type=Path, help="fine checkpoint or run folder (PyTorch)")
+    add_model_arguments(p)
     p.add_argument("--images", type=int, default=300, help="fresh scenes")
     p.add_argument("--seed", type=int, default=4242, help="scene seed")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
     p.add_argument("--json", type=Path, default=None, help="write the result here (atomically)")
     return p
 

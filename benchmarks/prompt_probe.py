@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from benchmarks.kinds import add_model_arguments, model_detector
 from common.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,25 +69,6 @@ def _images(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _detector(args: argparse.Namespace, threshold: float):
-    from fiber.data.evaluation import EVAL_POSTPROCESS
-
-    options = {**EVAL_POSTPROCESS, "threshold": threshold}
-    if args.package is not None:
-        from runtime.predictor import Detector
-        det = Detector(args.package, threads=args.threads, **options)
-        return det, det
-    import torch
-
-    from fiber.checkpoint import load_fine_model, tokenizer_file
-    from fiber.torch_engines import torch_detector
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, meta = load_fine_model(str(args.checkpoint), "benchmarks.prompt_probe")
-    return torch_detector(model, tokenizer=tokenizer_file(meta["path"]), **options), None
-
-
 def _package_threshold(package: Path) -> float | None:
     """The calibrated default threshold a package's manifest records, if any."""
     from common.package import read_manifest
@@ -124,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
         threshold = args.threshold
         if threshold is None and args.package is not None:
             threshold = _package_threshold(args.package)
-        det, _ = _detector(args, args.floor)
+        det, _ = model_detector(args, args.floor, name)
         images = [(f.name, read_image(f)) for f in files]
         with det:
             records = probe(det, images, prompts, args.floor)
@@ -141,9 +123,7 @@ def main(args: argparse.Namespace) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("benchmarks.prompt_probe", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--package", type=Path, help="model package folder (runs through the runtime)")
-    src.add_argument("--checkpoint", type=Path, help="fine checkpoint or run folder (PyTorch)")
+    add_model_arguments(p)
     p.add_argument("--image", type=Path, nargs="+", default=[EXAMPLES],
                    help="image files or folders of them (default: examples/)")
     p.add_argument("--prompt", action="append", default=None,
@@ -151,7 +131,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--floor", type=float, default=0.1, help="lowest score printed (default 0.1)")
     p.add_argument("--threshold", type=float, default=None,
                    help="mark boxes at or above it with * (default: a package's calibrated threshold)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
     p.add_argument("--json", type=Path, default=None, help="write the records here (atomically)")
     return p
 

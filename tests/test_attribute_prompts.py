@@ -46,6 +46,19 @@ def _train_tiny(data_dir, out, steps: int, *flags: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _attribute_items(data_dir, **options) -> list[tuple]:
+    """(item, the image's (colour, kind) pairs) for every detection image of ``data_dir`` drawn with
+    attribute prompts always on and ``options``, three times (numpy seeds 0, 1, 2)."""
+    det, pairs = _scene_pairs(data_dir)
+    opts = AttributeOptions(attribute_prompts=1.0, **options)
+    data = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=opts))
+    out = []
+    for seed in range(3):
+        np.random.seed(seed)
+        out += [(data[i], pairs.get(im["id"], [])) for i, im in enumerate(det["images"])]
+    return out
+
+
 def _marked(item, row):
     """The lower-cased words whose tokens a positive-map row marks."""
     tok = raw_tokenizer()
@@ -675,17 +688,9 @@ def test_free_negatives_are_absent_pairs_drawn_without_regard_to_the_scene(data_
     assert free_negative_pairs(np.random.default_rng(0), everything[1:], tuple(COLOURS), KINDS, 2) == everything[:1]
     assert free_negative_pairs(np.random.default_rng(0), present, tuple(COLOURS), KINDS, 0) == []
 
-    det, pairs = _scene_pairs(data_dir)
-
     def items(free: float):
-        opts = AttributeOptions(attribute_prompts=1.0, free_negatives=free)
-        data = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=opts))
-        out = []
-        for seed in range(3):
-            np.random.seed(seed)
-            out += [(data[i], {f"{c} {k}" for c, k in pairs.get(im["id"], [])})
-                    for i, im in enumerate(det["images"])]
-        return out
+        return [(item, {f"{c} {k}" for c, k in scene})
+                for item, scene in _attribute_items(data_dir, free_negatives=free)]
 
     def shares_nothing(name, present):
         c, k = name.split()
@@ -728,16 +733,8 @@ def test_decoy_kinds_name_an_absent_look_alike_kind_in_several_colours(data_dir)
     everything = [(c, k) for c in COLOURS for k in KINDS]
     assert decoy_kind_pairs(np.random.default_rng(0), everything, tuple(COLOURS), KINDS) == []
 
-    det, pairs = _scene_pairs(data_dir)
-
     def items(decoys: float):
-        opts = AttributeOptions(attribute_prompts=1.0, decoy_kinds=decoys)
-        data = load_stage2(data_dir, CFG, Stage2Options(grounding=False, attributes=opts))
-        out = []
-        for seed in range(3):
-            np.random.seed(seed)
-            out += [(data[i], pairs.get(im["id"], [])) for i, im in enumerate(det["images"])]
-        return out
+        return _attribute_items(data_dir, decoy_kinds=decoys)
 
     def absent_kind_family(item, scene):
         kinds = {k for _, k in scene}
