@@ -109,14 +109,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's)")
 
 
+def missing_model(args: argparse.Namespace) -> str | None:
+    """"--package X: does not exist" (or --checkpoint) when the model ``add_model_arguments`` names is
+    not there; None when it is."""
+    flag, source = (("--package", args.package) if args.package is not None
+                    else ("--checkpoint", args.checkpoint))
+    return None if source.exists() else f"{flag} {source}: does not exist"
+
+
 def main(args: argparse.Namespace) -> int:
     if args.images < 1:
         print("benchmarks.kinds: --images must be >= 1", file=sys.stderr)
         return 2
-    source = args.package if args.package is not None else args.checkpoint
-    if not source.exists():
-        flag = "--package" if args.package is not None else "--checkpoint"
-        print(f"benchmarks.kinds: {flag} {source}: does not exist", file=sys.stderr)
+    problem = missing_model(args)
+    if problem:
+        print(f"benchmarks.kinds: {problem}", file=sys.stderr)
         return 2
     try:
         det, name = model_detector(args, THRESHOLD, "benchmarks.kinds")

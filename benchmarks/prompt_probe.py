@@ -7,7 +7,7 @@ without exporting it.
 Each image is run with each prompt through the evaluation's post-processing
 (``fiber.data.evaluation.EVAL_POSTPROCESS``: per-phrase NMS, as ``runtime.detect`` by default) and
 every box scoring at least ``--floor`` is printed with its phrase, best first. Boxes at or above
-``--threshold`` (a package's calibrated default when a package is given and no threshold is) are
+``--threshold`` (when a package is given and no threshold is, the package's default, as ``runtime.detect`` reads it) are
 marked ``*``: the labels ``runtime.detect`` would draw. Defaults: the images of ``examples/`` and
 `make demo`'s prompt. Several ``--prompt`` values show how one phrase's score moves with the rest of
 the prompt (docs/results.md sections 24-25: "blue star" on a blue triangle, alone and beside "blue
@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from benchmarks.kinds import add_model_arguments, model_detector
+from benchmarks.kinds import add_model_arguments, missing_model, model_detector
 from common.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +43,7 @@ def probe(detector, images: Iterable[tuple[str, np.ndarray]], prompts: Sequence[
     for name, image in images:
         for prompt in prompts:
             d = detector.detect(image, prompt)
-            phrases = list(getattr(d, "phrases", ())) or prompt.split(". ")
-            rows = [{"phrase": phrases[int(p)], "score": round(float(s), 3),
+            rows = [{"phrase": d.phrases[int(p)], "score": round(float(s), 3),
                      "box": [int(round(float(v))) for v in b]}
                     for b, s, p in zip(d.boxes, d.scores, d.phrase_index) if s >= floor]
             rows.sort(key=lambda r: -r["score"])
@@ -69,21 +68,18 @@ def _images(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _package_threshold(package: Path) -> float | None:
-    """The calibrated default threshold a package's manifest records, if any."""
-    from common.package import read_manifest
+def _package_threshold(package: Path) -> float:
+    """The package's default threshold: the one ``runtime.detect`` uses when none is given."""
+    from common.package import PostprocessSpec, read_manifest
 
-    calibration = read_manifest(package).get("calibration") or {}
-    value = calibration.get("threshold")
-    return None if value is None else float(value)
+    return PostprocessSpec.from_manifest(read_manifest(package)).threshold
 
 
 def main(args: argparse.Namespace) -> int:
     name = "benchmarks.prompt_probe"
-    source = args.package if args.package is not None else args.checkpoint
-    flag = "--package" if args.package is not None else "--checkpoint"
-    if not source.exists():
-        print(f"{name}: {flag} {source}: does not exist", file=sys.stderr)
+    problem = missing_model(args)
+    if problem:
+        print(f"{name}: {problem}", file=sys.stderr)
         return 2
     if not 0.0 <= args.floor <= 1.0:
         print(f"{name}: --floor must be in [0, 1], got {args.floor}", file=sys.stderr)
@@ -116,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     for r in records:
         print(format_record(r, threshold))
     if args.json:
-        atomic_write_text(args.json, json.dumps({"model": str(source), "threshold": threshold,
+        atomic_write_text(args.json, json.dumps({"model": str(args.package or args.checkpoint), "threshold": threshold,
                                                  "floor": args.floor, "records": records}, indent=1) + "\n")
     return 0
 

@@ -508,7 +508,7 @@ class _FixedDetector:
         from types import SimpleNamespace
         return SimpleNamespace(boxes=np.array([[0, 0, 9.6, 9.4], [5, 5, 20, 20], [1, 1, 3, 3]], np.float32),
                                scores=np.array([0.15, 0.6, 0.05], np.float32),
-                               phrase_index=np.array([0, 1, 0], np.int32))
+                               phrase_index=np.array([0, 1, 0], np.int32), phrases=tuple(prompt.split(". ")))
 
 
 def test_prompt_probe_lists_boxes_above_the_floor_best_first_and_marks_the_threshold():
