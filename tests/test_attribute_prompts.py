@@ -815,3 +815,66 @@ def test_canvas_probe_contrast_kinds_prompt():
     assert phrases[:2] == ["red star", "blue arrow"]
     assert sorted(phrases[2:]) == sorted(k for k in KINDS if k not in ("star", "arrow"))
     assert len(phrases) == len(KINDS)
+
+
+def test_twin_prompts_keep_some_phrases_shuffled_and_leave_the_item_unchanged(data_dir):
+    """--twin-prompts: an attribute item carries a second prompt of some of its phrases in another
+    order; the twin's phrase maps mark the same words in both prompts, and the item itself is the
+    one drawn without twins (the twin is drawn last)."""
+    plain = _attribute_items(data_dir, kind_prompts=0.3)
+    twinned = _attribute_items(data_dir, kind_prompts=0.3, twin_prompts=1.0)
+    tok = raw_tokenizer()
+    kept, total, reordered = 0, 0, 0
+    for (a, _), (b, _) in zip(plain, twinned):
+        assert a.twin is None and a.prompt == b.prompt and np.array_equal(a.positive_map, b.positive_map)
+        t = b.twin
+        assert t is not None and len(t.phrases) == len(t.twin_phrases) >= 1
+        enc = tok.encode(b.prompt.lower())
+        twin_text = tok.decode(t.input_ids.tolist())
+        words_a = [" ".join(tok.id_to_token(int(i)) for i in np.asarray(enc.ids)[row > 0]) for row in t.phrases]
+        words_b = [" ".join(tok.id_to_token(int(i)) for i in t.input_ids[row > 0]) for row in t.twin_phrases]
+        assert words_a == words_b and all(words_a), (b.prompt, twin_text)
+        kept += len(t.phrases)
+        total += len(b.prompt.split(". "))
+        starts = [int(np.argmax(row > 0)) for row in t.phrases]   # where each sits in the item's prompt
+        reordered += starts != sorted(starts)
+    assert 0.3 < kept / total < 0.75, kept / total       # about half, at least one each
+    assert reordered >= len(twinned) // 5, reordered    # shuffled, not only thinned
+    with pytest.raises(ValueError, match="twin-prompts"):
+        AttributeOptions(attribute_prompts=1.0, twin_prompts=1.5).check()
+
+
+def test_prompt_invariance_loss_compares_a_phrase_across_its_two_prompts():
+    from train.tasks import phrase_probabilities, prompt_invariance_loss
+    la = torch.full((5, 6), -8.0)
+    la[2, 1:3] = 3.0                                   # "blue star" (tokens 1-2) strong at anchor 2
+    lb = torch.full((5, 4), -8.0)
+    pa = torch.zeros(1, 6); pa[0, 1:3] = 1
+    pb = torch.zeros(1, 4); pb[0, 2:4] = 1             # the same phrase at tokens 2-3 of the twin
+    assert phrase_probabilities(la, pa)[2, 0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+    alike = lb.clone(); alike[2, 2:4] = 3.0
+    assert prompt_invariance_loss([la], [pa], [alike], [pb]).item() == pytest.approx(0.0, abs=1e-9)
+    la.requires_grad_(True)
+    lb.requires_grad_(True)
+    loss = prompt_invariance_loss([la], [pa], [lb], [pb], top_k=2)
+    diff = torch.sigmoid(torch.tensor(3.0)) - torch.sigmoid(torch.tensor(-8.0))
+    assert loss.item() == pytest.approx((diff.item() ** 2) / 2, rel=1e-4)   # anchor 2 differs, the other ~0
+    loss.backward()
+    assert la.grad[2, 1] > 0 and lb.grad[2, 2] < 0     # the strong one down, the weak one up
+    assert la.grad[:, 0].abs().max() == 0              # tokens outside the phrase untouched
+    assert prompt_invariance_loss([], [], [], []).item() == 0.0
+
+
+def test_fine_cli_prompt_invariance_is_logged_recorded_and_needs_attribute_items(data_dir, tmp_path):
+    out = tmp_path / "run"
+    rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "1.0", "--detection", "--no-grounding",
+                      "--prompt-invariance", "1.0")
+    assert all(np.isfinite(r["loss_invariance"]) for r in rec)
+    assert any(r["loss_invariance"] > 0 for r in rec)
+    stage = json.loads((out / "final" / "config.json").read_text())["stage"]
+    assert stage["prompt_invariance"] == 1.0
+    bare = tmp_path / "bare"
+    args = fine.get_args_parser().parse_args(
+        ["--data", str(data_dir), "--out", str(bare), "--config", "fiber-tiny-test", "--init", "none",
+         "--max-steps", "1", "--no-progress", "--prompt-invariance", "1.0"])
+    assert fine.main(args) == 2 and not bare.exists()

@@ -220,6 +220,17 @@ class GroundingItem:
                                 # (another tokenizer, e.g. a distillation teacher's, re-tokenises with them)
     has_relation: bool = False  # the text names a side (spatial relation or superlative)
     side: int = -1              # which: SIDES index ("left", "right", "above", "below"), -1 none
+    twin: "PromptTwin | None" = None  # a second prompt of the same image (AttributeOptions.twin_prompts)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptTwin:
+    """A second prompt for an item's image: some of its phrases, in another order
+    (``AttributeOptions.twin_prompts``). A phrase should score alike at each anchor in both prompts
+    (``train.tasks.prompt_invariance_loss``); K = the phrases the twin keeps, m = its token count."""
+    input_ids: np.ndarray       # int64 [m]
+    phrases: np.ndarray         # float32 [K, n] the kept phrases' tokens in the item's prompt
+    twin_phrases: np.ndarray    # float32 [K, m] the same phrases' tokens in the twin's prompt
 
 
 SIDES = ("left", "right", "above", "below")
@@ -330,6 +341,13 @@ class AttributeOptions:
     from phase 8 (docs/results.md section 25): at 1.0 for 800 steps the demo came out right, but so
     did a control without decoys on the same seed, and 800 more steps with decoys brought the label
     back; F1 and the absent-only rate did not improve. Not in the shipped recipe.
+    twin_prompts: probability that an attribute item (phrases or all colour / kind names) carries a
+    ``PromptTwin``: each phrase kept with probability 1/2 (at least one), shuffled. The same
+    phrase in two prompts of one image should score alike; a fused text tower reads the whole
+    prompt, and what the other names say lifts an absent phrase on a look-alike ("blue star" on a
+    blue triangle scores 0.27 alone and 0.60 beside "red star. brown star. blue bolt":
+    docs/results.md sections 24-25). The twin is drawn after everything else, so the item's own
+    prompt replays unchanged.
     word_targets: an attribute item's tokens are positive for what their own word names, not for
     their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
     negative (with phrase targets both are negative, so the noun has to carry the colour: the
@@ -349,6 +367,7 @@ class AttributeOptions:
     kind_prompts: float = 0.0
     free_negatives: float = 0.0
     decoy_kinds: float = 0.0
+    twin_prompts: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -362,7 +381,8 @@ class AttributeOptions:
 
     def check(self) -> None:
         for name in ("attribute_prompts", "hard_negatives", "colour_prompts", "caption_swap", "omit_present",
-                     "confusable", "absent_only", "kind_prompts", "free_negatives", "decoy_kinds"):
+                     "confusable", "absent_only", "kind_prompts", "free_negatives", "decoy_kinds",
+                     "twin_prompts"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be a probability in [0, 1], got {v}")
@@ -638,7 +658,24 @@ class GroundingTrainDataset:
             elif self.attributes.keep_omitted:
                 unnamed.append(box)
         b, pm = _targets(boxes, rows, n, unnamed)
-        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]),
+                             twin=self._twin(rng, names, pmap))
+
+    def _twin(self, rng: np.random.Generator, names: Sequence[str], pmap: np.ndarray) -> PromptTwin | None:
+        """With probability ``twin_prompts`` a ``PromptTwin`` of the prompt of ``names`` (whose
+        phrases' tokens are ``pmap`` [P, n]): each name kept with probability 1/2, at least one,
+        shuffled. Draws nothing from ``rng`` when the option is off."""
+        if self.attributes.twin_prompts <= 0 or rng.random() >= self.attributes.twin_prompts:
+            return None
+        keep = np.flatnonzero(rng.random(len(names)) < 0.5)
+        if not len(keep):
+            keep = np.array([int(rng.integers(len(names)))])
+        keep = keep[rng.permutation(len(keep))]
+        prompt, spans = build_detection_prompt([names[j] for j in keep])
+        enc = self.tok.encode(prompt, [[sp] for sp in spans])
+        m = enc.num_tokens
+        return PromptTwin(_real_ids(enc), np.asarray(pmap[keep], np.float32),
+                          np.asarray(enc.phrase_map[:, :m], np.float32))
 
     def _word_item(self, i: int, names: list[str], prompt: str) -> GroundingItem:
         """``_attribute_item``'s prompt with word targets (``AttributeOptions.word_targets``): each
@@ -674,12 +711,14 @@ class GroundingTrainDataset:
         where = {name: p for p, name in enumerate(names)}
         rows = [pmap[where[pair[part]]] for pair in self.scene_pairs[im.image]]
         b, pm = _targets(list(_network_boxes(im.boxes, self.cache.info(image))), rows, n)
-        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]))
+        return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]),
+                             twin=self._twin(rng, names, pmap))
 
     def collate(self, samples: list[GroundingItem]) -> dict:
         """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
         ``boxes`` [G_i, 4] float32 network pixels and ``positive_map`` [G_i, T] float32;
-        ``has_relation`` bool [B] and ``side`` int64 [B] (``SIDES`` index, -1 none)."""
+        ``has_relation`` bool [B] and ``side`` int64 [B] (``SIDES`` index, -1 none); ``twin``
+        (``_collate_twins``) when some sample has a ``PromptTwin``."""
         ids, mask = pad_ids([s.input_ids for s in samples], self.pad_id)
         width = ids.shape[1]
         maps = []
@@ -691,11 +730,28 @@ class GroundingTrainDataset:
                  "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
                  "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples]),
                  "side": torch.tensor([s.side for s in samples])}
+        twins = [(j, s.twin) for j, s in enumerate(samples) if s.twin is not None]
+        if twins:
+            batch["twin"] = self._collate_twins(twins, width)
         if self.attributes.active:
             pairs = [self._box_pairs(s.image, s.boxes) for s in samples]
             batch["colour_ids"] = [torch.from_numpy(self._labels(p, 0, self.colours)) for p in pairs]
             batch["kind_ids"] = [torch.from_numpy(self._labels(p, 1, self.kinds)) for p in pairs]
         return batch
+
+    def _collate_twins(self, twins: list[tuple[int, PromptTwin]], width: int) -> dict:
+        """``PromptTwin``s of a batch whose padded text length is ``width`` -> ``index`` int64 [B2]
+        (their samples), ``input_ids`` / ``attention_mask`` [B2, T2], and per twin ``phrases``
+        [K, width] and ``twin_phrases`` [K, T2] float32."""
+        ids, mask = pad_ids([t.input_ids for _, t in twins], self.pad_id)
+
+        def padded(m: np.ndarray, w: int) -> torch.Tensor:
+            out = np.zeros((len(m), w), np.float32)
+            out[:, :m.shape[1]] = m
+            return torch.from_numpy(out)
+        return {"index": torch.tensor([j for j, _ in twins], dtype=torch.long), "input_ids": ids,
+                "attention_mask": mask, "phrases": [padded(t.phrases, width) for _, t in twins],
+                "twin_phrases": [padded(t.twin_phrases, ids.shape[1]) for _, t in twins]}
 
     def _box_pairs(self, image: int, boxes: Sequence[np.ndarray]) -> list[tuple[str, str] | None]:
         """The (colour, kind) of each network-pixel box of cached image ``image`` (its detection

@@ -127,6 +127,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of a loss that keeps the head's projected kind names apart (cosine "
                         "over 0.8 costs), so the phrase logit can score one kind above a look-alike "
                         "(training only; needs the attribute data; single process)")
+    p.add_argument("--prompt-invariance", type=float, default=0.0, metavar="W",
+                   help="weight of a loss that asks a phrase to score alike in two prompts of one "
+                        "image: attribute items get a twin prompt of some of their phrases, "
+                        "shuffled, and a second pass (train.tasks.prompt_invariance_loss; single "
+                        "process; off by default)")
+    p.add_argument("--twin-prompts", type=float, default=1.0, metavar="P",
+                   help="with --prompt-invariance: probability that an attribute item gets a twin prompt")
     return p
 
 
@@ -136,7 +143,8 @@ def _run(args: argparse.Namespace) -> str:
                                   args.confusable_negatives, keep_omitted=args.no_match_logit is not None,
                                   word_targets=args.word_targets, absent_only=args.absent_only,
                                   kind_prompts=args.kind_prompts, free_negatives=args.free_negatives,
-                                  decoy_kinds=args.decoy_kinds)
+                                  decoy_kinds=args.decoy_kinds,
+                                  twin_prompts=args.twin_prompts if args.prompt_invariance > 0 else 0.0)
     unnamed = attributes.leaves_objects_unnamed   # objects that no phrase of their prompt names
     if args.no_match_logit is not None and (args.token_contrast <= 0 or not unnamed):
         raise ValueError("--no-match-logit is a slot of the soft-token loss over the objects "
@@ -144,6 +152,11 @@ def _run(args: argparse.Namespace) -> str:
                          "--omit-present > 0 or --absent-only > 0")
     if args.no_match_unnamed_only and args.no_match_logit is None:
         raise ValueError("--no-match-unnamed-only places the slot of --no-match-logit: give --no-match-logit C")
+    if args.prompt_invariance < 0:
+        raise ValueError(f"--prompt-invariance is a loss weight >= 0, got {args.prompt_invariance}")
+    if args.prompt_invariance > 0 and not (attributes.attribute_prompts > 0 or attributes.caption_swap > 0):
+        raise ValueError("--prompt-invariance compares phrases of attribute items: it needs "
+                         "--attribute-prompts or --caption-swap")
     cfg = model_config(args.config, args.late_fusion)
     if args.word_targets:  # a phrase holds where all its words do: its package scores by the minimum
         cfg = cfg.replace(head=dataclasses.replace(cfg.head, phrase_score=PHRASE_SCORE_MIN))
@@ -167,7 +180,8 @@ def _run(args: argparse.Namespace) -> str:
                                 position_aux=args.position_aux,
                                 token_contrast=args.token_contrast,
                                 no_match_logit=args.no_match_logit,
-                                no_match_unnamed_only=args.no_match_unnamed_only))
+                                no_match_unnamed_only=args.no_match_unnamed_only,
+                                prompt_invariance=args.prompt_invariance))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

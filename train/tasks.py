@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -145,6 +145,7 @@ class FineOptions:
     token_contrast: float = 0.0     # weight of the soft-token loss (token_contrast_loss)
     no_match_logit: float | None = None  # its no-object slot's logit (None: no slot)
     no_match_unnamed_only: bool = False  # the slot only at anchors of objects no phrase names
+    prompt_invariance: float = 0.0  # weight of prompt_invariance_loss (batches with PromptTwins)
 
 
 class FineTask(BaseTask):
@@ -235,7 +236,33 @@ class FineTask(BaseTask):
                                       batch[f"{name}_ids"])
                 losses[f"loss_{name}"] = aux
                 losses["loss"] = losses["loss"] + weight * aux
+        if self.options.prompt_invariance > 0:
+            aux = self.prompt_invariance(model, batch, out)
+            losses["loss_invariance"] = aux
+            losses["loss"] = losses["loss"] + self.options.prompt_invariance * aux
         return losses
+
+    def prompt_invariance(self, model: nn.Module, batch: dict, out) -> torch.Tensor:
+        """``prompt_invariance_loss`` of the batch's ``PromptTwin``s: a second pass of their images
+        with the twin prompts, compared phrase by phrase with the first pass ``out``."""
+        twin = batch.get("twin")
+        if twin is None:
+            return out.token_logits.sum() * 0.0
+        if hasattr(model, "module"):
+            raise ValueError("--prompt-invariance runs a second forward pass outside the DDP one: "
+                             "single-process training only")
+        index = twin["index"]
+        head = model.head
+        if self.options.position_from_relations and getattr(head, "position_text", None) is not None:
+            head.position_grad_mask = batch["has_relation"][index]
+        try:
+            second = model(batch["image"][index], twin["input_ids"], twin["attention_mask"])
+        finally:
+            head.position_grad_mask = None
+            self._regions.clear()     # the region hook saw the twins' pass too
+        first = out.token_logits[index]
+        return prompt_invariance_loss(list(first), twin["phrases"], list(second.token_logits),
+                                      twin["twin_phrases"])
 
     def _world_names(self, part: str, flag: str) -> tuple[str, ...]:
         """The attribute data's ``colours`` or ``kinds``; ValueError naming ``flag`` without it."""
@@ -306,7 +333,9 @@ class FineTask(BaseTask):
                           "no_match_logit": self.options.no_match_logit,
                           **({"no_match_unnamed_only": True} if self.options.no_match_unnamed_only else {}),
                           **({"kind_separation": self.options.kind_separation}
-                             if self.options.kind_separation else {})}}
+                             if self.options.kind_separation else {}),
+                          **({"prompt_invariance": self.options.prompt_invariance}
+                             if self.options.prompt_invariance else {})}}
 
 
 KIND_SEPARATION_MARGIN = 0.8
@@ -369,6 +398,31 @@ def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     target = target / target.sum(-1, keepdim=True).clamp(min=1.0)
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~real, 0.0)
     return -(target * logp).sum(-1).mean()
+
+
+def phrase_probabilities(token_logits: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+    """[N, T] token logits, [K, T] 0/1 phrase tokens -> [N, K]: the mean over each phrase's tokens
+    of their probabilities (the runtime's "mean" phrase score before centerness)."""
+    return (torch.sigmoid(token_logits.float()) @ phrases.T) / phrases.sum(-1).clamp(min=1.0)
+
+
+def prompt_invariance_loss(logits_a: Sequence[torch.Tensor], phrases_a: Sequence[torch.Tensor],
+                           logits_b: Sequence[torch.Tensor], phrases_b: Sequence[torch.Tensor],
+                           top_k: int = 16) -> torch.Tensor:
+    """A phrase should score alike at an anchor whatever else its prompt names. Per image, the
+    token logits [N, T] / [N, T2] of one image under two prompts and the tokens [K, T] / [K, T2]
+    of the K phrases both name (``train.data.PromptTwin``): the mean squared difference of the two
+    phrase probabilities (``phrase_probabilities``) at each phrase's ``top_k`` anchors by the
+    larger of the two (where a detection could be made; elsewhere both are ~0). Both prompts get
+    the gradient. Mean over images; 0 for none."""
+    terms = []
+    for la, pa, lb, pb in zip(logits_a, phrases_a, logits_b, phrases_b):
+        sa, sb = phrase_probabilities(la, pa), phrase_probabilities(lb, pb)      # [N, K]
+        idx = torch.maximum(sa, sb).detach().topk(min(top_k, len(sa)), dim=0).indices
+        terms.append((sa.gather(0, idx) - sb.gather(0, idx)).pow(2).mean())
+    if not terms:
+        return sum(t.sum() for t in logits_a) * 0.0 if len(logits_a) else torch.zeros(())
+    return torch.stack(terms).mean()
 
 
 # a phrase that names a side asks for this position query (the head's logit gains
