@@ -825,7 +825,7 @@ def test_twin_prompts_keep_some_phrases_shuffled_and_leave_the_item_unchanged(da
     twinned = _attribute_items(data_dir, kind_prompts=0.3, twin_prompts=1.0)
     tok = raw_tokenizer()
     kept, total, reordered = 0, 0, 0
-    for (a, _), (b, _) in zip(plain, twinned):
+    for (a, _), (b, scene) in zip(plain, twinned):
         assert a.twin is None and a.prompt == b.prompt and np.array_equal(a.positive_map, b.positive_map)
         t = b.twin
         assert t is not None and len(t.phrases) == len(t.twin_phrases) >= 1
@@ -834,6 +834,8 @@ def test_twin_prompts_keep_some_phrases_shuffled_and_leave_the_item_unchanged(da
         words_a = [" ".join(tok.id_to_token(int(i)) for i in np.asarray(enc.ids)[row > 0]) for row in t.phrases]
         words_b = [" ".join(tok.id_to_token(int(i)) for i in t.input_ids[row > 0]) for row in t.twin_phrases]
         assert words_a == words_b and all(words_a), (b.prompt, twin_text)
+        held = {f"{c} {k}" for c, k in scene} | {c for c, _ in scene} | {k for _, k in scene}
+        assert t.absent.tolist() == [w.replace(" ##", "") not in held for w in words_a], (words_a, scene)
         kept += len(t.phrases)
         total += len(b.prompt.split(". "))
         starts = [int(np.argmax(row > 0)) for row in t.phrases]   # where each sits in the item's prompt
@@ -863,16 +865,27 @@ def test_prompt_invariance_loss_compares_a_phrase_across_its_two_prompts():
     assert la.grad[2, 1] > 0 and lb.grad[2, 2] < 0     # the strong one down, the weak one up
     assert la.grad[:, 0].abs().max() == 0              # tokens outside the phrase untouched
     assert prompt_invariance_loss([], [], [], []).item() == 0.0
+    # absent-max: only phrases absent from the image, and only the higher score is pulled down
+    la.grad = lb.grad = None
+    loss = prompt_invariance_loss([la], [pa], [lb], [pb], top_k=2, rule="absent-max",
+                                  absent=[torch.tensor([True])])
+    assert loss.item() == pytest.approx((diff.item() ** 2) / 2, rel=1e-4)
+    loss.backward()
+    assert la.grad[2, 1] > 0 and (lb.grad is None or lb.grad.abs().max() == 0)
+    present = prompt_invariance_loss([la], [pa], [lb], [pb], rule="absent-max", absent=[torch.tensor([False])])
+    assert present.item() == 0.0
+    with pytest.raises(ValueError, match="absent flag"):
+        prompt_invariance_loss([la], [pa], [lb], [pb], rule="absent-max")
 
 
 def test_fine_cli_prompt_invariance_is_logged_recorded_and_needs_attribute_items(data_dir, tmp_path):
     out = tmp_path / "run"
     rec = _train_tiny(data_dir, out, 2, "--attribute-prompts", "1.0", "--detection", "--no-grounding",
-                      "--prompt-invariance", "1.0")
+                      "--prompt-invariance", "1.0", "--invariance-rule", "absent-max")
     assert all(np.isfinite(r["loss_invariance"]) for r in rec)
     assert any(r["loss_invariance"] > 0 for r in rec)
     stage = json.loads((out / "final" / "config.json").read_text())["stage"]
-    assert stage["prompt_invariance"] == 1.0
+    assert stage["prompt_invariance"] == 1.0 and stage["invariance_rule"] == "absent-max"
     bare = tmp_path / "bare"
     args = fine.get_args_parser().parse_args(
         ["--data", str(data_dir), "--out", str(bare), "--config", "fiber-tiny-test", "--init", "none",

@@ -231,6 +231,7 @@ class PromptTwin:
     input_ids: np.ndarray       # int64 [m]
     phrases: np.ndarray         # float32 [K, n] the kept phrases' tokens in the item's prompt
     twin_phrases: np.ndarray    # float32 [K, m] the same phrases' tokens in the twin's prompt
+    absent: np.ndarray | None = None  # bool [K]: the phrase names nothing in the image
 
 
 SIDES = ("left", "right", "above", "below")
@@ -659,12 +660,14 @@ class GroundingTrainDataset:
                 unnamed.append(box)
         b, pm = _targets(boxes, rows, n, unnamed)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]),
-                             twin=self._twin(rng, names, pmap))
+                             twin=self._twin(rng, names, pmap, {f"{c} {k}" for c, k in pairs}))
 
-    def _twin(self, rng: np.random.Generator, names: Sequence[str], pmap: np.ndarray) -> PromptTwin | None:
+    def _twin(self, rng: np.random.Generator, names: Sequence[str], pmap: np.ndarray,
+              present: set[str]) -> PromptTwin | None:
         """With probability ``twin_prompts`` a ``PromptTwin`` of the prompt of ``names`` (whose
-        phrases' tokens are ``pmap`` [P, n]): each name kept with probability 1/2, at least one,
-        shuffled. Draws nothing from ``rng`` when the option is off."""
+        phrases' tokens are ``pmap`` [P, n]; ``present``: the names that hold in the image): each
+        name kept with probability 1/2, at least one, shuffled. Draws nothing from ``rng`` when
+        the option is off."""
         if self.attributes.twin_prompts <= 0 or rng.random() >= self.attributes.twin_prompts:
             return None
         keep = np.flatnonzero(rng.random(len(names)) < 0.5)
@@ -675,7 +678,8 @@ class GroundingTrainDataset:
         enc = self.tok.encode(prompt, [[sp] for sp in spans])
         m = enc.num_tokens
         return PromptTwin(_real_ids(enc), np.asarray(pmap[keep], np.float32),
-                          np.asarray(enc.phrase_map[:, :m], np.float32))
+                          np.asarray(enc.phrase_map[:, :m], np.float32),
+                          np.array([names[j] not in present for j in keep], bool))
 
     def _word_item(self, i: int, names: list[str], prompt: str) -> GroundingItem:
         """``_attribute_item``'s prompt with word targets (``AttributeOptions.word_targets``): each
@@ -712,7 +716,7 @@ class GroundingTrainDataset:
         rows = [pmap[where[pair[part]]] for pair in self.scene_pairs[im.image]]
         b, pm = _targets(list(_network_boxes(im.boxes, self.cache.info(image))), rows, n)
         return GroundingItem(image, _real_ids(enc), b, pm, prompt, _span_tuple([[sp] for sp in spans]),
-                             twin=self._twin(rng, names, pmap))
+                             twin=self._twin(rng, names, pmap, {pair[part] for pair in self.scene_pairs[im.image]}))
 
     def collate(self, samples: list[GroundingItem]) -> dict:
         """-> ``image`` [B, 3, S, S], ``input_ids`` / ``attention_mask`` [B, T], and per image
@@ -742,7 +746,7 @@ class GroundingTrainDataset:
     def _collate_twins(self, twins: list[tuple[int, PromptTwin]], width: int) -> dict:
         """``PromptTwin``s of a batch whose padded text length is ``width`` -> ``index`` int64 [B2]
         (their samples), ``input_ids`` / ``attention_mask`` [B2, T2], and per twin ``phrases``
-        [K, width] and ``twin_phrases`` [K, T2] float32."""
+        [K, width] and ``twin_phrases`` [K, T2] float32 and ``absent`` bool [K]."""
         ids, mask = pad_ids([t.input_ids for _, t in twins], self.pad_id)
 
         def padded(m: np.ndarray, w: int) -> torch.Tensor:
@@ -751,7 +755,8 @@ class GroundingTrainDataset:
             return torch.from_numpy(out)
         return {"index": torch.tensor([j for j, _ in twins], dtype=torch.long), "input_ids": ids,
                 "attention_mask": mask, "phrases": [padded(t.phrases, width) for _, t in twins],
-                "twin_phrases": [padded(t.twin_phrases, ids.shape[1]) for _, t in twins]}
+                "twin_phrases": [padded(t.twin_phrases, ids.shape[1]) for _, t in twins],
+                "absent": [torch.from_numpy(t.absent) for _, t in twins]}
 
     def _box_pairs(self, image: int, boxes: Sequence[np.ndarray]) -> list[tuple[str, str] | None]:
         """The (colour, kind) of each network-pixel box of cached image ``image`` (its detection

@@ -21,7 +21,8 @@ import sys
 from common.package import PHRASE_SCORE_MIN
 from train.data import AttributeOptions, Stage2Options, load_stage2
 from train.loop import fit, train_config_from_args
-from train.tasks import (FINE_DEFAULTS, FineOptions, FineTask, add_stage_args, is_main_process, load_init,
+from train.tasks import (FINE_DEFAULTS, INVARIANCE_RULES, FineOptions, FineTask, add_stage_args,
+                         is_main_process, load_init,
                          model_config, progress_bar, run_cli)
 
 
@@ -132,6 +133,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "image: attribute items get a twin prompt of some of their phrases, "
                         "shuffled, and a second pass (train.tasks.prompt_invariance_loss; single "
                         "process; off by default)")
+    p.add_argument("--invariance-rule", choices=INVARIANCE_RULES, default="symmetric",
+                   help="with --prompt-invariance: 'symmetric' (every shared phrase, both prompts "
+                        "pulled together) or 'absent-max' (only phrases that name nothing in the "
+                        "image, the higher score pulled down to the lower)")
     p.add_argument("--twin-prompts", type=float, default=1.0, metavar="P",
                    help="with --prompt-invariance: probability that an attribute item gets a twin prompt")
     return p
@@ -181,7 +186,8 @@ def _run(args: argparse.Namespace) -> str:
                                 token_contrast=args.token_contrast,
                                 no_match_logit=args.no_match_logit,
                                 no_match_unnamed_only=args.no_match_unnamed_only,
-                                prompt_invariance=args.prompt_invariance))
+                                prompt_invariance=args.prompt_invariance,
+                                invariance_rule=args.invariance_rule))
     result = fit(task, train_cfg, args.out, resume=args.resume)
     loss = result.metrics.get("loss", float("nan"))
     return (f"fine '{cfg.name}': {result.step} steps on {len(data)} samples, last logged loss "

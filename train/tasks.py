@@ -146,6 +146,7 @@ class FineOptions:
     no_match_logit: float | None = None  # its no-object slot's logit (None: no slot)
     no_match_unnamed_only: bool = False  # the slot only at anchors of objects no phrase names
     prompt_invariance: float = 0.0  # weight of prompt_invariance_loss (batches with PromptTwins)
+    invariance_rule: str = "symmetric"  # its rule (INVARIANCE_RULES)
 
 
 class FineTask(BaseTask):
@@ -262,7 +263,8 @@ class FineTask(BaseTask):
             self._regions.clear()     # the region hook saw the twins' pass too
         first = out.token_logits[index]
         return prompt_invariance_loss(list(first), twin["phrases"], list(second.token_logits),
-                                      twin["twin_phrases"])
+                                      twin["twin_phrases"], rule=self.options.invariance_rule,
+                                      absent=twin["absent"])
 
     def _world_names(self, part: str, flag: str) -> tuple[str, ...]:
         """The attribute data's ``colours`` or ``kinds``; ValueError naming ``flag`` without it."""
@@ -334,7 +336,8 @@ class FineTask(BaseTask):
                           **({"no_match_unnamed_only": True} if self.options.no_match_unnamed_only else {}),
                           **({"kind_separation": self.options.kind_separation}
                              if self.options.kind_separation else {}),
-                          **({"prompt_invariance": self.options.prompt_invariance}
+                          **({"prompt_invariance": self.options.prompt_invariance,
+                              "invariance_rule": self.options.invariance_rule}
                              if self.options.prompt_invariance else {})}}
 
 
@@ -406,20 +409,43 @@ def phrase_probabilities(token_logits: torch.Tensor, phrases: torch.Tensor) -> t
     return (torch.sigmoid(token_logits.float()) @ phrases.T) / phrases.sum(-1).clamp(min=1.0)
 
 
+INVARIANCE_RULES = ("symmetric", "absent-max")
+
+
 def prompt_invariance_loss(logits_a: Sequence[torch.Tensor], phrases_a: Sequence[torch.Tensor],
                            logits_b: Sequence[torch.Tensor], phrases_b: Sequence[torch.Tensor],
-                           top_k: int = 16) -> torch.Tensor:
+                           top_k: int = 16, rule: str = "symmetric",
+                           absent: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """A phrase should score alike at an anchor whatever else its prompt names. Per image, the
     token logits [N, T] / [N, T2] of one image under two prompts and the tokens [K, T] / [K, T2]
     of the K phrases both name (``train.data.PromptTwin``): the mean squared difference of the two
     phrase probabilities (``phrase_probabilities``) at each phrase's ``top_k`` anchors by the
-    larger of the two (where a detection could be made; elsewhere both are ~0). Both prompts get
-    the gradient. Mean over images; 0 for none."""
+    larger of the two (where a detection could be made; elsewhere both are ~0). Mean over images;
+    0 for none.
+
+    ``rule`` "symmetric": every phrase, and both prompts get the gradient. "absent-max": only the
+    phrases that name nothing in the image (``absent``: bool [K] per image), and only the higher
+    of the two scores is pulled to the lower: for such a phrase any score is a false positive, so
+    the prompt whose other names lift it learns from the one that does not, and a context that
+    pushes a look-alike down is left as it is."""
+    if rule not in INVARIANCE_RULES:
+        raise ValueError(f"prompt-invariance rule {rule!r} is not one of {', '.join(INVARIANCE_RULES)}")
+    if rule != "symmetric" and absent is None:
+        raise ValueError(f"prompt-invariance rule {rule!r} needs each phrase's absent flag")
     terms = []
-    for la, pa, lb, pb in zip(logits_a, phrases_a, logits_b, phrases_b):
+    for j, (la, pa, lb, pb) in enumerate(zip(logits_a, phrases_a, logits_b, phrases_b)):
+        if rule == "absent-max":
+            keep = absent[j].to(pa.device).bool()
+            if not keep.any():
+                continue
+            pa, pb = pa[keep], pb[keep]
         sa, sb = phrase_probabilities(la, pa), phrase_probabilities(lb, pb)      # [N, K]
         idx = torch.maximum(sa, sb).detach().topk(min(top_k, len(sa)), dim=0).indices
-        terms.append((sa.gather(0, idx) - sb.gather(0, idx)).pow(2).mean())
+        ga, gb = sa.gather(0, idx), sb.gather(0, idx)
+        if rule == "absent-max":
+            terms.append((torch.maximum(ga, gb) - torch.minimum(ga, gb).detach()).pow(2).mean())
+        else:
+            terms.append((ga - gb).pow(2).mean())
     if not terms:
         return sum(t.sum() for t in logits_a) * 0.0 if len(logits_a) else torch.zeros(())
     return torch.stack(terms).mean()
