@@ -348,7 +348,9 @@ class AttributeOptions:
     prompt, and what the other names say lifts an absent phrase on a look-alike ("blue star" on a
     blue triangle scores 0.27 alone and 0.60 beside "red star. brown star. blue bolt":
     docs/results.md sections 24-25). The twin is drawn after everything else, so the item's own
-    prompt replays unchanged.
+    prompt replays unchanged. Measured from phase 8 (section 26): the loss removes most of that
+    lift and a fifth of the absent-only false positives but costs F1 where the right phrases are
+    named. Not in the shipped recipe.
     word_targets: an attribute item's tokens are positive for what their own word names, not for
     their phrase's referent: at a red arrow the "red" of "red star" is positive and its "star"
     negative (with phrase targets both are negative, so the noun has to carry the colour: the
