@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fiber.box_ops import paired_generalized_box_iou
 from fiber.heads.grounding import GroundingOutput
-from fiber.losses import atss_assign
+from fiber.losses import atss_assign, phrase_probabilities
 
 EPS = 1e-6
 
@@ -47,14 +47,6 @@ class TeacherBoxes:
     boxes: torch.Tensor            # [M, 4] float32 xyxy
     phrase: torch.Tensor           # [M] int64, index into the prompt's phrases
     score: torch.Tensor            # [M] float32 in [0, 1], the teacher's official score
-
-
-def phrase_probs(token_logits: torch.Tensor, phrase_map: torch.Tensor) -> torch.Tensor:
-    """``[N, T]`` logits and a 0/1 ``[P, T]`` phrase map -> ``[N, P]`` mean token probability per
-    phrase (0 for a phrase without tokens)."""
-    pm = phrase_map.to(token_logits.dtype)
-    counts = pm.sum(-1).clamp(min=1.0)
-    return token_logits.float().sigmoid() @ pm.t().float() / counts
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -73,7 +65,7 @@ def teacher_top_boxes(out: GroundingOutput, phrase_maps: Sequence[torch.Tensor],
     """
     targets = []
     for i, pm in enumerate(phrase_maps):
-        probs = phrase_probs(out.token_logits[i], pm)                                   # [N, P]
+        probs = phrase_probabilities(out.token_logits[i], pm)                            # [N, P]
         score = (probs * out.centerness[i].float().sigmoid()[:, None]).clamp(min=0).sqrt()
         boxes_np = out.boxes[i].float().cpu().numpy()
         keep_b, keep_p, keep_s = [], [], []
@@ -107,7 +99,7 @@ def phrase_kd_losses(student: GroundingOutput, phrase_maps: Sequence[torch.Tenso
     score_terms, norm = [], student.token_logits.new_zeros(())
     box_terms, box_w = [], student.token_logits.new_zeros(())
     for i, (pm, t, ok) in enumerate(zip(phrase_maps, targets, valid)):
-        q = phrase_probs(student.token_logits[i], pm)                                   # [N, P]
+        q = phrase_probabilities(student.token_logits[i], pm)                            # [N, P]
         target = torch.zeros_like(q)
         m = atss_assign(student.anchors, student.level_sizes, t.boxes, topk) if len(t.boxes) else \
             torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)

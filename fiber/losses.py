@@ -156,6 +156,14 @@ class GroundingTarget:
     positive_map: torch.Tensor
 
 
+def phrase_probabilities(token_logits: torch.Tensor, phrase_map: torch.Tensor) -> torch.Tensor:
+    """``[N, T]`` logits and a 0/1 ``[P, T]`` phrase map -> ``[N, P]``: the mean over each
+    phrase's tokens of their probabilities (the runtime's "mean" phrase score before centerness;
+    0 for a phrase without tokens)."""
+    pm = phrase_map.to(token_logits.dtype).float()
+    return token_logits.float().sigmoid() @ pm.t() / pm.sum(-1).clamp(min=1.0)
+
+
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
                        gamma: float = 2.0) -> torch.Tensor:
     """Element-wise binary focal loss (Lin et al. 2017; fvcore form) -> same shape as ``logits``."""

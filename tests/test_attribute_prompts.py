@@ -847,7 +847,8 @@ def test_twin_prompts_keep_some_phrases_shuffled_and_leave_the_item_unchanged(da
 
 
 def test_prompt_invariance_loss_compares_a_phrase_across_its_two_prompts():
-    from train.tasks import phrase_probabilities, prompt_invariance_loss
+    from fiber.losses import phrase_probabilities
+    from train.tasks import prompt_invariance_loss
     la = torch.full((5, 6), -8.0)
     la[2, 1:3] = 3.0                                   # "blue star" (tokens 1-2) strong at anchor 2
     lb = torch.full((5, 4), -8.0)

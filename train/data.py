@@ -255,6 +255,13 @@ def _span_tuple(phrases) -> tuple:
     return tuple(tuple((int(a), int(b)) for a, b in spans) for spans in phrases)
 
 
+def _pad_columns(rows: np.ndarray, width: int) -> torch.Tensor:
+    """float32 [R, n] token rows -> [R, width], zeros after the first n columns (a batch's padding)."""
+    out = np.zeros((len(rows), width), np.float32)
+    out[:, :rows.shape[1]] = rows
+    return torch.from_numpy(out)
+
+
 def _network_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     """Source-pixel xyxy -> letterboxed network pixels (top-left placement: just the scale)."""
     out = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(info.scale)
@@ -727,11 +734,7 @@ class GroundingTrainDataset:
         (``_collate_twins``) when some sample has a ``PromptTwin``."""
         ids, mask = pad_ids([s.input_ids for s in samples], self.pad_id)
         width = ids.shape[1]
-        maps = []
-        for s in samples:
-            pm = np.zeros((len(s.boxes), width), np.float32)
-            pm[:, :s.positive_map.shape[1]] = s.positive_map
-            maps.append(torch.from_numpy(pm))
+        maps = [_pad_columns(s.positive_map, width) for s in samples]
         batch = {"image": self.cache.batch([s.image for s in samples]), "input_ids": ids,
                  "attention_mask": mask, "boxes": [torch.from_numpy(s.boxes) for s in samples],
                  "positive_map": maps, "has_relation": torch.tensor([s.has_relation for s in samples]),
@@ -750,14 +753,9 @@ class GroundingTrainDataset:
         (their samples), ``input_ids`` / ``attention_mask`` [B2, T2], and per twin ``phrases``
         [K, width] and ``twin_phrases`` [K, T2] float32 and ``absent`` bool [K]."""
         ids, mask = pad_ids([t.input_ids for _, t in twins], self.pad_id)
-
-        def padded(m: np.ndarray, w: int) -> torch.Tensor:
-            out = np.zeros((len(m), w), np.float32)
-            out[:, :m.shape[1]] = m
-            return torch.from_numpy(out)
         return {"index": torch.tensor([j for j, _ in twins], dtype=torch.long), "input_ids": ids,
-                "attention_mask": mask, "phrases": [padded(t.phrases, width) for _, t in twins],
-                "twin_phrases": [padded(t.twin_phrases, ids.shape[1]) for _, t in twins],
+                "attention_mask": mask, "phrases": [_pad_columns(t.phrases, width) for _, t in twins],
+                "twin_phrases": [_pad_columns(t.twin_phrases, ids.shape[1]) for _, t in twins],
                 "absent": [torch.from_numpy(t.absent) for _, t in twins]}
 
     def _box_pairs(self, image: int, boxes: Sequence[np.ndarray]) -> list[tuple[str, str] | None]:

@@ -33,7 +33,7 @@ from torch import nn
 from fiber.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_dir
 from fiber.config import ModelConfig, get_config, list_configs
 from fiber.data.formats import DataFormatError
-from fiber.losses import GroundingLoss, GroundingTarget, mask_tokens_for_mlm
+from fiber.losses import GroundingLoss, GroundingTarget, mask_tokens_for_mlm, phrase_probabilities
 from fiber.models import FiberForGrounding, FiberForPretraining, pretraining_losses
 from train.data import SIDES, GroundingTrainDataset, PairDataset, special_token_ids
 from train.loop import BaseTask, TrainConfig, TrainingError, add_train_args
@@ -206,12 +206,8 @@ class FineTask(BaseTask):
     def loss(self, model: FiberForGrounding, batch: dict, step: int) -> dict[str, torch.Tensor]:
         self._regions.clear()
         head = model.module.head if hasattr(model, "module") else model.head
-        if self.options.position_from_relations and getattr(head, "position_text", None) is not None:
-            head.position_grad_mask = batch["has_relation"]
-        try:
-            out = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-        finally:
-            head.position_grad_mask = None
+        out = self._forward(model, head, batch["image"], batch["input_ids"], batch["attention_mask"],
+                            batch.get("has_relation"))
         targets = [GroundingTarget(b, m) for b, m in zip(batch["boxes"], batch["positive_map"])]
         assignment = self.loss_fn.assign(out, targets)    # ATSS once: the auxiliary losses share it
         losses = self.loss_fn(out, targets, batch["attention_mask"], assignment)
@@ -243,6 +239,17 @@ class FineTask(BaseTask):
             losses["loss"] = losses["loss"] + self.options.prompt_invariance * aux
         return losses
 
+    def _forward(self, model: nn.Module, head: nn.Module, image: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, has_relation: torch.Tensor | None):
+        """``model(image, input_ids, attention_mask)``; with --position-from-relations the head's
+        position features get gradient only from the samples whose text names a side."""
+        if self.options.position_from_relations and getattr(head, "position_text", None) is not None:
+            head.position_grad_mask = has_relation
+        try:
+            return model(image, input_ids, attention_mask)
+        finally:
+            head.position_grad_mask = None
+
     def prompt_invariance(self, model: nn.Module, batch: dict, out) -> torch.Tensor:
         """``prompt_invariance_loss`` of the batch's ``PromptTwin``s: a second pass of their images
         with the twin prompts, compared phrase by phrase with the first pass ``out``."""
@@ -253,13 +260,10 @@ class FineTask(BaseTask):
             raise ValueError("--prompt-invariance runs a second forward pass outside the DDP one: "
                              "single-process training only")
         index = twin["index"]
-        head = model.head
-        if self.options.position_from_relations and getattr(head, "position_text", None) is not None:
-            head.position_grad_mask = batch["has_relation"][index]
         try:
-            second = model(batch["image"][index], twin["input_ids"], twin["attention_mask"])
+            second = self._forward(model, model.head, batch["image"][index], twin["input_ids"],
+                                   twin["attention_mask"], batch["has_relation"][index])
         finally:
-            head.position_grad_mask = None
             self._regions.clear()     # the region hook saw the twins' pass too
         first = out.token_logits[index]
         return prompt_invariance_loss(list(first), twin["phrases"], list(second.token_logits),
@@ -401,12 +405,6 @@ def token_contrast_loss(token_logits: torch.Tensor, token_targets: torch.Tensor,
     target = target / target.sum(-1, keepdim=True).clamp(min=1.0)
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~real, 0.0)
     return -(target * logp).sum(-1).mean()
-
-
-def phrase_probabilities(token_logits: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
-    """[N, T] token logits, [K, T] 0/1 phrase tokens -> [N, K]: the mean over each phrase's tokens
-    of their probabilities (the runtime's "mean" phrase score before centerness)."""
-    return (torch.sigmoid(token_logits.float()) @ phrases.T) / phrases.sum(-1).clamp(min=1.0)
 
 
 INVARIANCE_RULES = ("symmetric", "absent-max")
